@@ -1,0 +1,78 @@
+"""
+Override-style configuration, nanoGPT's way.
+
+A script keeps its settings as flat, typed module-level defaults. `configure` takes those defaults and the
+command line, and returns the resolved settings:
+
+    python train.py config/e2e_layer6.py --batch_size=4 --lr=1e-4
+
+Each argument without `--` is a config file: plain Python whose top-level assignments override the defaults.
+Each `--key=value` then overrides one setting; the value is read as a Python literal (`--sae_positions=
+"['blocks.2.hook_resid_pre']"`) and otherwise taken as a string (`--device=cuda`). Anything that is not a known
+key of the right type stops the program before it does any work, with a message that says what to fix.
+"""
+
+import ast
+import difflib
+import os
+import sys
+import types
+
+
+class ConfigError(SystemExit):
+    """A bad setting: exits with status 1 and the message on stderr."""
+
+    def __init__(self, message):
+        super().__init__(f"config error: {message}")
+
+
+def _coerce(key, value, default, source):
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # lr = 1 means 1.0
+    if type(value) is not type(default):
+        raise ConfigError(f"{key} must be a {type(default).__name__} (like {default!r}), but {source} gives "
+                          f"{type(value).__name__} {value!r}")
+    return value
+
+
+def _check_key(key, defaults, source):
+    if key not in defaults:
+        close = difflib.get_close_matches(key, defaults, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(defaults))}"
+        raise ConfigError(f"unknown key {key!r} in {source}{hint}")
+
+
+def configure(defaults, argv):
+    """Apply config files and --key=value overrides from argv to a dict of typed defaults; return the result."""
+    config = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file {arg} does not exist")
+            scope = {}
+            with open(arg) as f:
+                exec(compile(f.read(), arg, "exec"), scope)
+            for key, value in scope.items():
+                if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+                    continue
+                _check_key(key, defaults, arg)
+                config[key] = _coerce(key, value, defaults[key], arg)
+        else:
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"{arg} should be --key=value")
+            _check_key(key, defaults, arg)
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare word is a string
+            if isinstance(defaults[key], str) and not isinstance(value, str):
+                value = text  # --init_from=123 names a directory called 123
+            config[key] = _coerce(key, value, defaults[key], arg)
+    return config
+
+
+def print_config(config, file=sys.stdout):
+    width = max(map(len, config))
+    for key, value in config.items():
+        print(f"  {key:<{width}} = {value!r}", file=file)
