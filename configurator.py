@@ -30,7 +30,7 @@ def _coerce(key, value, default, source):
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)  # lr = 1 means 1.0
     if type(value) is not type(default):
-        raise ConfigError(f"{key} must be a {type(default).__name__} (like {default!r}), but {source} gives "
+        raise ConfigError(f"{key} expects {type(default).__name__} (default {default!r}), but {source} gives "
                           f"{type(value).__name__} {value!r}")
     return value
 

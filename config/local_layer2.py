@@ -1,0 +1,25 @@
+# Local SAE at GPT-2 small's blocks.2.hook_resid_pre: sparsity + reconstruction MSE.
+# The paper's run at similar CE increase: L0 73.5, 41k alive elements, CE increase 0.016.
+# python train.py config/local_layer2.py
+sae_positions = ["blocks.2.hook_resid_pre"]
+sparsity_coeff = 0.8
+out_to_in_coeff = 1.0
+kl_coeff = 0.0
+init_from = "gpt2"  # GPT-2 small, OpenAI's weights from the Hugging Face hub
+dataset = "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"  # OpenWebText, pre-tokenised
+n_ctx = 1024
+dict_size_to_input_ratio = 60.0  # 60 x 768 = 46,080 dictionary elements
+n_samples = 400_000  # 400k samples x 1,024 tokens = 410M tokens
+batch_size = 8
+gradient_accumulation_steps = 2  # 8 samples x 2 accumulation = 16 samples = 16,384 tokens per step (per process)
+lr = 5e-4
+warmup_samples = 20_000  # 1,250 steps of 16 samples
+min_lr_factor = 0.1
+max_grad_norm = 10.0
+eval_every_n_samples = 40_000
+eval_n_samples = 500  # 500 x 1,024 = 512,000 held-out tokens, over which alive features are counted
+save_every_n_samples = 20_000
+log_every_n_steps = 50
+compile = True
+out_dir = "out/local_layer2"
+wandb_run_name = "local_layer2"
