@@ -1,0 +1,273 @@
+"""Benchmarks: each kernel and one e2e SAE training step, eager PyTorch vs torch.compile vs Triton.
+
+Times are medians (triton.testing.do_bench on a GPU); memory is the peak allocated during one call above
+what was allocated before it (inputs, weights), i.e. what the operation itself adds. Paper shapes: 8 x 1024 =
+8,192 tokens, d_in 768, n_dict 46,080 (ratio 60), vocab 50,257, bf16. The targets are in BENCHMARKS.md.
+
+    python bench.py                           # on a GPU: everything, prints a table
+    python bench.py --quick --out results.json
+    python bench.py --device cpu --tiny       # a smoke test of this script through Triton's interpreter
+
+No `datasets` or `wandb` needed; GPT-2 runs on random weights (speed does not depend on their values).
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--tiny", action="store_true", help="tiny shapes, fp32 (for --device cpu)")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and cases")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200: 989)")
+    p.add_argument("--out", default=None, help="write every result to this JSON file")
+    return p.parse_args(argv)
+
+
+# ---- shapes ----
+
+PAPER = dict(batch=8, seq=1024, d_in=768, ratio=60, vocab=50257, active=40, dtype="bfloat16")
+TINY = dict(batch=2, seq=32, d_in=48, ratio=2, vocab=301, active=4, dtype="float32")
+
+
+# ---- measuring ----
+
+def measure(fn, args, torch, rep_ms):
+    """(median ms, extra peak bytes or None) of fn(), warmed up first (autotuning, compilation)."""
+    fn()
+    if args.device == "cuda":
+        from triton.testing import do_bench
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        ms = do_bench(fn, warmup=rep_ms // 4, rep=rep_ms // 4 if args.quick else rep_ms, return_mode="median")
+        return ms, peak
+    times = []
+    for _ in range(2 if args.quick else 3):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times), None
+
+
+def run_case(results, op, variant, fn, args, torch, rep_ms=200, **extra):
+    """Measure one (op, variant) for about rep_ms, recording failures (OOM, compile errors) instead of stopping."""
+    row = dict(op=op, variant=variant, **extra)
+    try:
+        row["ms"], row["peak_bytes"] = measure(fn, args, torch, rep_ms)
+    except Exception as e:  # noqa: BLE001 - a benchmark reports what broke and goes on
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    results.append(row)
+    shown = f"{row['ms']:9.3f} ms" if "ms" in row else row["error"]
+    print(f"  {op:<22} {variant:<26} {shown}", flush=True)
+
+
+def set_backend(name):
+    os.environ["E2ESAE_BACKEND"] = name  # read by kernels at every call
+
+
+# ---- the operations ----
+
+def bench_sae(results, args, shape, torch, kernels):
+    """SAE forward + backward (weight gradients; x is frozen as in training) at several code densities."""
+    from kernels.sae import sae_forward_torch
+    dtype, device = getattr(torch, shape["dtype"]), args.device
+    tokens, d_in = shape["batch"] * shape["seq"], shape["d_in"]
+    n_dict = d_in * shape["ratio"]
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(tokens, d_in, device=device, generator=g).to(dtype)
+    enc_weight = (torch.randn(n_dict, d_in, device=device, generator=g) / d_in**0.5).to(dtype)
+    dec_weight = torch.randn(d_in, n_dict, device=device, generator=g).to(dtype)
+    dec_bias = torch.zeros(d_in, device=device, dtype=dtype)
+    pre_sample = (x[:64].float() @ enc_weight.float().t()).flatten()  # (64 * n_dict,) pre-activations
+    params = [enc_weight, None, dec_weight, dec_bias]
+
+    def loss_of(sae):
+        def loss():
+            x_hat, c = sae(x, *params)
+            # c >= 0, so its L1 norm is its sum: a gradient of c.sum() is a broadcast, never an (N, n) tensor
+            return (x_hat.float() - x.float()).square().mean() + 1e-3 * c.sum(dtype=torch.float32)
+        return loss
+
+    compiled = None if args.no_compile else torch.compile(loss_of(sae_forward_torch))
+    actives = [shape["active"]] if args.quick else [shape["active"], 4 * shape["active"], 16 * shape["active"]]
+    for active in actives + ["dense"]:
+        if active == "dense":  # as initialised: about half the codes fire
+            enc_bias = torch.zeros(n_dict, device=device, dtype=dtype)
+            label = "dense (~50% active)"
+        else:  # a threshold that lets `active` codes per token fire on average
+            q = torch.quantile(pre_sample[: 2**24], 1 - active / n_dict)
+            enc_bias = torch.full((n_dict,), -q.item(), device=device, dtype=dtype)
+            label = f"sparse ({active}/token)"
+        params[1] = enc_bias
+        for t in params:
+            t.requires_grad_(True)
+        with torch.no_grad():
+            measured = (kernels.sae.sae_forward_torch(x, *params)[1] > 0).sum().item() / tokens
+        print(f"SAE {tokens} x {d_in} -> {n_dict}, {label}: {measured:.1f} active codes per token")
+        grad = lambda loss: (lambda: torch.autograd.grad(loss(), params))
+        op = f"sae fwd+bwd {label}"
+        run_case(results, op, "eager", grad(loss_of(sae_forward_torch)), args, torch, active=measured)
+        if compiled is not None:
+            run_case(results, op, "torch.compile", grad(compiled), args, torch, active=measured)
+        set_backend("triton")
+        run_case(results, op, "triton", grad(loss_of(kernels.sae_forward)), args, torch, active=measured)
+        default = kernels.sae.SPARSE_MAX_DENSITY
+        for path, density in (("sparse", 1.0), ("dense", 0.0)):  # both paths, to check the threshold
+            kernels.sae.SPARSE_MAX_DENSITY = density
+            run_case(results, op, f"triton, {path} path forced", grad(loss_of(kernels.sae_forward)), args, torch,
+                     active=measured)
+        kernels.sae.SPARSE_MAX_DENSITY = default
+
+
+def bench_kl(results, args, shape, torch, kernels):
+    """kl_div on whole logits, and linear_kl_div against the unfused eager lm_head + KL."""
+    from kernels.kl import kl_div_torch
+    dtype, device = getattr(torch, shape["dtype"]), args.device
+    tokens, d_in, vocab = shape["batch"] * shape["seq"], shape["d_in"], shape["vocab"]
+    g = torch.Generator(device=device).manual_seed(1)
+    new = (3 * torch.randn(tokens, vocab, device=device, generator=g)).to(dtype).requires_grad_()
+    orig = (3 * torch.randn(tokens, vocab, device=device, generator=g)).to(dtype)
+    grad = lambda loss, wrt: (lambda: torch.autograd.grad(loss(), [wrt]))
+    op = f"kl_div fwd+bwd {tokens}x{vocab}"
+    run_case(results, op, "eager", grad(lambda: kl_div_torch(new, orig), new), args, torch)
+    if not args.no_compile:
+        compiled = torch.compile(kl_div_torch)
+        run_case(results, op, "torch.compile", grad(lambda: compiled(new, orig), new), args, torch)
+    set_backend("triton")
+    run_case(results, op, "triton", grad(lambda: kernels.kl_div(new, orig), new), args, torch)
+    del new, orig
+
+    h_new = torch.randn(tokens, d_in, device=device, generator=g).to(dtype).requires_grad_()
+    h_orig = (h_new.detach() + 0.3 * torch.randn(tokens, d_in, device=device, generator=g)).to(dtype)
+    weight = (torch.randn(vocab, d_in, device=device, generator=g) / d_in**0.5).to(dtype)
+    unfused = lambda: kl_div_torch(h_new @ weight.t(), h_orig @ weight.t())
+    op = f"linear_kl_div fwd+bwd {tokens}x{d_in}x{vocab}"
+    run_case(results, op, "eager (unfused)", grad(unfused, h_new), args, torch)
+    if not args.no_compile:
+        compiled = torch.compile(lambda h, h0, w: kl_div_torch(h @ w.t(), h0 @ w.t()))
+        run_case(results, op, "torch.compile (unfused)", grad(lambda: compiled(h_new, h_orig, weight), h_new),
+                 args, torch)
+    set_backend("torch")
+    run_case(results, op, "chunked torch reference", grad(lambda: kernels.linear_kl_div(h_new, h_orig, weight), h_new),
+             args, torch)
+    set_backend("triton")
+    run_case(results, op, "triton", grad(lambda: kernels.linear_kl_div(h_new, h_orig, weight), h_new), args, torch)
+
+
+def bench_train_step(results, args, shape, torch, kernels):
+    """One step of e2e training (sparsity 3, KL 1, fused KL path): loss, backward, Adam, under bf16 autocast."""
+    from e2esae import SAETransformer, compute_loss
+    from model import GPT, GPTConfig
+    from train import estimate_flops_per_token
+    device = args.device
+    if args.tiny:
+        config, position = GPTConfig(block_size=shape["seq"], vocab_size=shape["vocab"], n_layer=4, n_head=2,
+                                     n_embd=shape["d_in"]), "blocks.2.hook_resid_pre"
+    else:
+        config, position = GPTConfig(), "blocks.6.hook_resid_pre"  # GPT-2 small
+    torch.manual_seed(2)
+    model = SAETransformer(GPT(config), [position], dict_size_to_input_ratio=shape["ratio"]).to(device)
+    sae = model.sae(position)
+    # A tiny learning rate: every step does Adam's full work without moving the SAE out of its regime.
+    optimizer = torch.optim.Adam(model.saes.parameters(), lr=1e-9)
+    idx = torch.randint(0, config.vocab_size, (shape["batch"], shape["seq"]), device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+    tokens = idx.numel()
+    flops_per_token = estimate_flops_per_token(model, local=False)
+
+    def step_with(loss_fn):
+        def step():
+            with autocast:
+                loss, _ = loss_fn(model, idx, sparsity_coeff=3.0, kl_coeff=1.0, full_metrics=False)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    with torch.no_grad():
+        x = model.gpt.run_blocks(model.gpt.embed(idx[:1]), 0, model.gpt.resid_index(position))  # (1, T, d)
+        pre = (x[0, :64].float() @ sae.encoder.weight.float().t()).flatten()
+    init_bias = sae.encoder.bias.detach().clone()
+    for regime in ("as initialised", f"sparse ({shape['active']}/token)"):
+        with torch.no_grad():
+            if regime == "as initialised":
+                sae.encoder.bias.copy_(init_bias)
+            else:
+                sae.encoder.bias.fill_(-torch.quantile(pre[: 2**24], 1 - shape["active"] / sae.n_dict).item())
+        op = f"e2e train step, {regime}"
+        variants = [("eager", "torch", compute_loss)]
+        if not args.no_compile:
+            variants.append(("torch.compile", "torch", torch.compile(compute_loss)))
+        variants.append(("triton", "triton", compute_loss))
+        for variant, backend, loss_fn in variants:
+            set_backend(backend)
+            run_case(results, op, variant, step_with(loss_fn), args, torch, rep_ms=2000)
+            row = results[-1]
+            if "ms" in row:
+                row["tokens_per_s"] = tokens / (row["ms"] / 1e3)
+                row["mfu"] = flops_per_token * row["tokens_per_s"] / (args.peak_tflops * 1e12)
+                print(f"  {'':<22} {'':<26} {row['tokens_per_s']:,.0f} tok/s, mfu {100 * row['mfu']:.1f}%")
+
+
+# ---- report ----
+
+def print_table(results):
+    eager = {}
+    for r in results:
+        if r["variant"].startswith("eager") and "ms" in r:
+            eager[r["op"]] = r
+    print(f"\n{'operation':<52} {'variant':<28} {'ms':>9} {'x eager':>8} {'peak MB':>9} {'/ eager':>8}")
+    for r in results:
+        base = eager.get(r["op"])
+        if "ms" not in r:
+            print(f"{r['op']:<52} {r['variant']:<28} {r['error']}")
+            continue
+        speedup = f"{base['ms'] / r['ms']:.2f}" if base else "-"
+        mb = f"{r['peak_bytes'] / 2**20:.0f}" if r.get("peak_bytes") is not None else "-"
+        mem = (f"{r['peak_bytes'] / base['peak_bytes']:.2f}"
+               if base and r.get("peak_bytes") is not None and base.get("peak_bytes") else "-")
+        extra = f"  {r['tokens_per_s']:,.0f} tok/s, mfu {100 * r['mfu']:.1f}%" if "tokens_per_s" in r else ""
+        print(f"{r['op']:<52} {r['variant']:<28} {r['ms']:9.3f} {speedup:>8} {mb:>9} {mem:>8}{extra}")
+
+
+def main(args):
+    import torch  # imported here, after TRITON_INTERPRET is settled (see the bottom of the file)
+    import triton
+
+    import kernels
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run `python bench.py --device cpu --tiny` for a smoke test")
+    shape = TINY if args.tiny else PAPER
+    env = dict(python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
+               device=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+               shape=shape, quick=args.quick, autotune=kernels.backend.AUTOTUNE)
+    print(json.dumps(env))
+    results = []
+    bench_sae(results, args, shape, torch, kernels)
+    bench_kl(results, args, shape, torch, kernels)
+    bench_train_step(results, args, shape, torch, kernels)
+    print_table(results)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(env=env, results=results), f, indent=1)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    args = parse_args(sys.argv[1:])
+    if args.device == "cpu":  # the kernels can only run interpreted; this must precede importing triton
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    main(args)

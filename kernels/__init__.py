@@ -1,0 +1,14 @@
+"""Fused kernels for end-to-end SAE training: Triton on a GPU, with a pure-PyTorch reference for each.
+
+    sae_forward(x, enc_weight, enc_bias, dec_weight, dec_bias) -> (x_hat, c)      kernels/sae.py
+    kl_div(new_logits, orig_logits) -> KL(p_orig || p_new), averaged over rows     kernels/kl.py
+    linear_kl_div(h_new, h_orig, weight) -> kl_div(h_new @ weight.T, h_orig @ weight.T), chunked
+
+E2ESAE_BACKEND=auto|triton|torch picks the implementation at every call (kernels/backend.py): by default
+Triton for CUDA tensors and the reference elsewhere. Tests: `python -m pytest tests/test_kernels.py`.
+"""
+
+from .kl import kl_div, linear_kl_div
+from .sae import sae_forward
+
+__all__ = ["sae_forward", "kl_div", "linear_kl_div"]
