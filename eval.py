@@ -1,0 +1,290 @@
+"""
+Evaluate SAE checkpoints on held-out text: one table, every metric as JSON, and optional plots.
+
+    python eval.py --checkpoints="['out/saes.safetensors']"
+    python eval.py --checkpoints="['path/to/e2e_sae_run', 'path/to/saelens_dir']" --init_from=gpt2
+    python eval.py --checkpoints="['saelens:neuronpedia/gpt2-small__res_sce-ajt/6-res_sce-ajt']" \
+        --dataset=apollo-research/Skylion007-openwebtext-tokenizer-gpt2 --n_ctx=1024 --eval_n_samples=500
+
+A checkpoint is any of:
+    out/saes.safetensors                  this project's (train.py writes it; SAETransformer.from_checkpoint)
+    path/to/dir | path/to/samples_N.pt    the reference library's: final_config.yaml + samples_{N}.pt
+    path/to/dir                           SAELens's: cfg.json + sae_weights.safetensors
+    wandb:entity/project/run_id           the reference library's run on wandb, e.g. wandb:sparsify/gpt2/tvj2owza
+    saelens:owner/repo/folder             SAELens's on the Hugging Face hub (the paper's SAEs are published so)
+
+For each, compute_loss (e2esae.py) runs with full metrics on eval_n_samples held-out samples and its figures are
+averaged over them: L0, alive dictionary elements (over all evaluated tokens), the CE loss of the model and with the
+SAEs spliced in, their difference, the KL divergence, and the explained variance at each SAE and at every later
+hook_resid_pre. Training type and sparsity coefficient come from the checkpoint's config where it has one.
+Full metrics hold several (batch_size, n_ctx, 50,257) fp32 tensors at once: about 1.6 GB each at 8 x 1024, so on a
+CPU with GPT-2 small and n_ctx=1024 use --batch_size=2.
+"""
+
+import json
+import os
+import re
+import sys
+import time
+from itertools import islice
+
+import torch
+
+import data
+from configurator import ConfigError, configure, print_config
+from e2esae import SAE, TLENS_NAMES, FeatureCounts, SAETransformer, compute_loss, load_gpt, sae_key
+from model import GPT
+
+# -----------------------------------------------------------------------------
+checkpoints = ["out/saes.safetensors"]
+init_from = ""  # '' = the GPT-2 each checkpoint names | 'gpt2' (-medium, ...) | a directory | 'shakespeare'
+dataset = "shakespeare"  # 'shakespeare' | text files (a file, directory or glob) | a Hugging Face dataset name
+n_ctx = 128
+eval_n_samples = 200  # 200 samples x 128 tokens = 25,600 tokens (the paper: 500 x 1024)
+batch_size = 8
+device = "cuda" if torch.cuda.is_available() else "cpu"
+out_json = "eval.json"
+plot_dir = ""  # if set: a Pareto plot and one activation-frequency histogram per SAE
+# -----------------------------------------------------------------------------
+
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
+COEFF_KEYS = ("sparsity_coeff", "kl_coeff", "in_to_orig_coeff", "out_to_in_coeff", "out_to_orig_coeff")
+PUBLISHED = {"l": "local", "e": "e2e", "efr": "e2e+ds"}  # the hub names: res_s{c,l}{l,e,efr}-ajt
+
+
+def training_type(kl_coeff, in_to_orig_coeff):
+    if kl_coeff > 0 and in_to_orig_coeff > 0:
+        return "e2e+ds"
+    return "e2e" if kl_coeff > 0 else "local"
+
+
+# ---- loading any checkpoint as an SAETransformer ----
+
+def load_checkpoint(spec, init_from=""):
+    """An SAETransformer for a checkpoint spec (see the docstring). `model.config` holds the training coefficients
+    where the checkpoint records them, else {}."""
+    gpt = load_gpt(init_from) if init_from else None
+    if spec.startswith("wandb:"):
+        return SAETransformer.from_wandb(spec[len("wandb:"):], gpt)
+    if spec.startswith("saelens:"):
+        where = spec[len("saelens:"):]
+        parts = where.split("/")
+        sae = SAE.from_saelens(where) if os.path.isdir(where) else SAE.from_saelens("/".join(parts[:2]), "/".join(parts[2:]))
+        return wrap_saelens(sae, gpt)
+    if os.path.isfile(spec) and spec.endswith(".safetensors"):
+        return SAETransformer.from_checkpoint(spec, gpt)
+    if spec.endswith(".pt") or os.path.isfile(os.path.join(spec, "final_config.yaml")):
+        return SAETransformer.from_local_path(spec, gpt)
+    if os.path.isfile(os.path.join(spec, "cfg.json")):
+        return wrap_saelens(SAE.from_saelens(spec), gpt)
+    raise ConfigError(f"checkpoint {spec!r} is none of: a .safetensors file of train.py, a directory with "
+                      "final_config.yaml (e2e_sae) or cfg.json (SAELens), a .pt file, wandb:..., saelens:...")
+
+
+def wrap_saelens(sae, gpt):
+    """Splice a SAELens SAE into the GPT-2 its cfg.json names (or `gpt`), at its hook."""
+    cfg = sae.saelens_cfg
+    if gpt is None:
+        name = cfg.get("model_name") or (cfg.get("metadata") or {}).get("model_name")
+        if name not in TLENS_NAMES:
+            raise ConfigError(f"the SAELens SAE was trained on model {name!r}; load its GPT-2 with --init_from=...")
+        gpt = GPT.from_pretrained(TLENS_NAMES[name])
+    model = SAETransformer(gpt, [sae.hook_name], dict_size_to_input_ratio=sae.n_dict / sae.d_in)
+    model.saes[sae_key(sae.hook_name)] = sae.to(next(gpt.parameters()).device)
+    model.config = {}
+    return model
+
+
+def describe(spec, config):
+    """Training type and coefficients, from the checkpoint's config or (for the paper's hub SAEs) its name."""
+    out = {k: config.get(k) for k in (*COEFF_KEYS, "p_norm")}
+    if config.get("sparsity_coeff") is not None:
+        out["type"] = training_type(config.get("kl_coeff") or 0, config.get("in_to_orig_coeff") or 0)
+    else:
+        m = re.search(r"res_s[cl](l|e|efr)-ajt", spec)
+        out["type"] = PUBLISHED[m.group(1)] if m else "unknown"
+    return out
+
+
+# ---- evaluation ----
+
+@torch.no_grad()
+def evaluate(model, samples, batch_size, log_every=10):
+    """compute_loss's metrics averaged over the samples, and the feature counts. The checkpoint's own coefficients
+    pick how SAEs are fed (chained for e2e, clean for local); the downstream positions are every later
+    hook_resid_pre, so explained variance is reported at each of them."""
+    gpt, config = model.gpt, getattr(model, "config", {}) or {}
+    last = max(gpt.resid_index(p) for p in model.sae_positions)
+    downstream = [f"blocks.{i}.hook_resid_pre" for i in range(last + 1, gpt.config.n_layer)]
+    coeffs = {k: float(config.get(k) or 0.0) for k in COEFF_KEYS}
+    if not downstream:
+        coeffs["in_to_orig_coeff"] = 0.0
+    if not any(coeffs.values()):
+        coeffs["sparsity_coeff"] = 1.0  # only to measure: compute_loss refuses a loss of all-zero coefficients
+    device = next(model.parameters()).device
+    counts, sums, n = FeatureCounts(model), {}, 0
+    n_batches = (len(samples) + batch_size - 1) // batch_size
+    for b in range(n_batches):
+        idx = torch.stack(samples[b * batch_size:(b + 1) * batch_size]).to(device)  # (B, n_ctx)
+        _, metrics = compute_loss(model, idx, **coeffs, p_norm=float(config.get("p_norm") or 1.0),
+                                  in_to_orig_positions=downstream, full_metrics=True, feature_counts=counts)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v.item() * len(idx)  # weighted by samples: the last batch may be short
+        n += len(idx)
+        if (b + 1) % log_every == 0 or b + 1 == n_batches:
+            print(f"  batch {b + 1}/{n_batches} | ce_increase {sums['ce_increase'] / n:.4f} | kl {sums['kl'] / n:.4f}")
+    metrics = {k: v / n for k, v in sums.items() if k != "loss"}  # the loss depends on the coefficients passed
+    return metrics, counts, downstream
+
+
+def result_rows(spec, model, metrics, counts, downstream):
+    """One flat row per SAE position: what the table prints and plot_pareto reads."""
+    info, alive, rows = describe(spec, getattr(model, "config", {}) or {}), counts.alive(), []
+    for p in model.sae_positions:
+        rows.append(dict(
+            checkpoint=spec, position=p, **info, n_dict=model.sae(p).n_dict, n_tokens=counts.n_tokens[p],
+            l0=metrics[f"l0/{p}"], alive=alive[p], frac_zeros=metrics[f"frac_zeros/{p}"],
+            ce_orig=metrics["ce_orig"], ce_sae=metrics["ce_sae"], ce_increase=metrics["ce_increase"], kl=metrics["kl"],
+            explained_variance=metrics[f"explained_variance/{p}"],
+            explained_variance_ln=metrics[f"explained_variance_ln/{p}"],
+            downstream_explained_variance={q: metrics[f"in_to_orig_explained_variance/{q}"] for q in downstream}))
+    return rows
+
+
+def print_table(rows, file=sys.stdout):
+    num = lambda v, f: "-" if v is None else format(v, f)
+    table = [("checkpoint", "position", "type", "lambda", "L0", "alive", "CE", "CE+SAE", "dCE", "KL", "EV",
+              "EV at later hook_resid_pre")]
+    for r in rows:
+        table.append((r["checkpoint"], r["position"], r["type"], num(r["sparsity_coeff"], "g"), f"{r['l0']:.1f}",
+                      f"{r['alive']:,}/{r['n_dict']:,}", f"{r['ce_orig']:.4f}", f"{r['ce_sae']:.4f}",
+                      f"{r['ce_increase']:.4f}", f"{r['kl']:.4f}", f"{r['explained_variance']:.3f}",
+                      " ".join(f"{v:.2f}" for v in r["downstream_explained_variance"].values()) or "-"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for i, row in enumerate(table):
+        print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip(), file=file)
+        if i == 0:
+            print("-+-".join("-" * w for w in widths), file=file)
+
+
+# ---- plots (matplotlib, an optional dependency) ----
+
+TYPE_STYLE = {"local": ("o", "tab:blue"), "e2e": ("s", "tab:orange"), "e2e+ds": ("^", "tab:green")}
+
+
+def plot_frequency_histogram(freqs, path, title=""):
+    """Histogram of log10 activation frequency per dictionary element (the paper's feature-density plot). Elements
+    that never fired over the evaluated tokens are dead: log10(0) does not exist, so they get their own bar at left."""
+    import numpy as np
+    from matplotlib.figure import Figure
+    freqs = np.asarray(freqs, dtype=np.float64)
+    dead, logf = int((freqs == 0).sum()), np.log10(freqs[freqs > 0])
+    lo = float(np.floor(logf.min())) if len(logf) else -6.0
+    bins = np.linspace(lo, 0.0, 41)
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.subplots()
+    ax.hist(logf, bins=bins, color="tab:blue", label=f"alive: {len(logf):,}")
+    dead_x = lo - 0.75
+    ax.bar([dead_x], [dead], width=0.5, color="tab:red", label=f"dead: {dead:,}")
+    ticks = [t for t in range(int(lo), 1)]
+    ax.set_xticks([dead_x, *ticks], ["dead", *map(str, ticks)])
+    ax.set_xlabel("log10 activation frequency (share of tokens on which the element fires)")
+    ax.set_ylabel("dictionary elements")
+    ax.set_title(title or f"{len(freqs):,} dictionary elements", fontsize=9)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+
+
+def plot_pareto(results, path, title=""):
+    """L0 and alive dictionary elements against CE loss increase, one marker and colour per training type (the
+    paper's Figure 1). `results`: dicts with keys type, sparsity_coeff, l0, ce_increase, alive (and optionally
+    position); points of one type (and position) are joined in order of L0, each labelled with its coefficient."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2, sharey=True)
+    positions = sorted({str(r.get("position")) for r in results})  # several: one line style per position
+    groups = {}
+    for r in results:
+        key = (r["type"], r.get("position")) if len(positions) > 1 else (r["type"], None)
+        groups.setdefault(key, []).append(r)
+    rank = lambda kind: list(TYPE_STYLE).index(kind) if kind in TYPE_STYLE else len(TYPE_STYLE)  # local, e2e, ...
+    for (kind, pos), rows in sorted(groups.items(), key=lambda g: (rank(g[0][0]), g[0][0], str(g[0][1]))):
+        rows = sorted(rows, key=lambda r: r["l0"])
+        marker, colour = TYPE_STYLE.get(kind, ("x", "tab:gray"))
+        label = kind if pos is None else f"{kind} ({pos})"
+        style = "-" if pos is None else ["-", "--", ":", "-."][positions.index(str(pos)) % 4]
+        for ax, x in zip(axes, ("l0", "alive")):
+            xs, ys = [r[x] for r in rows], [r["ce_increase"] for r in rows]
+            ax.plot(xs, ys, marker=marker, color=colour, linestyle=style, label=label, linewidth=1, markersize=7)
+            for r in rows:
+                if r.get("sparsity_coeff") is not None:
+                    ax.annotate(f"{r['sparsity_coeff']:g}", (r[x], r["ce_increase"]), textcoords="offset points",
+                                xytext=(4, 4), fontsize=7, color=colour)
+    axes[0].set_xlabel("L0 (active dictionary elements per token)")
+    axes[1].set_xlabel("alive dictionary elements")
+    axes[0].set_ylabel("CE loss increase")
+    axes[0].legend(frameon=False)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+
+
+# ---- the script ----
+
+def main(argv):
+    config = configure(DEFAULTS, argv)
+    c = type("Config", (), config)
+    if not c.checkpoints or not all(isinstance(s, str) for s in c.checkpoints):
+        raise ConfigError("checkpoints must be a non-empty list of paths or specs, e.g. \"['out/saes.safetensors']\"")
+    for key in ("n_ctx", "eval_n_samples", "batch_size"):
+        if getattr(c, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(c, key)}")
+    if c.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={c.device!r} but no CUDA GPU is available; use --device=cpu")
+    print("config:")
+    print_config(config)
+    samples = list(islice(data.token_samples(c.dataset, c.n_ctx, split="eval", repeat=False), c.eval_n_samples))
+    if len(samples) < c.eval_n_samples:
+        print(f"note: the held-out part of {c.dataset!r} holds only {len(samples)} samples of {c.n_ctx} tokens")
+    print(f"data: {len(samples)} held-out samples x {c.n_ctx} tokens = {len(samples) * c.n_ctx:,} tokens of {c.dataset!r}")
+
+    rows, details = [], []
+    for spec in c.checkpoints:
+        t0 = time.time()
+        model = load_checkpoint(spec, c.init_from).to(c.device).eval()
+        if c.n_ctx > model.gpt.config.block_size:
+            raise ConfigError(f"n_ctx={c.n_ctx} is longer than the model's context ({model.gpt.config.block_size})")
+        print(f"{spec}: SAEs at {', '.join(model.sae_positions)}")
+        metrics, counts, downstream = evaluate(model, samples, c.batch_size)
+        new_rows = result_rows(spec, model, metrics, counts, downstream)
+        rows += new_rows
+        details.append(dict(checkpoint=spec, config={k: v for k, v in (getattr(model, "config", {}) or {}).items()
+                                                     if k != "reference_config"},
+                            metrics=metrics, alive=counts.alive(), n_tokens=counts.n_tokens))
+        if c.plot_dir:
+            os.makedirs(c.plot_dir, exist_ok=True)
+            freqs = counts.frequencies()
+            for r in new_rows:
+                name = re.sub(r"[^\w.-]+", "_", f"{spec}_{r['position']}").strip("_")
+                plot_frequency_histogram(freqs[r["position"]].numpy(), os.path.join(c.plot_dir, f"freq_{name}.png"),
+                                         title=f"{spec}\nat {r['position']}: {r['alive']:,} of {r['n_dict']:,} alive "
+                                               f"over {r['n_tokens']:,} tokens")
+        print(f"  done in {time.time() - t0:.1f} s")
+        del model
+
+    print()
+    print_table(rows)
+    with open(c.out_json, "w") as f:
+        json.dump(dict(settings=config, rows=rows, checkpoints=details), f, indent=2)
+    print(f"\nevery metric: {c.out_json}")
+    if c.plot_dir:
+        plot_pareto(rows, os.path.join(c.plot_dir, "pareto.png"), title=f"{c.dataset}, {len(samples) * c.n_ctx:,} tokens")
+        print(f"plots: {c.plot_dir}/")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,52 @@
+"""
+Generate text from GPT-2 with and without the SAEs spliced in, side by side, from the same prompt and seed.
+
+    python sample.py --checkpoint=out/saes.safetensors --prompt="To be, or not to be" --max_new_tokens=50
+    python sample.py --checkpoint=saelens:neuronpedia/gpt2-small__res_sce-ajt/6-res_sce-ajt --temperature=0
+
+A good SAE leaves the text about as fluent as the original model's; a poor one shows at once. The checkpoint is
+any spec eval.py accepts (this project's, the reference library's, SAELens's; local or remote).
+"""
+
+import sys
+
+import torch
+
+from configurator import ConfigError, configure, print_config
+from eval import load_checkpoint
+from model import gpt2_tokenizer
+
+# -----------------------------------------------------------------------------
+checkpoint = "out/saes.safetensors"
+init_from = ""  # '' = the GPT-2 the checkpoint names | 'gpt2' (-medium, ...) | a directory | 'shakespeare'
+prompt = "The meaning of life is"
+max_new_tokens = 50
+temperature = 0.8  # 0 = greedy
+top_k = 200  # 0 = no top-k filtering
+seed = 1337
+device = "cuda" if torch.cuda.is_available() else "cpu"
+# -----------------------------------------------------------------------------
+
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
+
+
+def main(argv):
+    config = configure(DEFAULTS, argv)
+    c = type("Config", (), config)
+    if c.max_new_tokens <= 0 or c.temperature < 0 or c.top_k < 0:
+        raise ConfigError("max_new_tokens must be positive, temperature and top_k >= 0")
+    print_config(config)
+    model = load_checkpoint(c.checkpoint, c.init_from).to(c.device).eval()
+    enc = gpt2_tokenizer()
+    idx = torch.tensor([enc.encode(c.prompt, allowed_special={"<|endoftext|>"})], device=c.device)  # (1, T)
+    if idx.shape[1] == 0:
+        idx = torch.tensor([[enc.eot_token]], device=c.device)  # an empty prompt starts a fresh document
+    spliced = {p: (lambda x, s=model.sae(p): s(x)[0]) for p in model.sae_positions}
+    for title, edits in (("GPT-2", None), (f"GPT-2 with SAEs at {', '.join(model.sae_positions)}", spliced)):
+        torch.manual_seed(c.seed)  # the same seed for both: differences come from the SAEs, not the sampling
+        out = model.gpt.generate(idx, c.max_new_tokens, temperature=c.temperature, top_k=c.top_k or None, edits=edits)
+        print(f"\n--- {title} ---\n{enc.decode(out[0].tolist())}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
