@@ -46,18 +46,18 @@ out_to_orig_coeff = 0.0
 dataset = "shakespeare"  # 'shakespeare' | a file, directory or glob of text files | a Hugging Face dataset name
 n_ctx = 128
 # optimisation: counted in samples (sequences of n_ctx tokens), as the paper counts them
-n_samples = 4_000  # 4,000 samples x 128 tokens = 512,000 training tokens
+n_samples = 2_048  # 2,048 samples x 128 tokens = 262,144 training tokens
 batch_size = 16  # per process and micro-step
 gradient_accumulation_steps = 1
-lr = 1e-3
-warmup_samples = 400
+lr = 3e-3
+warmup_samples = 128
 min_lr_factor = 0.1  # cosine decay to 0.1 x lr
 max_grad_norm = 10.0
 # evaluation, logging, checkpoints
-eval_every_n_samples = 2_000
+eval_every_n_samples = 1_024
 eval_n_samples = 160  # held-out samples; alive features are counted over these tokens
-save_every_n_samples = 2_000
-log_every_n_steps = 25
+save_every_n_samples = 1_024
+log_every_n_steps = 16
 out_dir = "out"
 resume = False
 wandb_log = False

