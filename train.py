@@ -32,6 +32,7 @@ from model import GPT
 # model and SAEs
 init_from = "shakespeare"  # 'gpt2' (-medium, -large, -xl) | a directory with config.json + model.safetensors |
 #                            'shakespeare': the small model of the embedded default, trained and cached on first use
+small_model_config = ""  # with 'shakespeare': a train_gpt.py config file for that model, if it must be trained
 sae_positions = ["blocks.2.hook_resid_pre"]
 dict_size_to_input_ratio = 16.0  # n_dict = 16 x 128 = 2,048 dictionary elements
 # loss: sum of coefficient x term (e2esae.py's docstring has the formulas)
@@ -145,11 +146,13 @@ def main(argv):
 
     # the model: a frozen GPT-2 and the SAEs (the same initialisation on every rank)
     if c.init_from == "shakespeare":
-        from train_gpt import ensure_small_model
-        path = ensure_small_model() if master else None
+        import train_gpt
+        small = configure(train_gpt.DEFAULTS, [c.small_model_config]) if c.small_model_config else {}
+        small.pop("out_dir", None)  # it goes to the cache
+        path = train_gpt.ensure_small_model(**small) if master else None  # rank 0 trains it, if it must
         if ddp:
             dist.barrier()
-        path = path or ensure_small_model()
+        path = path or train_gpt.ensure_small_model(**small)
     else:
         path = c.init_from
     torch.manual_seed(c.seed)

@@ -232,3 +232,26 @@ def test_data_stream(text_dir):
 def test_hub_dataset_offline_says_how_to_use_local_files():
     with pytest.raises(RuntimeError, match="Offline, point `dataset` at local text files"):
         next(data.token_samples("no-such-owner/no-such-dataset", 32))
+
+
+def test_the_embedded_default_trains_its_model_once_then_reuses_it(tmp_path):
+    """`python train.py`'s path at a reduced size: the small model is trained into the cache, then reused."""
+    tiny = tmp_path / "tiny_gpt.py"
+    tiny.write_text("n_layer = 3\nn_head = 2\nn_embd = 32\nn_steps = 4\nbatch_size = 4\neval_n_samples = 8\n")
+    argv = [f"--small_model_config={tiny}", "--n_samples=16", "--batch_size=4", "--eval_every_n_samples=16",
+            "--save_every_n_samples=16", "--eval_n_samples=8", "--dict_size_to_input_ratio=2.0", f"--out_dir={tmp_path / 'out'}"]
+    env = {"E2ESAE_CACHE": str(tmp_path / "cache")}
+    first = run(argv, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "no cached small model" in first.stdout and "train_gpt: saved to" in first.stdout
+    weights = tmp_path / "cache" / "gpt2-shakespeare" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    second = run(argv, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "no cached small model" not in second.stdout and weights.stat().st_mtime_ns == stamp
+    for out in (first.stdout, second.stdout):
+        for row in ("CE loss of the model", "CE loss with the SAEs spliced in", "CE loss increase", "KL(original || spliced)",
+                    "L0 at blocks.2.hook_resid_pre", "alive features at blocks.2.hook_resid_pre",
+                    "explained variance at blocks.2.hook_resid_pre", "CE loss of a unigram model",
+                    "model's advantage over unigram", "advantage kept with the SAEs"):
+            assert re.search(rf"^  {re.escape(row)}\s+-?[\d,.]+", out, re.M), row
