@@ -189,6 +189,8 @@ def main(argv):
 
     global_batch = c.batch_size * c.gradient_accumulation_steps * world_size
     n_steps = c.n_samples // global_batch
+    if n_steps == 0:
+        raise ConfigError(f"n_samples={c.n_samples} is less than one step of {global_batch} samples")
     warmup_steps = math.ceil(c.warmup_samples / global_batch)
     log(f"{n_steps:,} steps of {global_batch} samples x {c.n_ctx} tokens = {global_batch * c.n_ctx:,} tokens per step "
         f"({c.batch_size} per micro-step x {c.gradient_accumulation_steps} accumulation x {world_size} processes)")
