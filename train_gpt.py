@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from configurator import configure, print_config
 from data import token_samples
 from model import GPT, GPTConfig, save_pretrained
+from train import get_lr  # the same schedule as the SAE training: linear warmup, cosine decay
 
 # -----------------------------------------------------------------------------
 # data
@@ -129,15 +130,6 @@ def seen_vocab_loss(gpt, idx, targets, seen, unseen_row, unseen_bias):
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def get_lr(step, c):
-    """Linear warmup over warmup_steps, then cosine decay to min_lr_factor x lr at the last step."""
-    if step < c["warmup_steps"]:
-        return c["lr"] * (step + 1) / c["warmup_steps"]
-    progress = min(1.0, (step - c["warmup_steps"]) / max(1, c["n_steps"] - 1 - c["warmup_steps"]))
-    min_lr = c["lr"] * c["min_lr_factor"]
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (c["lr"] - min_lr)
-
-
 def train_small_gpt(out_dir, **overrides):
     """Train a GPT-2 from scratch with DEFAULTS updated by `overrides`; write it to out_dir (config.json,
     model.safetensors, train_summary.json) all at once, and return the summary."""
@@ -178,7 +170,7 @@ def train_small_gpt(out_dir, **overrides):
     generator = torch.Generator().manual_seed(c["seed"])
     curve, window_loss, window_steps, t_log = [], 0.0, 0, time.time()
     for step in range(c["n_steps"]):
-        lr = get_lr(step, c)
+        lr = get_lr(step, c["n_steps"], c["warmup_steps"], c["lr"], c["min_lr_factor"])
         for group in optimizer.param_groups:
             group["lr"] = lr
         starts = torch.randint(0, len(tokens) - c["n_ctx"], (c["batch_size"],), generator=generator)
