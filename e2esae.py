@@ -463,6 +463,13 @@ def compute_loss(model, idx, *, sparsity_coeff, p_norm=1.0, kl_coeff=0.0, in_to_
     return loss, metrics
 
 
+def training_type(kl_coeff, in_to_orig_coeff):
+    """The paper's name for a mix of coefficients: e2e+ds (KL and downstream), e2e (KL), else local."""
+    if kl_coeff > 0 and in_to_orig_coeff > 0:
+        return "e2e+ds"
+    return "e2e" if kl_coeff > 0 else "local"
+
+
 class FeatureCounts:
     """How many tokens each dictionary element fired on, over a window of tokens: the alive count and the
     activation frequencies (the paper's log10 histograms)."""

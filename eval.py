@@ -32,7 +32,7 @@ import torch
 
 import data
 from configurator import ConfigError, configure, print_config
-from e2esae import SAE, TLENS_NAMES, FeatureCounts, SAETransformer, compute_loss, load_gpt, sae_key
+from e2esae import SAE, TLENS_NAMES, FeatureCounts, SAETransformer, compute_loss, load_gpt, sae_key, training_type
 from model import GPT
 
 # -----------------------------------------------------------------------------
@@ -50,12 +50,6 @@ plot_dir = ""  # if set: a Pareto plot and one activation-frequency histogram pe
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
 COEFF_KEYS = ("sparsity_coeff", "kl_coeff", "in_to_orig_coeff", "out_to_in_coeff", "out_to_orig_coeff")
 PUBLISHED = {"l": "local", "e": "e2e", "efr": "e2e+ds"}  # the hub names: res_s{c,l}{l,e,efr}-ajt
-
-
-def training_type(kl_coeff, in_to_orig_coeff):
-    if kl_coeff > 0 and in_to_orig_coeff > 0:
-        return "e2e+ds"
-    return "e2e" if kl_coeff > 0 else "local"
 
 
 # ---- loading any checkpoint as an SAETransformer ----

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 import data
 from configurator import ConfigError, configure, print_config
-from e2esae import FeatureCounts, SAETransformer, compute_loss
+from e2esae import FeatureCounts, SAETransformer, compute_loss, training_type
 from model import GPT
 
 # -----------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def main(argv):
     local = c.kl_coeff == 0 and c.in_to_orig_coeff == 0
     log(f"model: {path} ({gpt.num_params() / 1e6:.1f}M parameters, frozen); SAEs at {', '.join(model.sae_positions)}, "
         f"{model.sae(model.sae_positions[0]).n_dict:,} elements each; training type: "
-        f"{'local' if local else 'e2e+ds' if c.in_to_orig_coeff > 0 else 'e2e'}")
+        f"{training_type(c.kl_coeff, c.in_to_orig_coeff)}")
 
     # resume: the SAEs, the optimiser, the counters and the RNG, after checking the checkpoint fits this run
     ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
