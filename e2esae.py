@@ -159,11 +159,19 @@ def explained_variance(pred, target, layer_norm=False):
     return 1 - residual / total
 
 
-def output_metrics(logits_orig, logits_sae, idx):
-    """How the spliced model's next-token predictions compare with the original's."""
-    ce_orig, ce_sae = cross_entropy(logits_orig, idx), cross_entropy(logits_sae, idx)
+def output_metrics(logits_orig, logits_sae, idx, merged=None):
+    """How the spliced model's next-token predictions compare with the original's. With `merged` (a
+    MergedUnembedding) the logits are over its merged rows, and every figure is still the one over tokens."""
+    if merged is None:
+        ce_orig, ce_sae = cross_entropy(logits_orig, idx), cross_entropy(logits_sae, idx)
+        top_orig, top_sae = logits_orig.argmax(-1), logits_sae.argmax(-1)
+    else:  # -log p(token) = -log P(its row) + log n(its row); argmax over tokens = first token of the top row
+        rows = merged.token_row[idx]  # (B, T)
+        shared = merged.bias[rows[:, 1:]].float().mean()
+        ce_orig, ce_sae = cross_entropy(logits_orig, rows) + shared, cross_entropy(logits_sae, rows) + shared
+        top_orig, top_sae = (merged.row_token[(z - merged.bias).argmax(-1)] for z in (logits_orig, logits_sae))
     p_orig, p_sae = F.softmax(logits_orig.float(), -1), F.softmax(logits_sae.float(), -1)
-    top_orig, top_sae, target = logits_orig.argmax(-1), logits_sae.argmax(-1), idx[:, 1:]
+    target = idx[:, 1:]
     return {
         "ce_orig": ce_orig, "ce_sae": ce_sae, "ce_increase": ce_sae - ce_orig,
         "top1_acc_orig": (top_orig[:, :-1] == target).float().mean(),
@@ -181,18 +189,53 @@ def reconstruction_metrics(prefix, pred, target):
 
 # ---- the spliced model ----
 
+class MergedUnembedding(nn.Module):
+    """GPT-2's tied lm_head with identical rows merged: exact for every figure compute_loss takes from logits.
+
+    Tokens whose unembedding rows are equal always get equal logits. (The embedded default's small model gives
+    the ~31,000 tokens that never occur in Shakespeare one shared row; see train_gpt.py.) If n_r tokens share
+    row r, whose logit is z_r, a softmax over the V tokens is a softmax over the U distinct rows with log n_r
+    added to each logit:
+
+        P(row r) = n_r exp(z_r) / sum_s n_s exp(z_s),       p(token v) = P(row of v) / n_(row of v)
+
+    p_orig(v) / p_new(v) is the same for every token of a row, so KL(p_orig || p_new) and the statistical
+    distance over rows equal those over tokens, and a token's cross-entropy is its row's plus log n_(row).
+    `F.linear(h, merged.weight, merged.bias)` gives the U logits with log n_r added. At 18,940 distinct rows of
+    50,257 the head, most of a step's FLOPs in a narrow model, costs 38% as much. A model without identical rows
+    (GPT-2 itself) gets no MergedUnembedding (`merge_identical_rows` returns None) and uses its lm_head as it is.
+    """
+
+    def __init__(self, rows, token_row, counts):
+        super().__init__()
+        V = len(token_row)
+        first = torch.full((len(rows),), V, device=rows.device)
+        first.scatter_reduce_(0, token_row, torch.arange(V, device=rows.device), "amin")
+        self.register_buffer("weight", rows, persistent=False)  # (U, d) the distinct rows
+        self.register_buffer("bias", counts.float().log(), persistent=False)  # (U,) log n_r
+        self.register_buffer("token_row", token_row, persistent=False)  # (V,) the row of each token
+        self.register_buffer("row_token", first, persistent=False)  # (U,) a row's first token: what argmax picks
+
+
+def merge_identical_rows(weight):
+    """A MergedUnembedding of `weight` (V, d), or None when all its rows differ."""
+    rows, token_row, counts = torch.unique(weight.detach(), dim=0, return_inverse=True, return_counts=True)
+    return MergedUnembedding(rows, token_row, counts) if len(rows) < len(weight) else None
+
+
 def sae_key(position):
     """ModuleDict keys can't hold dots: blocks.6.hook_resid_pre -> blocks-6-hook_resid_pre (as the reference)."""
     return position.replace(".", "-")
 
 
-def load_gpt(init_from):
+def load_gpt(init_from, small_model_config=""):
     """The frozen model an SAE splices into: 'gpt2' (-medium, ...), a directory in Hugging Face's layout, or
-    'shakespeare', the embedded default's small model (train_gpt.py trains and caches it on first use)."""
+    'shakespeare', the embedded default's small model, or with `small_model_config` the small model that
+    train_gpt.py config file describes (train_gpt.py trains and caches it on first use)."""
     from model import GPT
     if init_from == "shakespeare":
-        from train_gpt import ensure_small_model
-        init_from = ensure_small_model()
+        from train_gpt import small_model
+        init_from = small_model(small_model_config)
     return GPT.from_pretrained(init_from)
 
 
@@ -220,6 +263,7 @@ class SAETransformer(nn.Module):
         d_in = gpt.config.n_embd
         self.saes = nn.ModuleDict({sae_key(p): SAE(d_in, int(d_in * dict_size_to_input_ratio))
                                    for p in self.sae_positions})
+        self.merged = merge_identical_rows(gpt.lm_head.weight)  # None unless some tokens share a row
 
     def train(self, mode=True):
         super().train(mode)
@@ -277,7 +321,7 @@ class SAETransformer(nn.Module):
             raise ValueError(f"{path} is not an e2esae checkpoint (its metadata has no sae_positions)")
         config = json.loads(meta["config"])
         if gpt is None:
-            gpt = load_gpt(config["init_from"])
+            gpt = load_gpt(config["init_from"], config.get("small_model_config", ""))
         model = cls(gpt, json.loads(meta["sae_positions"]), json.loads(meta["dict_size_to_input_ratio"]))
         model.saes.load_state_dict(load_file(path))
         model.config = config
@@ -448,15 +492,16 @@ def compute_loss(model, idx, *, sparsity_coeff, p_norm=1.0, kl_coeff=0.0, in_to_
                     ds = reconstruction_metrics("in_to_orig_", new[r], orig[r])
                 metrics.update({f"{k}/{p}": v for k, v in ds.items()})
 
-    if need_logits:
+    if need_logits:  # over the lm_head's distinct rows where some are identical (exact: MergedUnembedding)
+        ln_f, merged = gpt.transformer.ln_f, model.merged
+        weight, bias = (merged.weight, merged.bias) if merged is not None else (gpt.lm_head.weight, None)
         if full_metrics:
-            logits_orig, logits_new = gpt.unembed(h_orig), gpt.unembed(h_new)
+            logits_orig, logits_new = F.linear(ln_f(h_orig), weight, bias), F.linear(ln_f(h_new), weight, bias)
             kl = kernels.kl_div(logits_new, logits_orig)
             with torch.no_grad():
-                metrics.update(output_metrics(logits_orig, logits_new, idx))
+                metrics.update(output_metrics(logits_orig, logits_new, idx, merged))
         else:  # the fused path: neither model's (tokens, vocab) logits are ever held whole
-            ln_f = gpt.transformer.ln_f
-            kl = kernels.linear_kl_div(ln_f(h_new), ln_f(h_orig), gpt.lm_head.weight)
+            kl = kernels.linear_kl_div(ln_f(h_new), ln_f(h_orig), weight, bias)
         loss = loss + kl_coeff * kl
         metrics["kl"] = kl.detach()
     metrics["loss"] = loss.detach()

@@ -1,139 +1,386 @@
 """
 The paper's headline result at small scale: local, e2e and e2e+ds SAEs over a sweep of sparsity coefficients,
-on the embedded default's small GPT-2 and its Shakespeare corpus, each evaluated on the same held-out tokens.
+each evaluated on the same held-out tokens; and how that comparison moves with the model and the SAE budget.
 
-    python reproduce.py                          # train every run (skipping finished ones), evaluate, write results/
-    python reproduce.py --n_samples=2000         # any setting below, e.g. a smaller token budget per run
+    python reproduce.py                          # the headline sweep: results/small_scale.{csv,json} + Pareto plot
+    python reproduce.py config/scaling_cpu.py    # the grid of models x SAE budgets: results/scaling*.{csv,png}
+    python reproduce.py config/scaling_gpu.py    # the same measurement, larger, on one GPU (about 8 minutes)
+    python reproduce.py --local_coeffs="[1, 3]"  # any setting below overridden
 
 The paper's claim: at equal CE-loss increase, e2e SAEs need far fewer active dictionary elements per token (L0)
-and fewer alive elements than local SAEs. Every run here has the same token budget and, but for the loss, the
-same settings (train.py's defaults: the paper's recipe scaled down). Writes results/small_scale.csv (a row per
-run), results/small_scale.json (every metric) and results/small_scale_pareto.png, and prints the comparison at
-matched CE increase, read off each type's curve by linear interpolation in log L0 between neighbouring runs.
+and fewer alive elements than local SAEs (GPT-2 small, layer 6: L0 27.5 against 69.4, 0.40x). Every run of a
+grid point has the same token budget and, but for the loss, the same settings (train.py's defaults: the
+paper's recipe scaled down). A grid point is a model (a train_gpt.py config: '' is the embedded default's
+model, each other is trained once and cached) and an SAE budget in tokens.
+
+Runs are train.py subprocesses into out_root/<model>/<tokens>/<type>_<coeff>: a finished run is skipped, an
+interrupted one resumed; Ctrl-C is passed on to the running train.py, which saves its checkpoint before this
+script stops. Each finished run is evaluated once (eval.py's evaluate) on eval_n_samples held-out samples and
+the figures are kept beside its checkpoint (eval.json). The comparison at matched CE increase reads L0 (and
+alive elements) off each type's curve, log-log interpolated between neighbouring runs, at points spread over
+the CE-increase range both curves cover; the ratio is their geometric mean.
 """
 
 import csv
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
+from itertools import islice
 
-from configurator import configure
+from configurator import ConfigError, configure
 
 # -----------------------------------------------------------------------------
-position = "blocks.2.hook_resid_pre"  # the middle of the small model's 4 blocks
-downstream = ["blocks.3.hook_resid_pre"]  # every later hook_resid_pre, for e2e+ds
+models = [""]  # train_gpt.py config files ('' = the embedded default's small model, 4 layers x 128)
+sae_tokens = [262_144]  # SAE budgets in tokens (n_samples = tokens / n_ctx)
+position = ""  # where the SAE sits; '' = each model's middle, blocks.{n_layer // 2}.hook_resid_pre
+types = ["local", "e2e", "e2e+ds"]
 local_coeffs = [0.3, 1.0, 3.0, 10.0]  # sparsity_coeff sweeps (x3 apart); out_to_in_coeff = 1
 e2e_coeffs = [0.1, 0.3, 1.0, 3.0]  # kl_coeff = 1
 e2e_ds_coeffs = [0.1, 0.3, 1.0, 3.0]  # kl_coeff = 0.5, in_to_orig_coeff below
 in_to_orig_coeff = 1.0
-n_samples = 2_048  # per run, as train.py's default: 2,048 samples x 128 tokens = 262,144 training tokens
+train_args = []  # more train.py settings for every run, e.g. ["--lr=1e-3", "--dict_size_to_input_ratio=32"]
+n_ctx = 128
 eval_n_samples = 160  # held-out samples for every run: 160 x 128 = 20,480 tokens
+device = ""  # '' = train.py's default (cuda if available)
 out_root = "out/small_scale"
 results_dir = "results"
+name = "small_scale"  # results/<name>.csv etc.; a grid of several points also writes <name>_ratio.csv and plots
 # -----------------------------------------------------------------------------
 
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
+PAPER_L0_RATIO = 27.5 / 69.4  # GPT-2 small, layer 6, similar CE increase (REFERENCE.md)
+SMALL_SCALE_COLUMNS = ["type", "sparsity_coeff", "l0", "ce_increase", "alive", "kl", "ce_orig", "ce_sae",
+                       "explained_variance", "explained_variance_downstream"]
+SCALING_COLUMNS = ["model", "model_ce", "sae_tokens", "type", "sparsity_coeff", "l0", "ce_increase", "alive", "kl",
+                   "ce_orig", "ce_sae", "explained_variance", "explained_variance_downstream", "n_dict", "out_dir"]
 
 
-def runs(c):
-    """(type, sparsity_coeff, train.py overrides) for every run of the sweep."""
-    loss = {"local": dict(kl_coeff=0.0, out_to_in_coeff=1.0),
-            "e2e": dict(kl_coeff=1.0),
-            "e2e+ds": dict(kl_coeff=0.5, in_to_orig_coeff=c.in_to_orig_coeff, in_to_orig_positions=c.downstream)}
+def model_name(config_file):
+    return os.path.splitext(os.path.basename(config_file))[0] if config_file else "gpt_shakespeare"
+
+
+def positions(c, config_file):
+    """The SAE's position in a model and the later hook_resid_pre positions (e2e+ds's downstream terms)."""
+    import train_gpt
+    n_layer = configure(train_gpt.DEFAULTS, [config_file] if config_file else [])["n_layer"]
+    index = int(c.position.split(".")[1]) if c.position else n_layer // 2
+    return f"blocks.{index}.hook_resid_pre", [f"blocks.{i}.hook_resid_pre" for i in range(index + 1, n_layer)]
+
+
+def plan(c):
+    """Every run of the grid: dicts with model, sae_tokens, type, sparsity_coeff, out_dir and train.py's argv."""
     sweeps = {"local": c.local_coeffs, "e2e": c.e2e_coeffs, "e2e+ds": c.e2e_ds_coeffs}
-    for kind, coeffs in sweeps.items():
-        for coeff in coeffs:
-            out_dir = os.path.join(c.out_root, f"{kind.replace('+', '_')}_{coeff:g}")
-            yield kind, coeff, dict(sae_positions=[c.position], sparsity_coeff=float(coeff), n_samples=c.n_samples,
-                                    eval_n_samples=c.eval_n_samples, eval_every_n_samples=c.n_samples, out_dir=out_dir,
-                                    **loss[kind])
+    grid = len(c.models) > 1 or len(c.sae_tokens) > 1
+    runs = []
+    for tokens in sorted(c.sae_tokens):  # the cheap budgets first: a first look at every model early
+        n_samples = tokens // c.n_ctx
+        for config_file in c.models:
+            position, downstream = positions(c, config_file)
+            loss = {"local": dict(kl_coeff=0.0, out_to_in_coeff=1.0),
+                    "e2e": dict(kl_coeff=1.0),
+                    "e2e+ds": dict(kl_coeff=0.5, in_to_orig_coeff=c.in_to_orig_coeff, in_to_orig_positions=downstream)}
+            for kind in c.types:
+                for coeff in sweeps[kind]:
+                    parts = [model_name(config_file), str(tokens)] if grid else []
+                    out_dir = os.path.join(c.out_root, *parts, f"{kind.replace('+', '_')}_{coeff:g}")
+                    settings = dict(small_model_config=config_file, sae_positions=[position], n_ctx=c.n_ctx,
+                                    sparsity_coeff=float(coeff), n_samples=n_samples, eval_n_samples=c.eval_n_samples,
+                                    eval_every_n_samples=n_samples, save_every_n_samples=max(n_samples // 8, 1),
+                                    out_dir=out_dir, **loss[kind], **({"device": c.device} if c.device else {}))
+                    argv = [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}" for k, v in settings.items()]
+                    runs.append(dict(model=model_name(config_file), config_file=config_file, sae_tokens=tokens,
+                                     type=kind, sparsity_coeff=coeff, position=position, downstream=downstream,
+                                     out_dir=out_dir, argv=argv + c.train_args))
+    return runs
 
 
-def finished(out_dir, n_samples):
-    """A run is done when its last checkpoint has seen all its samples."""
+def progress(out_dir):
+    """(steps done, steps in all) of a run's checkpoint, or None if it has none."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.isfile(path):
-        return False
+        return None
     import torch
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     cfg = ckpt["config"]
-    return ckpt["step"] >= n_samples // (cfg["batch_size"] * cfg["gradient_accumulation_steps"])
+    return ckpt["step"], cfg["n_samples"] // (cfg["batch_size"] * cfg["gradient_accumulation_steps"])
 
 
-def interpolate_l0(rows, target):
-    """L0 at CE increase `target` along one type's curve (log L0 linear in CE increase between neighbours)."""
-    pts = sorted((r["ce_increase"], math.log(r["l0"])) for r in rows)
+def train_run(run):
+    """train.py for one run in a subprocess, resumed if it has a partial checkpoint. The child runs in its own
+    session, so Ctrl-C reaches only this script, which passes it on once and waits while train.py finishes its
+    step and saves."""
+    done = progress(run["out_dir"])
+    argv = run["argv"] + (["--resume=True"] if done else [])
+    child = subprocess.Popen([sys.executable, "train.py", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    lines, tty = [], sys.stdout.isatty()
+    try:
+        for line in child.stdout:
+            lines.append(line)
+            if tty and line.startswith(("step ", "eval |")):  # one line of progress, overwritten
+                print(f"\r    {line.strip()[:110]:<110}", end="", flush=True)
+            elif not tty and line.startswith("eval |"):
+                print(f"    {line.strip()}", flush=True)
+        child.wait()
+    except KeyboardInterrupt:
+        print("\n    interrupted: train.py is saving its checkpoint ...", flush=True)
+        child.send_signal(signal.SIGINT)
+        while child.poll() is None:
+            try:
+                child.wait()
+            except KeyboardInterrupt:
+                print("    still saving; it stops after the current step", flush=True)
+        sys.exit(f"stopped; {run['out_dir']} holds a checkpoint: rerun the same command to continue it")
+    if tty:
+        print("\r" + " " * 116 + "\r", end="")
+    if child.returncode != 0:
+        sys.exit(f"run {run['out_dir']} failed (exit {child.returncode}):\n{''.join(lines[-40:])}")
+    return done
+
+
+def evaluate_run(run, samples, device):
+    """eval.py's figures for a finished run, computed once and kept in out_dir/eval.json."""
+    path = os.path.join(run["out_dir"], "eval.json")
+    weights = os.path.join(run["out_dir"], "saes.safetensors")
+    if os.path.isfile(path) and os.path.getmtime(path) >= os.path.getmtime(weights):
+        with open(path) as f:
+            return json.load(f)
+    from eval import evaluate, load_checkpoint, result_rows
+    model = load_checkpoint(weights).to(device).eval()
+    metrics, counts, ds = evaluate(model, samples, batch_size=16, log_every=10**9)
+    row = result_rows(weights, model, metrics, counts, ds)[0]
+    row["n_ctx"], row["eval_samples"] = samples[0].shape[0], len(samples)
+    with open(path + ".tmp", "w") as f:
+        json.dump(row, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return row
+
+
+# ---- the comparison at matched CE increase ----
+
+def interpolate(points, target):
+    """y at x = target along a curve of (x, y) points, log-log linear between neighbours (None outside it)."""
+    pts = sorted((math.log(x), math.log(y)) for x, y in points if x > 0 and y > 0)
+    t = math.log(target)
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if min(x0, x1) <= target <= max(x0, x1) and x1 != x0:
-            return math.exp(y0 + (target - x0) * (y1 - y0) / (x1 - x0))
+        if x0 <= t <= x1 and x1 > x0:
+            return math.exp(y0 + (t - x0) * (y1 - y0) / (x1 - x0))
     return None
 
 
-def report_matched(rows):
-    """Each type against local where their CE-increase ranges overlap: L0 read off both curves at the ends and the
-    middle of the overlap."""
-    by_type = {k: [r for r in rows if r["type"] == k] for k in ("local", "e2e", "e2e+ds")}
-    print("\nL0 at matched CE increase (log L0 interpolated linearly in CE increase along each type's curve):")
-    for kind in ("e2e", "e2e+ds"):
-        spans = [sorted(r["ce_increase"] for r in by_type[k]) for k in ("local", kind)]
-        lo, hi = max(s[0] for s in spans), min(s[-1] for s in spans)
-        if lo > hi:
+def matched(rows, kind, against="local", n_points=5):
+    """kind's L0 and alive elements relative to `against`'s at matched CE increase: the geometric mean of the
+    ratios at n_points CE increases spread (log-evenly) over the range both curves cover; None if they don't
+    overlap."""
+    curves = {k: [r for r in rows if r["type"] == k] for k in (kind, against)}
+    if any(len(v) < 2 for v in curves.values()):
+        return None
+    spans = [sorted(r["ce_increase"] for r in v if r["ce_increase"] > 0) for v in curves.values()]
+    if any(len(s) < 2 for s in spans):
+        return None
+    lo, hi = max(s[0] for s in spans), min(s[-1] for s in spans)
+    if lo >= hi:
+        return None
+    targets = [lo * (hi / lo) ** (i / (n_points - 1)) for i in range(n_points)]
+    out = dict(ce_lo=lo, ce_hi=hi, points=[])
+    for t in targets:
+        a = {k: interpolate([(r["ce_increase"], r[k]) for r in curves[against]], t) for k in ("l0", "alive")}
+        b = {k: interpolate([(r["ce_increase"], r[k]) for r in curves[kind]], t) for k in ("l0", "alive")}
+        out["points"].append(dict(ce_increase=t, **{f"{against}_{k}": a[k] for k in a}, **{f"{kind}_{k}": b[k] for k in b}))
+    for k in ("l0", "alive"):
+        logs = [math.log(p[f"{kind}_{k}"] / p[f"{against}_{k}"]) for p in out["points"]]
+        out[f"{k}_ratio"] = math.exp(sum(logs) / len(logs))
+    return out
+
+
+def report_matched(rows, kinds):
+    for kind in kinds:
+        m = matched(rows, kind)
+        if m is None:
             print(f"  {kind} vs local: their CE-increase ranges do not overlap; widen the sweeps")
             continue
-        for target in (lo, (lo + hi) / 2, hi):
-            a, b = interpolate_l0(by_type["local"], target), interpolate_l0(by_type[kind], target)
-            print(f"  CE increase {target:.4f}: local L0 {a:.1f}, {kind} L0 {b:.1f} ({b / a:.2f}x local)")
+        for p in m["points"]:
+            print(f"  CE increase {p['ce_increase']:.4f}: local L0 {p['local_l0']:6.1f}, {kind} L0 {p[kind + '_l0']:6.1f} "
+                  f"({p[kind + '_l0'] / p['local_l0']:.2f}x); alive {p['local_alive']:6.0f} vs {p[kind + '_alive']:6.0f}")
+        print(f"  {kind} / local over CE increase {m['ce_lo']:.4f}..{m['ce_hi']:.4f}: L0 {m['l0_ratio']:.2f}x, "
+              f"alive {m['alive_ratio']:.2f}x (the paper, layer 6: L0 {PAPER_L0_RATIO:.2f}x)")
+
+
+# ---- plots ----
+
+def plot_ratios(ratio_rows, path):
+    """The e2e/local ratios at matched CE increase against the SAE budget, one line per model."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
+    for model in dict.fromkeys(r["model"] for r in ratio_rows):
+        rows = sorted((r for r in ratio_rows if r["model"] == model), key=lambda r: r["sae_tokens"])
+        label = f"{model} (CE {rows[0]['model_ce']:.2f})"
+        for ax, key in zip(axes, ("l0_ratio", "alive_ratio")):
+            pts = [(r["sae_tokens"], r[key]) for r in rows if r[key] is not None]  # None: the curves don't overlap
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    budgets = sorted({r["sae_tokens"] for r in ratio_rows})
+    axes[0].axhline(PAPER_L0_RATIO, color="tab:red", linestyle="--", linewidth=1,
+                    label=f"the paper, GPT-2 layer 6 ({PAPER_L0_RATIO:.2f}x)")
+    for ax, what in zip(axes, ("L0", "alive elements")):
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlim(budgets[0] / 1.5, budgets[-1] * 1.5)
+        ax.set_xlabel("SAE training tokens")
+        ax.set_ylabel(f"e2e / local {what} at matched CE increase")
+        ax.grid(alpha=0.3)
+    axes[0].legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+
+
+def plot_grid(rows, path):
+    """L0 against CE increase for every grid point (rows: models, columns: budgets), one curve per type."""
+    from matplotlib.figure import Figure
+    from eval import TYPE_STYLE
+    model_list = list(dict.fromkeys(r["model"] for r in rows))
+    budgets = sorted({r["sae_tokens"] for r in rows})
+    fig = Figure(figsize=(3.6 * len(budgets), 3.0 * len(model_list)))
+    axes = fig.subplots(len(model_list), len(budgets), squeeze=False, sharey=True)
+    for i, model in enumerate(model_list):
+        for j, tokens in enumerate(budgets):
+            ax = axes[i][j]
+            for kind, (marker, colour) in TYPE_STYLE.items():
+                pts = sorted((r["l0"], r["ce_increase"]) for r in rows
+                             if r["model"] == model and r["sae_tokens"] == tokens and r["type"] == kind)
+                pts = [p for p in pts if p[1] > 0]  # (a CE increase <= 0 has no place on a log scale)
+                if pts:
+                    ax.plot(*zip(*pts), marker=marker, color=colour, label=kind, linewidth=1)
+                    ax.set_xscale("log")
+                    ax.set_yscale("log")
+            ax.set_title(f"{model}, {tokens:,} tokens", fontsize=9)
+            ax.grid(alpha=0.3)
+            if i == len(model_list) - 1:
+                ax.set_xlabel("L0")
+            if j == 0:
+                ax.set_ylabel("CE increase")
+    axes[0][0].legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_csv(path, rows, columns):
+    with open(path + ".tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(path + ".tmp", path)
+
+
+# ---- the script ----
+
+def check(c):
+    """Everything that can be wrong with the settings, before any run starts."""
+    if not c.models or not c.sae_tokens or not c.types:
+        raise ConfigError("models, sae_tokens and types must each name at least one")
+    for f in c.models:
+        if f and not os.path.isfile(f):
+            raise ConfigError(f"models names {f!r}, which is not a file: give train_gpt.py config files ('' = default)")
+    if c.position and not re.fullmatch(r"blocks\.\d+\.hook_resid_pre", c.position):
+        raise ConfigError(f"position must be '' (each model's middle) or a name like 'blocks.2.hook_resid_pre', "
+                          f"got {c.position!r}")
+    bad = [k for k in c.types if k not in ("local", "e2e", "e2e+ds")]
+    if bad:
+        raise ConfigError(f"types {bad} unknown: choose from 'local', 'e2e', 'e2e+ds'")
+    for t in c.sae_tokens:
+        if t < c.n_ctx * 16:
+            raise ConfigError(f"sae_tokens {t:,} is less than one step (16 samples x n_ctx={c.n_ctx} tokens)")
+    if c.eval_n_samples <= 0:
+        raise ConfigError(f"eval_n_samples must be positive, got {c.eval_n_samples}")
+    for key in ("local_coeffs", "e2e_coeffs", "e2e_ds_coeffs"):
+        if any(not isinstance(v, (int, float)) or v <= 0 for v in getattr(c, key)):
+            raise ConfigError(f"{key} must be positive numbers, got {getattr(c, key)}")
+    try:
+        os.makedirs(c.results_dir, exist_ok=True)
+        os.makedirs(c.out_root, exist_ok=True)
+        probe = os.path.join(c.results_dir, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"cannot write to results_dir={c.results_dir!r} or out_root={c.out_root!r} ({e})")
 
 
 def main(argv):
     c = type("Config", (), configure(DEFAULTS, argv))
+    check(c)
     t0 = time.time()
-    plan = list(runs(c))
-    for i, (kind, coeff, overrides) in enumerate(plan):
-        if finished(overrides["out_dir"], c.n_samples):
-            print(f"[{i + 1}/{len(plan)}] {kind} sparsity_coeff={coeff:g}: done already ({overrides['out_dir']})")
+    runs = plan(c)
+    for i, run in enumerate(runs):
+        state = progress(run["out_dir"])
+        label = f"[{i + 1}/{len(runs)}] {run['model']}, {run['sae_tokens']:,} tokens, {run['type']} " \
+                f"sparsity_coeff={run['sparsity_coeff']:g}"
+        if state and state[0] >= state[1]:
+            print(f"{label}: done already ({run['out_dir']})")
             continue
-        print(f"[{i + 1}/{len(plan)}] {kind} sparsity_coeff={coeff:g} -> {overrides['out_dir']}", flush=True)
-        argv = [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}" for k, v in overrides.items()]
+        print(f"{label} -> {run['out_dir']}" + (f" (resuming at step {state[0]})" if state else ""), flush=True)
         start = time.time()
-        result = subprocess.run([sys.executable, "train.py", *argv], capture_output=True, text=True)
-        if result.returncode != 0:
-            sys.exit(f"run {overrides['out_dir']} failed:\n{result.stderr[-3000:]}")
-        print(f"    trained in {time.time() - start:.0f} s; " + result.stdout.strip().splitlines()[-1].strip())
+        train_run(run)
+        print(f"    trained in {time.time() - start:.0f} s", flush=True)
 
-    # every run on the same held-out tokens, by eval.py
+    # every run of a model on the same held-out tokens
+    import data
+    import torch
+    eval_device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    held_out = list(islice(data.token_samples("shakespeare", c.n_ctx, "eval", repeat=False), c.eval_n_samples))
+    print(f"\nevaluating {len(runs)} runs on {len(held_out)} held-out samples x {c.n_ctx} tokens", flush=True)
+    rows = []
+    for run in runs:
+        r = evaluate_run(run, held_out, eval_device)
+        rows.append(dict(run, **{k: r[k] for k in ("l0", "ce_increase", "alive", "kl", "ce_orig", "ce_sae",
+                                                   "explained_variance", "n_dict")},
+                         model_ce=r["ce_orig"],
+                         explained_variance_downstream=r["downstream_explained_variance"].get(
+                             (run["downstream"] or [None])[-1], float("nan"))))
     os.makedirs(c.results_dir, exist_ok=True)
-    json_path = os.path.join(c.results_dir, "small_scale.json")
-    checkpoints = [os.path.join(o["out_dir"], "saes.safetensors") for _, _, o in plan]
-    result = subprocess.run([sys.executable, "eval.py", f"--checkpoints={checkpoints!r}", f"--out_json={json_path}",
-                             f"--eval_n_samples={c.eval_n_samples}"], capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"eval.py failed:\n{result.stderr[-3000:]}")
-    with open(json_path) as f:
-        evaluated = json.load(f)
-    rows = [dict(type=kind, sparsity_coeff=coeff, **{k: r[k] for k in ("l0", "ce_increase", "alive", "kl", "ce_orig",
-                                                                      "ce_sae", "explained_variance")},
-                 explained_variance_downstream=r["downstream_explained_variance"].get(c.downstream[-1], float("nan")))
-            for (kind, coeff, _), r in zip(plan, evaluated["rows"])]
-    csv_path = os.path.join(c.results_dir, "small_scale.csv")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    grid = len(c.models) > 1 or len(c.sae_tokens) > 1
+    csv_path = os.path.join(c.results_dir, f"{c.name}.csv")
+    write_csv(csv_path, rows, SCALING_COLUMNS if grid else SMALL_SCALE_COLUMNS)
+    written = [csv_path]
 
-    from eval import plot_pareto
-    plot_path = os.path.join(c.results_dir, "small_scale_pareto.png")
-    plot_pareto(rows, plot_path, title=f"small GPT-2 on Shakespeare, SAEs at {c.position}")
-
-    print(f"\n{'type':<7} {'lambda':>6} {'L0':>7} {'alive':>6} {'CE inc':>8} {'EV':>6} {'EV ds':>6}")
+    kinds = [k for k in c.types if k != "local"]
+    print(f"\n{'model':<24} {'tokens':>10} {'type':<7} {'lambda':>6} {'L0':>7} {'alive':>6} {'CE inc':>8} {'EV':>6}")
     for r in rows:
-        print(f"{r['type']:<7} {r['sparsity_coeff']:>6g} {r['l0']:>7.1f} {r['alive']:>6} {r['ce_increase']:>8.4f} "
-              f"{r['explained_variance']:>6.3f} {r['explained_variance_downstream']:>6.3f}")
-    report_matched(rows)
-    print(f"\nwrote {csv_path}, {json_path}, {plot_path} in {(time.time() - t0) / 60:.1f} min")
+        print(f"{r['model']:<24} {r['sae_tokens']:>10,} {r['type']:<7} {r['sparsity_coeff']:>6g} {r['l0']:>7.1f} "
+              f"{r['alive']:>6} {r['ce_increase']:>8.4f} {r['explained_variance']:>6.3f}")
+    ratio_rows = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for tokens in c.sae_tokens:
+            point = [r for r in rows if r["model"] == model and r["sae_tokens"] == tokens]
+            print(f"\n{model}, {tokens:,} SAE tokens (model CE {point[0]['model_ce']:.4f}): at matched CE increase")
+            report_matched(point, kinds)
+            for kind in kinds:
+                m = matched(point, kind) or {}
+                ratio_rows.append(dict(model=model, model_ce=point[0]["model_ce"], sae_tokens=tokens, type=kind,
+                                       ce_lo=m.get("ce_lo"), ce_hi=m.get("ce_hi"), l0_ratio=m.get("l0_ratio"),
+                                       alive_ratio=m.get("alive_ratio")))
+    with open(os.path.join(c.results_dir, f"{c.name}.json"), "w") as f:
+        json.dump(dict(settings={k: getattr(c, k) for k in DEFAULTS}, rows=[{k: v for k, v in r.items() if k != "argv"}
+                                                                            for r in rows], ratios=ratio_rows), f, indent=2)
+    written.append(os.path.join(c.results_dir, f"{c.name}.json"))
+    if grid:
+        ratio_path = os.path.join(c.results_dir, f"{c.name}_ratio.csv")
+        write_csv(ratio_path, ratio_rows, list(ratio_rows[0]))
+        plot_ratios([r for r in ratio_rows if r["type"] == "e2e"], os.path.join(c.results_dir, f"{c.name}.png"))
+        plot_grid(rows, os.path.join(c.results_dir, f"{c.name}_pareto.png"))
+        written += [ratio_path, os.path.join(c.results_dir, f"{c.name}.png"),
+                    os.path.join(c.results_dir, f"{c.name}_pareto.png")]
+    else:
+        from eval import plot_pareto
+        plot_pareto(rows, os.path.join(c.results_dir, f"{c.name}_pareto.png"),
+                    title=f"{rows[0]['model']} on Shakespeare, SAEs at {rows[0]['position']}, "
+                          f"{c.sae_tokens[0]:,} tokens each")
+        written.append(os.path.join(c.results_dir, f"{c.name}_pareto.png"))
+    print(f"\nwrote {', '.join(written)} in {(time.time() - t0) / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import data
 from configurator import ConfigError, configure, print_config
 from e2esae import FeatureCounts, SAETransformer, compute_loss, training_type
 from model import GPT
+from train_gpt import get_lr, small_model
 
 # -----------------------------------------------------------------------------
 # model and SAEs
@@ -75,15 +76,6 @@ peak_flops = 989e12  # for MFU: an H100's dense bf16 peak
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
 LOSS_KEYS = ("sparsity_coeff", "p_norm", "kl_coeff", "in_to_orig_coeff", "in_to_orig_positions", "out_to_in_coeff",
              "out_to_orig_coeff")
-
-
-def get_lr(step, n_steps, warmup_steps, lr, min_lr_factor):
-    """Linear warmup over warmup_steps, then cosine decay to min_lr_factor x lr at the last step."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, n_steps - 1 - warmup_steps))
-    min_lr = lr * min_lr_factor
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
 def check_config(c):
@@ -146,13 +138,10 @@ def main(argv):
 
     # the model: a frozen GPT-2 and the SAEs (the same initialisation on every rank)
     if c.init_from == "shakespeare":
-        import train_gpt
-        small = configure(train_gpt.DEFAULTS, [c.small_model_config]) if c.small_model_config else {}
-        small.pop("out_dir", None)  # it goes to the cache
-        path = train_gpt.ensure_small_model(**small) if master else None  # rank 0 trains it, if it must
+        path = small_model(c.small_model_config) if master else None  # rank 0 trains it, if it must
         if ddp:
             dist.barrier()
-        path = path or train_gpt.ensure_small_model(**small)
+        path = path or small_model(c.small_model_config)
     else:
         path = c.init_from
     torch.manual_seed(c.seed)

@@ -20,6 +20,7 @@ explaining.
 From Python: ensure_small_model() returns the cached model's directory, training it on first use only.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -34,7 +35,6 @@ import torch.nn.functional as F
 from configurator import configure, print_config
 from data import token_samples
 from model import GPT, GPTConfig, save_pretrained
-from train import get_lr  # the same schedule as the SAE training: linear warmup, cosine decay
 
 # -----------------------------------------------------------------------------
 # data
@@ -54,8 +54,9 @@ weight_decay = 0.1
 max_grad_norm = 1.0
 # evaluation and logging
 eval_n_samples = 256  # held-out samples of n_ctx tokens
+eval_every_n_steps = 0  # held-out CE every this many steps as well as at the end (0: at the end only)
 log_every_n_steps = 20
-out_dir = ""  # '' means the cache that ensure_small_model() reads (small_model_dir())
+out_dir = ""  # '' means the cache that train.py reads for these settings (small_model_dir)
 # system
 seed = 0
 device = "auto"  # 'auto' picks cuda when available, else cpu
@@ -64,12 +65,31 @@ device = "auto"  # 'auto' picks cuda when available, else cpu
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
 
 
-def small_model_dir():
-    """Where the embedded default's model is cached: $E2ESAE_CACHE, else $XDG_CACHE_HOME/e2esae, else
-    ~/.cache/e2esae; then gpt2-shakespeare."""
+# settings that change how a run is watched, not the model it makes
+NOT_THE_MODEL = ("out_dir", "log_every_n_steps", "eval_every_n_steps")
+
+
+def small_model_dir(**overrides):
+    """Where a small model is cached: $E2ESAE_CACHE, else $XDG_CACHE_HOME/e2esae, else ~/.cache/e2esae; then
+    gpt2-shakespeare for the defaults, or gpt2-shakespeare-{n_layer}x{n_embd}-{hash of the settings} for others
+    (so each recipe has its own cache entry: a stronger model never shadows the default one)."""
     root = os.environ.get("E2ESAE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "e2esae")
-    return os.path.join(root, "gpt2-shakespeare")
+    c = {k: v for k, v in {**DEFAULTS, **overrides}.items() if k not in NOT_THE_MODEL}
+    if all(v == DEFAULTS[k] for k, v in c.items()):
+        return os.path.join(root, "gpt2-shakespeare")
+    digest = hashlib.sha1(json.dumps(c, sort_keys=True).encode()).hexdigest()[:8]
+    return os.path.join(root, f"gpt2-shakespeare-{c['n_layer']}x{c['n_embd']}-{digest}")
+
+
+def get_lr(step, n_steps, warmup_steps, lr, min_lr_factor):
+    """Linear warmup over warmup_steps, then cosine decay to min_lr_factor x lr at the last step. (train.py's SAE
+    training uses the same schedule.)"""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, n_steps - 1 - warmup_steps))
+    min_lr = lr * min_lr_factor
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
 def train_tokens(dataset, n_ctx):
@@ -166,9 +186,14 @@ def train_small_gpt(out_dir, **overrides):
           f"{len(tokens):,} training tokens of {c['dataset']!r} ({len(seen):,} distinct); {c['n_steps']:,} steps x "
           f"{tokens_per_step:,} tokens = {c['n_steps'] * tokens_per_step:,} tokens, on {dev}")
 
+    def heldout_ce():  # of the model as it will be saved: the unseen tokens' rows set to their shared row
+        with torch.no_grad():
+            gpt.transformer.wte.weight[unseen] = unseen_row  # (no gradient ever reaches these rows in training)
+        return model_cross_entropy(gpt, c["dataset"], c["n_ctx"], c["eval_n_samples"], c["batch_size"])
+
     # nanoGPT's batches: windows of n_ctx + 1 tokens at random offsets; inputs and the targets one token later
     generator = torch.Generator().manual_seed(c["seed"])
-    curve, window_loss, window_steps, t_log = [], 0.0, 0, time.time()
+    curve, heldout_curve, window_loss, window_steps, t_log = [], [], 0.0, 0, time.time()
     for step in range(c["n_steps"]):
         lr = get_lr(step, c["n_steps"], c["warmup_steps"], c["lr"], c["min_lr_factor"])
         for group in optimizer.param_groups:
@@ -188,15 +213,21 @@ def train_small_gpt(out_dir, **overrides):
             print(f"step {step + 1} | loss {mean_loss:.4f} | lr {lr:.1e} | norm {norm.item():.2f} | {dt * 1000:.0f} ms"
                   f" | {tokens_per_step / dt:,.0f} tok/s", flush=True)
             window_loss, window_steps, t_log = 0.0, 0, time.time()
+        if c["eval_every_n_steps"] and (step + 1) % c["eval_every_n_steps"] == 0 and step + 1 < c["n_steps"]:
+            t_eval = time.time()
+            heldout_curve.append([step + 1, round(heldout_ce(), 4)])
+            print(f"step {step + 1} | held-out CE {heldout_curve[-1][1]:.4f} | "
+                  f"{(step + 1) * tokens_per_step / len(tokens):.2f} epochs", flush=True)
+            t_log += time.time() - t_eval  # the evaluation is not part of the steps' time
     train_seconds = time.time() - t0
-    with torch.no_grad():
-        gpt.transformer.wte.weight[unseen] = unseen_row  # the plain GPT-2 that seen_vocab_loss described
 
-    heldout = model_cross_entropy(gpt, c["dataset"], c["n_ctx"], c["eval_n_samples"], c["batch_size"])
+    heldout = heldout_ce()
+    heldout_curve.append([c["n_steps"], round(heldout, 4)])
     unigram = unigram_cross_entropy(c["dataset"], c["n_ctx"], c["eval_n_samples"])
     summary = dict(heldout_ce=heldout, unigram_ce=unigram, steps=c["n_steps"],
-                   tokens=c["n_steps"] * tokens_per_step, seconds=round(time.time() - t0, 1),
-                   train_seconds=round(train_seconds, 1), loss_curve=curve, config=c)
+                   tokens=c["n_steps"] * tokens_per_step, epochs=round(c["n_steps"] * tokens_per_step / len(tokens), 2),
+                   seconds=round(time.time() - t0, 1), train_seconds=round(train_seconds, 1), loss_curve=curve,
+                   heldout_curve=heldout_curve, config=c)
     print(f"train_gpt: held-out CE {heldout:.4f} nats/token vs a unigram model's {unigram:.4f}; "
           f"{summary['seconds']:.0f} s in all")
 
@@ -217,13 +248,23 @@ def train_small_gpt(out_dir, **overrides):
     return summary
 
 
+def small_model(config_file=""):
+    """The directory of the small model that a train_gpt.py config file describes (the embedded default's without
+    one), trained first only if it is not cached. train.py's `small_model_config` setting names that file."""
+    settings = configure(DEFAULTS, [config_file]) if config_file else {}
+    settings.pop("out_dir", None)  # it goes to the cache
+    return ensure_small_model(**settings)
+
+
 def ensure_small_model(**overrides):
-    """The directory of the embedded default's model, training it first (minutes) only if it is not cached."""
-    directory = small_model_dir()
+    """The directory of the small model with these settings (the embedded default's without any), training it
+    first only if it is not cached."""
+    directory = small_model_dir(**overrides)
     if all(os.path.isfile(os.path.join(directory, f)) for f in ("config.json", "model.safetensors")):
         return directory
+    minutes = "about 4 minutes on 2 CPU cores, seconds on a GPU" if not overrides else "see the settings above"
     print(f"no cached small model in {directory}: training one from scratch on Shakespeare first "
-          "(about 4 minutes on 2 CPU cores, seconds on a GPU; done once, then cached)", flush=True)
+          f"({minutes}; done once, then cached)", flush=True)
     train_small_gpt(directory, **overrides)
     return directory
 
@@ -232,4 +273,4 @@ if __name__ == "__main__":
     config = configure(DEFAULTS, sys.argv[1:])
     print("config:")
     print_config(config)
-    train_small_gpt(config.pop("out_dir") or small_model_dir(), **config)
+    train_small_gpt(config.pop("out_dir") or small_model_dir(**config), **config)

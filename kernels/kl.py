@@ -237,16 +237,17 @@ class ChunkedLinearKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_new, h_orig, weight, chunk_rows, kl_and_grad):
+    def forward(ctx, h_new, h_orig, weight, bias, chunk_rows, kl_and_grad):
         d = h_new.shape[-1]
         h_new2, h_orig2 = h_new.reshape(-1, d), h_orig.reshape(-1, d)  # (R, d)
         rows = h_new2.shape[0]
         grad_h = torch.empty_like(h_new2)  # (R, d)
         kl_sum = torch.zeros((), device=h_new.device, dtype=torch.float32)
+        logits = (lambda h: h @ weight.t()) if bias is None else (lambda h: torch.addmm(bias, h, weight.t()))
         for start in range(0, rows, chunk_rows):
             chunk = slice(start, start + chunk_rows)
-            new_logits = h_new2[chunk] @ weight.t()  # (C, V)
-            orig_logits = h_orig2[chunk] @ weight.t()  # (C, V)
+            new_logits = logits(h_new2[chunk])  # (C, V)
+            orig_logits = logits(h_orig2[chunk])  # (C, V)
             kl_rows, grad_logits = kl_and_grad(new_logits, orig_logits, 1.0 / rows)
             del orig_logits
             kl_sum += kl_rows.sum()
@@ -259,7 +260,7 @@ class ChunkedLinearKL(torch.autograd.Function):
     def backward(ctx, grad_output):
         assert grad_output.numel() == 1, "linear_kl_div precomputes its gradient, valid for a scalar loss only"
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_output.to(grad_h.dtype), None, None, None, None
+        return grad_h * grad_output.to(grad_h.dtype), None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -277,23 +278,27 @@ def kl_div(new_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch.Tensor:
     return kl_div_torch(new_logits, orig_logits)
 
 
-def linear_kl_div(h_new: torch.Tensor, h_orig: torch.Tensor, weight: torch.Tensor,
+def linear_kl_div(h_new: torch.Tensor, h_orig: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   chunk_rows: int | None = None) -> torch.Tensor:
-    """kl_div(h_new @ weight.T, h_orig @ weight.T) without ever holding either model's full logits.
+    """kl_div(h_new @ weight.T + bias, h_orig @ weight.T + bias) without ever holding either model's full logits.
 
-    h_new, h_orig: (..., d) final (layer-normed) hidden states; weight: (vocab, d), the frozen lm_head.
-    Differentiable in h_new only (h_orig and weight are treated as constants). chunk_rows defaults to
-    LOGITS_PER_CHUNK // vocab rows (CPU_LOGITS_PER_CHUNK on a CPU; at least 16). Under autocast, the matmuls run in the autocast dtype.
+    h_new, h_orig: (..., d) final (layer-normed) hidden states; weight: (vocab, d), the frozen lm_head; bias:
+    (vocab,) or None (e2esae.MergedUnembedding's log multiplicities). Differentiable in h_new only (h_orig,
+    weight and bias are treated as constants). chunk_rows defaults to LOGITS_PER_CHUNK // vocab rows
+    (CPU_LOGITS_PER_CHUNK on a CPU; at least 16). Under autocast, the matmuls run in the autocast dtype.
     """
     assert h_new.shape == h_orig.shape and h_new.shape[-1] == weight.shape[-1] and weight.dim() == 2, \
         f"h_new {h_new.shape}, h_orig {h_orig.shape}, weight {weight.shape}"
+    assert bias is None or bias.shape == weight.shape[:1], f"bias {bias.shape} for weight {weight.shape}"
     if chunk_rows is None:
         per_chunk = LOGITS_PER_CHUNK if h_new.is_cuda else CPU_LOGITS_PER_CHUNK
         chunk_rows = max(16, per_chunk // weight.shape[0] // 16 * 16)
     kl_and_grad = kl_and_grad_triton if use_triton(h_new, h_orig, weight) else kl_and_grad_torch
     h_orig, weight = h_orig.detach(), weight.detach()
+    bias = bias.detach().to(weight.dtype) if bias is not None else None
     dtype = autocast_dtype(h_new.device)
     if dtype is not None:  # do what autocast would do to the matmuls, once, outside the chunk loop
         h_new, h_orig, weight = h_new.to(dtype), h_orig.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     with torch.autocast(h_new.device.type, enabled=False):
-        return ChunkedLinearKL.apply(h_new, h_orig, weight, chunk_rows, kl_and_grad)
+        return ChunkedLinearKL.apply(h_new, h_orig, weight, bias, chunk_rows, kl_and_grad)

@@ -170,6 +170,45 @@ def test_fused_kl_path_gives_the_same_loss_and_gradients(model):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("full_metrics", [True, False])
+def test_merged_unembedding_rows_are_exact(full_metrics):
+    """Tokens with identical lm_head rows are merged into one logit plus log(multiplicity); every loss, gradient
+    and metric equals the one computed over all the tokens (the same model with merging switched off)."""
+    gpt = small_gpt(seed=3)
+    assert SAETransformer(gpt, POSITIONS).merged is None  # distinct rows: the lm_head is used as it is
+    with torch.no_grad():
+        gpt.transformer.wte.weight[40:] = gpt.transformer.wte.weight[40]  # 61 tokens share a row, as unseen ones do
+        gpt.transformer.wte.weight[12] = gpt.transformer.wte.weight[5]  # and two more share another
+    torch.manual_seed(2)
+    merged = SAETransformer(gpt, POSITIONS, dict_size_to_input_ratio=2.5)
+    full = SAETransformer(gpt, POSITIONS, dict_size_to_input_ratio=2.5)
+    full.load_state_dict(merged.state_dict())
+    full.merged = None
+    assert merged.merged.weight.shape == (V - 60 - 1, D)
+    assert torch.equal(merged.merged.bias.exp().round().sum(), torch.tensor(float(V)))
+    idx = tokens(seed=5)
+    idx[0, 3:7] = torch.tensor([40, 77, 5, 12])  # targets inside both merged rows
+    coeffs = dict(sparsity_coeff=0.7, kl_coeff=0.5, in_to_orig_coeff=1.0, in_to_orig_positions=["blocks.3.hook_resid_pre"])
+    results = []
+    for model in (merged, full):
+        model.zero_grad()
+        loss, m = compute_loss(model, idx, **coeffs, full_metrics=full_metrics)
+        loss.backward()
+        results.append((loss, m, [p.grad.clone() for p in model.saes.parameters()]))
+    (loss_m, m_m, grads_m), (loss_f, m_f, grads_f) = results
+    torch.testing.assert_close(loss_m, loss_f, rtol=1e-5, atol=1e-7)
+    for a, b in zip(grads_m, grads_f):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert m_m.keys() == m_f.keys()
+    for k in m_f:
+        torch.testing.assert_close(m_m[k], m_f[k], rtol=1e-5, atol=1e-6, msg=k)
+    if full_metrics:  # and the unmerged figures are the formulas' (as test_output_metrics checks them)
+        with torch.no_grad():
+            _, logits_orig = ref_streams(gpt, idx)
+        torch.testing.assert_close(m_m["ce_orig"].double(), F.cross_entropy(logits_orig[:, :-1].flatten(0, 1).double(),
+                                                                            idx[:, 1:].flatten()), rtol=1e-5, atol=0)
+
+
 def test_local_saes_read_the_clean_stream(model):
     idx = tokens(seed=2)
     loss, m = compute_loss(model, idx, sparsity_coeff=0.4, out_to_in_coeff=1.0)

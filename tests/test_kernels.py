@@ -198,18 +198,21 @@ def test_kl_div_peaked_and_large_logits(case, dtype, backend):
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_linear_kl_div_matches_the_full_logits_kl(impl, dtype, backend):
-    """Chunks of 16 rows over 37 tokens (and the default chunking) against kl_div on whole logits."""
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_kl_div_matches_the_full_logits_kl(impl, dtype, with_bias, backend):
+    """Chunks of 16 rows over 37 tokens (and the default chunking) against kl_div on whole logits; with a bias
+    (the log multiplicities of merged lm_head rows) added to both models' logits."""
     backend(impl)
     g = torch.Generator().manual_seed(5)
     h_new, h_orig = (torch.randn(37, 48, generator=g).to(DEVICE, dtype) for _ in range(2))
     weight = (torch.randn(301, 48, generator=g) / 48**0.5).to(DEVICE, dtype)
-    w = weight.double()
-    ref_loss, ref_grad_logits = kl_reference(h_new.double() @ w.t(), h_orig.double() @ w.t())
+    bias = torch.randint(1, 50, (301,), generator=g).float().log().to(DEVICE) if with_bias else None
+    w, b = weight.double(), (bias.double() if with_bias else 0.0)
+    ref_loss, ref_grad_logits = kl_reference(h_new.double() @ w.t() + b, h_orig.double() @ w.t() + b)
     ref_grad = ref_grad_logits @ w  # (37, 301) @ (301, 48)
     for chunk_rows in (16, None):
         h = h_new.clone().requires_grad_()
-        loss = kernels.linear_kl_div(h, h_orig, weight, chunk_rows=chunk_rows)
+        loss = kernels.linear_kl_div(h, h_orig, weight, bias, chunk_rows=chunk_rows)
         loss.backward(torch.tensor(0.37, device=DEVICE))
         assert_close(loss, ref_loss, TOL[dtype], f"kl, chunk_rows={chunk_rows}")
         assert_close(h.grad, ref_grad, TOL[dtype], f"d kl / d h_new, chunk_rows={chunk_rows}")

@@ -244,7 +244,9 @@ def test_the_embedded_default_trains_its_model_once_then_reuses_it(tmp_path):
     first = run(argv, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "no cached small model" in first.stdout and "train_gpt: saved to" in first.stdout
-    weights = tmp_path / "cache" / "gpt2-shakespeare" / "model.safetensors"
+    (cached,) = os.listdir(tmp_path / "cache")  # the cache entry for these settings
+    assert cached.startswith("gpt2-shakespeare-3x32-")
+    weights = tmp_path / "cache" / cached / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     second = run(argv, env=env)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -18,7 +18,7 @@ TINY = dict(n_layer=1, n_head=2, n_embd=32, n_ctx=32, batch_size=8, eval_n_sampl
 def tiny_run(tmp_path_factory):
     """A tiny model trained for a few dozen steps on Shakespeare, saved to a directory."""
     out = str(tmp_path_factory.mktemp("tiny") / "gpt")
-    summary = train_gpt.train_small_gpt(out, **TINY, n_steps=40, warmup_steps=5, lr=1e-2)
+    summary = train_gpt.train_small_gpt(out, **TINY, n_steps=40, warmup_steps=5, lr=1e-2, eval_every_n_steps=20)
     return out, summary
 
 
@@ -28,6 +28,8 @@ def test_training_loss_falls(tiny_run):
     assert len(curve) == 4
     assert curve[0] > curve[-1] + 1.0, curve  # from ~ln(50,257) = 10.8 down towards the unigram's ~6.5
     assert summary["steps"] == 40 and summary["tokens"] == 40 * 8 * 32
+    (s20, ce20), (s40, ce40) = summary["heldout_curve"]  # held-out CE during training, and at the end
+    assert (s20, s40) == (20, 40) and ce40 == round(summary["heldout_ce"], 4) and ce20 > ce40
     with open(os.path.join(out, "train_summary.json")) as f:
         assert json.load(f)["heldout_ce"] == summary["heldout_ce"]
 
@@ -62,14 +64,25 @@ def test_seen_vocab_loss_is_the_full_softmax_loss_of_the_saved_model():
     assert loss.item() == pytest.approx(full.item(), abs=1e-5)
 
 
+def test_each_recipe_has_its_own_cache_entry(tmp_path, monkeypatch):
+    monkeypatch.setenv("E2ESAE_CACHE", str(tmp_path))
+    default = str(tmp_path / "gpt2-shakespeare")
+    assert train_gpt.small_model_dir() == default
+    spelled_out = {k: v for k, v in train_gpt.DEFAULTS.items()}
+    assert train_gpt.small_model_dir(**spelled_out) == default  # config/gpt_shakespeare.py names the defaults
+    assert train_gpt.small_model_dir(log_every_n_steps=7, eval_every_n_steps=9) == default  # not the model
+    stronger = train_gpt.small_model_dir(n_layer=6, n_embd=256)
+    assert os.path.basename(stronger).startswith("gpt2-shakespeare-6x256-") and stronger != default
+    assert train_gpt.small_model_dir(n_layer=6, n_embd=256, n_steps=10) != stronger
+
+
 def test_ensure_small_model_trains_once_then_reuses_the_cache(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("E2ESAE_CACHE", str(tmp_path / "cache"))
-    expected = str(tmp_path / "cache" / "gpt2-shakespeare")
-    assert train_gpt.small_model_dir() == expected
+    expected = train_gpt.small_model_dir(**TINY, n_steps=3, warmup_steps=1)
     d = train_gpt.ensure_small_model(**TINY, n_steps=3, warmup_steps=1)
     assert d == expected
     assert "training one from scratch" in capsys.readouterr().out
-    assert sorted(os.listdir(tmp_path / "cache")) == ["gpt2-shakespeare"]  # no temporary directory left behind
+    assert os.listdir(tmp_path / "cache") == [os.path.basename(expected)]  # no temporary directory left behind
     weights = os.path.join(d, "model.safetensors")
     before = os.stat(weights).st_mtime_ns
     assert train_gpt.ensure_small_model(**TINY, n_steps=3, warmup_steps=1) == expected
