@@ -72,6 +72,38 @@ def configure(defaults, argv):
     return config
 
 
+def check_settings(config, rules):
+    """Check settings against a table of rules, (key, test, what the value must be), in order; raise ConfigError
+    naming the first setting that fails. One table per script keeps every range in one place."""
+    for key, test, must in rules:
+        if not test(config[key]):
+            raise ConfigError(f"{key} must be {must}, got {config[key]!r}")
+
+
+def check_writable(directory, what):
+    """Raise ConfigError unless `directory` exists or can be created, and a file can be written in it. Leaves
+    nothing behind: a directory created for the test is removed again."""
+    created, d = [], os.path.abspath(directory)
+    while not os.path.exists(d):
+        created.append(d)
+        d = os.path.dirname(d)
+    try:
+        for d in reversed(created):
+            os.mkdir(d)
+        probe = os.path.join(directory, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{what} {directory!r} cannot be written ({e.strerror or e}): choose another") from None
+    finally:
+        for d in created:
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+
+
 def print_config(config, file=sys.stdout):
     width = max(map(len, config))
     for key, value in config.items():

@@ -30,6 +30,7 @@ Usage:
     loss, metrics = compute_loss(model, idx, sparsity_coeff=3.0, kl_coeff=1.0)
 """
 
+import contextlib
 import json
 import os
 
@@ -315,8 +316,11 @@ class SAETransformer(nn.Module):
         from safetensors.torch import load_file
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no SAE checkpoint at {path}")
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:
+            raise ValueError(f"{path} is not a safetensors file ({e}); train.py writes saes.safetensors") from None
         if "sae_positions" not in meta:
             raise ValueError(f"{path} is not an e2esae checkpoint (its metadata has no sae_positions)")
         config = json.loads(meta["config"])
@@ -506,6 +510,36 @@ def compute_loss(model, idx, *, sparsity_coeff, p_norm=1.0, kl_coeff=0.0, in_to_
         metrics["kl"] = kl.detach()
     metrics["loss"] = loss.detach()
     return loss, metrics
+
+
+@torch.no_grad()
+def evaluate(model, batches, loss_kwargs, autocast=None, all_reduce=None, progress=None):
+    """compute_loss's metrics averaged over held-out batches of token ids (each weighted by its samples), and a
+    FeatureCounts of them (alive features, activation frequencies). Returns (metrics, counts): metrics are floats,
+    plus `alive/<pos>` and `eval_tokens`. all_reduce, if given, sums a tensor in place over processes (DDP);
+    progress(i, n, running_metrics) is called after each batch."""
+    counts, sums, n_samples, n_tokens = FeatureCounts(model), {}, 0, 0
+    for i, idx in enumerate(batches):
+        idx = idx.to(next(model.parameters()).device)
+        with autocast or contextlib.nullcontext():
+            _, metrics = compute_loss(model, idx, **loss_kwargs, full_metrics=True, feature_counts=counts)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v.float() * len(idx)
+        n_samples, n_tokens = n_samples + len(idx), n_tokens + idx.numel()
+        if progress:
+            progress(i + 1, len(batches), {k: (v / n_samples).item() for k, v in sums.items()})
+    keys = sorted(sums)
+    totals = torch.stack([sums[k] for k in keys] + [torch.tensor(float(n_samples)).to(sums[keys[0]]),
+                                                   torch.tensor(float(n_tokens)).to(sums[keys[0]])])
+    if all_reduce:
+        all_reduce(totals)
+        for p in counts.counts:
+            all_reduce(counts.counts[p])
+            counts.n_tokens[p] = int(totals[-1].item())
+    figures = {k: v / totals[-2].item() for k, v in zip(keys, totals.tolist())}
+    figures |= {f"alive/{p}": a for p, a in counts.alive().items()}
+    figures["eval_tokens"] = int(totals[-1].item())
+    return figures, counts
 
 
 def training_type(kl_coeff, in_to_orig_coeff):

@@ -7,11 +7,11 @@ Evaluate SAE checkpoints on held-out text: one table, every metric as JSON, and 
         --dataset=apollo-research/Skylion007-openwebtext-tokenizer-gpt2 --n_ctx=1024 --eval_n_samples=500
 
 A checkpoint is any of:
-    out/saes.safetensors                  this project's (train.py writes it; SAETransformer.from_checkpoint)
-    path/to/dir | path/to/samples_N.pt    the reference library's: final_config.yaml + samples_{N}.pt
-    path/to/dir                           SAELens's: cfg.json + sae_weights.safetensors
-    wandb:entity/project/run_id           the reference library's run on wandb, e.g. wandb:sparsify/gpt2/tvj2owza
-    saelens:owner/repo/folder             SAELens's on the Hugging Face hub (the paper's SAEs are published so)
+    out/saes.safetensors | out | out/ckpt.pt   this project's (train.py's out_dir; SAETransformer.from_checkpoint)
+    path/to/dir | path/to/samples_N.pt         the reference library's: final_config.yaml + samples_{N}.pt
+    path/to/dir                                SAELens's: cfg.json + sae_weights.safetensors
+    wandb:entity/project/run_id                the reference library's run on wandb, e.g. wandb:sparsify/gpt2/tvj2owza
+    saelens:owner/repo/folder                  SAELens's on the Hugging Face hub (the paper's SAEs are published so)
 
 For each, compute_loss (e2esae.py) runs with full metrics on eval_n_samples held-out samples and its figures are
 averaged over them: L0, alive dictionary elements (over all evaluated tokens), the CE loss of the model and with the
@@ -19,6 +19,10 @@ SAEs spliced in, their difference, the KL divergence, and the explained variance
 hook_resid_pre. Training type and sparsity coefficient come from the checkpoint's config where it has one.
 Full metrics hold several (batch_size, n_ctx, 50,257) fp32 tensors at once: about 1.6 GB each at 8 x 1024, so on a
 CPU with GPT-2 small and n_ctx=1024 use --batch_size=2.
+
+Every spec and output folder is checked before the first evaluation. out_json is rewritten after each checkpoint,
+so an interruption keeps what was done; a checkpoint that fails to load or evaluate is reported and skipped, and
+the script ends with exit status 1 naming it.
 """
 
 import json
@@ -31,8 +35,9 @@ from itertools import islice
 import torch
 
 import data
-from configurator import ConfigError, configure, print_config
-from e2esae import SAE, TLENS_NAMES, FeatureCounts, SAETransformer, compute_loss, load_gpt, sae_key, training_type
+from configurator import ConfigError, check_settings, check_writable, configure, print_config
+import e2esae
+from e2esae import SAE, TLENS_NAMES, SAETransformer, load_gpt, sae_key, training_type
 from model import GPT
 
 # -----------------------------------------------------------------------------
@@ -54,25 +59,53 @@ PUBLISHED = {"l": "local", "e": "e2e", "efr": "e2e+ds"}  # the hub names: res_s{
 
 # ---- loading any checkpoint as an SAETransformer ----
 
+def checkpoint_kind(spec):
+    """(kind, where) for a checkpoint spec, found without loading it, so that every spec is checked before any is
+    evaluated. kind: 'ours' (where: the .safetensors), 'e2e_sae', 'saelens', 'saelens-hub' or 'wandb'."""
+    if spec.startswith("wandb:"):
+        return "wandb", spec[len("wandb:"):]
+    if spec.startswith("saelens:"):
+        where = spec[len("saelens:"):]
+        return ("saelens", where) if os.path.isdir(where) else ("saelens-hub", where)
+    inside = lambda name: os.path.join(spec, name)
+    if os.path.isdir(spec):
+        if os.path.isfile(inside("saes.safetensors")):  # train.py's out_dir
+            return "ours", inside("saes.safetensors")
+        if os.path.isfile(inside("final_config.yaml")):
+            return "e2e_sae", spec
+        if os.path.isfile(inside("cfg.json")):
+            return "saelens", spec
+        raise ConfigError(f"checkpoint {spec!r} is a directory without saes.safetensors (train.py), "
+                          "final_config.yaml (e2e_sae) or cfg.json (SAELens)")
+    if os.path.isfile(spec):
+        beside = os.path.join(os.path.dirname(spec), "saes.safetensors")
+        if spec.endswith(".safetensors"):
+            return "ours", spec
+        if os.path.basename(spec) == "ckpt.pt" and os.path.isfile(beside):  # train.py's resumable checkpoint
+            return "ours", beside  # the SAEs it holds are also written beside it
+        if spec.endswith(".pt"):
+            return "e2e_sae", spec
+    if not os.path.exists(spec):
+        raise ConfigError(f"checkpoint {spec!r} does not exist")
+    raise ConfigError(f"checkpoint {spec!r} is none of: a .safetensors file or out_dir of train.py, a directory with "
+                      "final_config.yaml (e2e_sae) or cfg.json (SAELens), a .pt file, wandb:..., saelens:...")
+
+
 def load_checkpoint(spec, init_from=""):
     """An SAETransformer for a checkpoint spec (see the docstring). `model.config` holds the training coefficients
     where the checkpoint records them, else {}."""
+    kind, where = checkpoint_kind(spec)
     gpt = load_gpt(init_from) if init_from else None
-    if spec.startswith("wandb:"):
-        return SAETransformer.from_wandb(spec[len("wandb:"):], gpt)
-    if spec.startswith("saelens:"):
-        where = spec[len("saelens:"):]
+    if kind == "wandb":
+        return SAETransformer.from_wandb(where, gpt)
+    if kind == "saelens-hub":
         parts = where.split("/")
-        sae = SAE.from_saelens(where) if os.path.isdir(where) else SAE.from_saelens("/".join(parts[:2]), "/".join(parts[2:]))
-        return wrap_saelens(sae, gpt)
-    if os.path.isfile(spec) and spec.endswith(".safetensors"):
-        return SAETransformer.from_checkpoint(spec, gpt)
-    if spec.endswith(".pt") or os.path.isfile(os.path.join(spec, "final_config.yaml")):
-        return SAETransformer.from_local_path(spec, gpt)
-    if os.path.isfile(os.path.join(spec, "cfg.json")):
-        return wrap_saelens(SAE.from_saelens(spec), gpt)
-    raise ConfigError(f"checkpoint {spec!r} is none of: a .safetensors file of train.py, a directory with "
-                      "final_config.yaml (e2e_sae) or cfg.json (SAELens), a .pt file, wandb:..., saelens:...")
+        return wrap_saelens(SAE.from_saelens("/".join(parts[:2]), "/".join(parts[2:])), gpt)
+    if kind == "saelens":
+        return wrap_saelens(SAE.from_saelens(where), gpt)
+    if kind == "ours":
+        return SAETransformer.from_checkpoint(where, gpt)
+    return SAETransformer.from_local_path(where, gpt)
 
 
 def wrap_saelens(sae, gpt):
@@ -102,11 +135,10 @@ def describe(spec, config):
 
 # ---- evaluation ----
 
-@torch.no_grad()
 def evaluate(model, samples, batch_size, log_every=10):
-    """compute_loss's metrics averaged over the samples, and the feature counts. The checkpoint's own coefficients
-    pick how SAEs are fed (chained for e2e, clean for local); the downstream positions are every later
-    hook_resid_pre, so explained variance is reported at each of them."""
+    """compute_loss's metrics averaged over the samples, and the feature counts (e2esae.evaluate). The
+    checkpoint's own coefficients pick how SAEs are fed (chained for e2e, clean for local); the downstream
+    positions are every later hook_resid_pre, so explained variance is reported at each of them."""
     gpt, config = model.gpt, getattr(model, "config", {}) or {}
     last = max(gpt.resid_index(p) for p in model.sae_positions)
     downstream = [f"blocks.{i}.hook_resid_pre" for i in range(last + 1, gpt.config.n_layer)]
@@ -115,19 +147,14 @@ def evaluate(model, samples, batch_size, log_every=10):
         coeffs["in_to_orig_coeff"] = 0.0
     if not any(coeffs.values()):
         coeffs["sparsity_coeff"] = 1.0  # only to measure: compute_loss refuses a loss of all-zero coefficients
-    device = next(model.parameters()).device
-    counts, sums, n = FeatureCounts(model), {}, 0
-    n_batches = (len(samples) + batch_size - 1) // batch_size
-    for b in range(n_batches):
-        idx = torch.stack(samples[b * batch_size:(b + 1) * batch_size]).to(device)  # (B, n_ctx)
-        _, metrics = compute_loss(model, idx, **coeffs, p_norm=float(config.get("p_norm") or 1.0),
-                                  in_to_orig_positions=downstream, full_metrics=True, feature_counts=counts)
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + v.item() * len(idx)  # weighted by samples: the last batch may be short
-        n += len(idx)
-        if (b + 1) % log_every == 0 or b + 1 == n_batches:
-            print(f"  batch {b + 1}/{n_batches} | ce_increase {sums['ce_increase'] / n:.4f} | kl {sums['kl'] / n:.4f}")
-    metrics = {k: v / n for k, v in sums.items() if k != "loss"}  # the loss depends on the coefficients passed
+    loss_kwargs = dict(coeffs, p_norm=float(config.get("p_norm") or 1.0), in_to_orig_positions=downstream)
+    batches = [torch.stack(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]  # (B, n_ctx)
+
+    def progress(i, n, m):
+        if i % log_every == 0 or i == n:
+            print(f"  batch {i}/{n} | ce_increase {m['ce_increase']:.4f} | kl {m['kl']:.4f}", flush=True)
+    metrics, counts = e2esae.evaluate(model, batches, loss_kwargs, progress=progress)
+    metrics = {k: v for k, v in metrics.items() if k != "loss" and not k.startswith("alive/") and k != "eval_tokens"}
     return metrics, counts, downstream
 
 
@@ -229,36 +256,60 @@ def plot_pareto(results, path, title=""):
 
 # ---- the script ----
 
+SETTINGS = [  # (key, test, what the value must be)
+    ("checkpoints", lambda v: bool(v) and all(isinstance(s, str) for s in v),
+     "a non-empty list of paths or specs, e.g. ['out/saes.safetensors']"),
+    ("n_ctx", lambda v: v >= 2, "at least 2 (a sample's tokens predict the next ones)"),
+    ("eval_n_samples", lambda v: v > 0, "positive"),
+    ("batch_size", lambda v: v > 0, "positive"),
+    ("device", lambda v: not v.startswith("cuda") or torch.cuda.is_available(), "'cpu': no CUDA GPU is available"),
+]
+
+
 def main(argv):
     config = configure(DEFAULTS, argv)
+    check_settings(config, SETTINGS)
     c = type("Config", (), config)
-    if not c.checkpoints or not all(isinstance(s, str) for s in c.checkpoints):
-        raise ConfigError("checkpoints must be a non-empty list of paths or specs, e.g. \"['out/saes.safetensors']\"")
-    for key in ("n_ctx", "eval_n_samples", "batch_size"):
-        if getattr(c, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {getattr(c, key)}")
-    if c.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={c.device!r} but no CUDA GPU is available; use --device=cpu")
+    for spec in c.checkpoints:  # every checkpoint and output place is checked before the first evaluation
+        checkpoint_kind(spec)
+    check_writable(os.path.dirname(c.out_json) or ".", "the folder of out_json")
+    if c.plot_dir:
+        check_writable(c.plot_dir, "plot_dir")
     print("config:")
     print_config(config)
-    samples = list(islice(data.token_samples(c.dataset, c.n_ctx, split="eval", repeat=False), c.eval_n_samples))
+    try:
+        print(f"data: {c.dataset!r}, held out: {data.heldout_rule(c.dataset)[1]}")
+        samples = list(islice(data.token_samples(c.dataset, c.n_ctx, split="eval", repeat=False), c.eval_n_samples))
+    except data.DataError as e:
+        raise ConfigError(str(e)) from None
+    if not samples:
+        raise ConfigError(f"the held-out part of dataset {c.dataset!r} holds fewer than n_ctx={c.n_ctx} tokens: give "
+                          "more text or a smaller n_ctx")
     if len(samples) < c.eval_n_samples:
         print(f"note: the held-out part of {c.dataset!r} holds only {len(samples)} samples of {c.n_ctx} tokens")
-    print(f"data: {len(samples)} held-out samples x {c.n_ctx} tokens = {len(samples) * c.n_ctx:,} tokens of {c.dataset!r}")
+    print(f"data: {len(samples)} held-out samples x {c.n_ctx} tokens = {len(samples) * c.n_ctx:,} tokens")
 
-    rows, details = [], []
+    rows, details, failed = [], [], []
     for spec in c.checkpoints:
         t0 = time.time()
-        model = load_checkpoint(spec, c.init_from).to(c.device).eval()
-        if c.n_ctx > model.gpt.config.block_size:
-            raise ConfigError(f"n_ctx={c.n_ctx} is longer than the model's context ({model.gpt.config.block_size})")
-        print(f"{spec}: SAEs at {', '.join(model.sae_positions)}")
-        metrics, counts, downstream = evaluate(model, samples, c.batch_size)
+        try:
+            model = load_checkpoint(spec, c.init_from).to(c.device).eval()
+            if c.n_ctx > model.gpt.config.block_size:
+                raise ConfigError(f"n_ctx={c.n_ctx} is longer than the model's context of {model.gpt.config.block_size} "
+                                  f"tokens: use --n_ctx={model.gpt.config.block_size} or less")
+            print(f"{spec}: SAEs at {', '.join(model.sae_positions)}")
+            metrics, counts, downstream = evaluate(model, samples, c.batch_size)
+        except Exception as e:  # one bad checkpoint costs only its own row
+            message = e.code if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
+            print(f"{spec}: FAILED ({message}); going on with the others", file=sys.stderr)
+            failed.append(dict(checkpoint=spec, error=str(message)))
+            continue
         new_rows = result_rows(spec, model, metrics, counts, downstream)
         rows += new_rows
         details.append(dict(checkpoint=spec, config={k: v for k, v in (getattr(model, "config", {}) or {}).items()
                                                      if k != "reference_config"},
                             metrics=metrics, alive=counts.alive(), n_tokens=counts.n_tokens))
+        write_json(c.out_json, dict(settings=config, rows=rows, checkpoints=details, failed=failed))  # as it goes
         if c.plot_dir:
             os.makedirs(c.plot_dir, exist_ok=True)
             freqs = counts.frequencies()
@@ -270,14 +321,23 @@ def main(argv):
         print(f"  done in {time.time() - t0:.1f} s")
         del model
 
+    write_json(c.out_json, dict(settings=config, rows=rows, checkpoints=details, failed=failed))
     print()
     print_table(rows)
-    with open(c.out_json, "w") as f:
-        json.dump(dict(settings=config, rows=rows, checkpoints=details), f, indent=2)
     print(f"\nevery metric: {c.out_json}")
-    if c.plot_dir:
+    if c.plot_dir and rows:
         plot_pareto(rows, os.path.join(c.plot_dir, "pareto.png"), title=f"{c.dataset}, {len(samples) * c.n_ctx:,} tokens")
         print(f"plots: {c.plot_dir}/")
+    if failed:
+        sys.exit(f"{len(failed)} of {len(c.checkpoints)} checkpoints failed: " + "; ".join(f["checkpoint"] for f in failed))
+
+
+def write_json(path, obj):
+    """Atomically: a reader (or an interrupted run) never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -310,9 +310,14 @@ def check(c):
         raise ConfigError(f"cannot write to results_dir={c.results_dir!r} or out_root={c.out_root!r} ({e})")
 
 
+def stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # a scheduler's SIGTERM stops the sweep like Ctrl-C: the running train.py saves first
+
+
 def main(argv):
     c = type("Config", (), configure(DEFAULTS, argv))
     check(c)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     t0 = time.time()
     runs = plan(c)
     for i, run in enumerate(runs):

@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from configurator import ConfigError, configure, print_config
-from eval import load_checkpoint
+from configurator import check_settings, configure, print_config
+from eval import checkpoint_kind, load_checkpoint
 from model import gpt2_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -30,11 +30,19 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
 
 
+SETTINGS = [  # (key, test, what the value must be): checked before anything is loaded
+    ("max_new_tokens", lambda v: v > 0, "positive"),
+    ("temperature", lambda v: v >= 0, ">= 0 (0 is greedy decoding)"),
+    ("top_k", lambda v: v >= 0, ">= 0 (0: no top-k filtering)"),
+    ("device", lambda v: not v.startswith("cuda") or torch.cuda.is_available(), "'cpu': no CUDA GPU is available"),
+]
+
+
 def main(argv):
     config = configure(DEFAULTS, argv)
+    check_settings(config, SETTINGS)
     c = type("Config", (), config)
-    if c.max_new_tokens <= 0 or c.temperature < 0 or c.top_k < 0:
-        raise ConfigError("max_new_tokens must be positive, temperature and top_k >= 0")
+    checkpoint_kind(c.checkpoint)  # names a missing or unknown checkpoint before any loading
     print_config(config)
     model = load_checkpoint(c.checkpoint, c.init_from).to(c.device).eval()
     enc = gpt2_tokenizer()

@@ -32,8 +32,8 @@ from itertools import islice
 import torch
 import torch.nn.functional as F
 
-from configurator import configure, print_config
-from data import token_samples
+from configurator import ConfigError, check_settings, check_writable, configure, print_config
+from data import DataError, count_samples, heldout_rule, token_samples
 from model import GPT, GPTConfig, save_pretrained
 
 # -----------------------------------------------------------------------------
@@ -63,6 +63,18 @@ device = "auto"  # 'auto' picks cuda when available, else cpu
 # -----------------------------------------------------------------------------
 
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
+positive = lambda v: v > 0
+SETTINGS = [  # (key, test, what the value must be): checked before any work
+    ("n_ctx", lambda v: v >= 2, "at least 2 (a window's tokens predict the next ones)"),
+    *[(k, positive, "positive") for k in ("n_layer", "n_head", "n_embd", "n_steps", "batch_size", "lr",
+                                          "max_grad_norm", "eval_n_samples", "log_every_n_steps")],
+    ("warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("min_lr_factor", lambda v: 0 <= v <= 1, "between 0 and 1 (the final learning rate is min_lr_factor x lr)"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("eval_every_n_steps", lambda v: v >= 0, ">= 0 (0: evaluate at the end only)"),
+    ("device", lambda v: v in ("auto", "cpu") or (v.startswith("cuda") and torch.cuda.is_available()),
+     "'auto', 'cpu', or 'cuda' where a GPU is available"),
+]
 
 
 # settings that change how a run is watched, not the model it makes
@@ -95,7 +107,8 @@ def get_lr(step, n_steps, warmup_steps, lr, min_lr_factor):
 def train_tokens(dataset, n_ctx):
     """Every token of the training split as one LongTensor (the stream of data.py, cut into n_ctx-token samples:
     only the last partial sample, under n_ctx tokens, is left out)."""
-    return torch.cat(list(token_samples(dataset, n_ctx, "train", repeat=False)))
+    samples = list(token_samples(dataset, n_ctx, "train", repeat=False))
+    return torch.cat(samples) if samples else torch.zeros(0, dtype=torch.long)
 
 
 def heldout_samples(dataset, n_ctx, eval_n_samples):
@@ -158,13 +171,23 @@ def train_small_gpt(out_dir, **overrides):
         raise TypeError(f"unknown setting(s) {unknown}; valid: {', '.join(sorted(DEFAULTS))}")
     out_dir = os.path.abspath(out_dir)
     c = {**DEFAULTS, **overrides, "out_dir": out_dir}
+    check_settings(c, SETTINGS)
+    if c["n_embd"] % c["n_head"]:
+        raise ConfigError(f"n_embd={c['n_embd']} must be a multiple of n_head={c['n_head']} (the heads split the width)")
+    check_writable(out_dir, "out_dir")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if c["device"] == "auto" else c["device"]
     torch.manual_seed(c["seed"])
     t0 = time.time()
 
-    tokens = train_tokens(c["dataset"], c["n_ctx"])
-    if len(tokens) <= c["n_ctx"]:
-        raise ValueError(f"dataset {c['dataset']!r} has {len(tokens)} training tokens, too few for n_ctx={c['n_ctx']}")
+    try:  # both parts of the data, before any training
+        tokens = train_tokens(c["dataset"], c["n_ctx"])
+        heldout = count_samples(c["dataset"], c["n_ctx"], "eval", at_most=1)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    if len(tokens) <= c["n_ctx"] or not heldout:
+        part = "training" if len(tokens) <= c["n_ctx"] else "held-out"
+        raise ConfigError(f"the {part} part of dataset {c['dataset']!r} is too short for one window of n_ctx="
+                          f"{c['n_ctx']} tokens (held out: {heldout_rule(c['dataset'])[1]}): more text or a smaller n_ctx")
     gpt = GPT(GPTConfig(block_size=c["n_ctx"], n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"]))
     # the tokens of the training text, and one embedding shared by all the others (see seen_vocab_loss)
     seen = torch.unique(tokens)

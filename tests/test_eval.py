@@ -107,11 +107,15 @@ def test_eval_prints_one_table_and_writes_every_metric(setup):
     assert all(os.path.getsize(root / "plots" / p) > 5000 for p in plots)
 
 
-def test_eval_refuses_an_unknown_checkpoint(setup):
+@pytest.mark.parametrize("name, message", [("nothing_here", "does not exist"), ("notes.txt", "is none of")])
+def test_eval_refuses_an_unknown_checkpoint_before_any_work(setup, name, message):
     root, _ = setup
-    r = run_script("eval.py", [f"--checkpoints=['{root / 'nothing_here'}']", f"--dataset={root / 'text'}",
-                               f"--n_ctx={N_CTX}", "--eval_n_samples=1", "--device=cpu"], cwd=str(root))
-    assert r.returncode != 0 and "is none of" in r.stderr
+    (root / "notes.txt").write_text("not a checkpoint")
+    r = run_script("eval.py", [f"--checkpoints=['{root / 'saes.safetensors'}', '{root / name}']",
+                               f"--dataset={root / 'text'}", f"--n_ctx={N_CTX}", "--eval_n_samples=1", "--device=cpu",
+                               f"--out_json={root / 'refused' / 'eval.json'}"], cwd=str(root))
+    assert r.returncode != 0 and message in r.stderr and "data:" not in r.stdout
+    assert not (root / "refused").exists()
 
 
 def test_training_type_from_coefficients():
