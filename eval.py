@@ -172,7 +172,7 @@ def result_rows(spec, model, metrics, counts, downstream):
     return rows
 
 
-def print_table(rows, file=sys.stdout):
+def print_table(rows, file=None):
     num = lambda v, f: "-" if v is None else format(v, f)
     table = [("checkpoint", "position", "type", "lambda", "L0", "alive", "CE", "CE+SAE", "dCE", "KL", "EV",
               "EV at later hook_resid_pre")]
@@ -217,10 +217,14 @@ def plot_frequency_histogram(freqs, path, title=""):
     fig.savefig(path, dpi=150)
 
 
-def plot_pareto(results, path, title=""):
-    """L0 and alive dictionary elements against CE loss increase, one marker and colour per training type (the
-    paper's Figure 1). `results`: dicts with keys type, sparsity_coeff, l0, ce_increase, alive (and optionally
-    position); points of one type (and position) are joined in order of L0, each labelled with its coefficient."""
+Y_LABELS = {"ce_increase": "CE loss increase", "kl": "KL(original || spliced)"}
+
+
+def plot_pareto(results, path, title="", y="ce_increase", per="token"):
+    """L0 and alive dictionary elements against CE loss increase (or another figure `y`, e.g. 'kl'), one marker and
+    colour per training type (the paper's Figure 1). `results`: dicts with keys type, sparsity_coeff, l0, alive, y
+    (and optionally position); points of one type (and position) are joined in order of L0, each labelled with
+    its coefficient. `per` names what L0 counts over (a token; an image for mlp.py)."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(10, 4))
     axes = fig.subplots(1, 2, sharey=True)
@@ -236,15 +240,15 @@ def plot_pareto(results, path, title=""):
         label = kind if pos is None else f"{kind} ({pos})"
         style = "-" if pos is None else ["-", "--", ":", "-."][positions.index(str(pos)) % 4]
         for ax, x in zip(axes, ("l0", "alive")):
-            xs, ys = [r[x] for r in rows], [r["ce_increase"] for r in rows]
+            xs, ys = [r[x] for r in rows], [r[y] for r in rows]
             ax.plot(xs, ys, marker=marker, color=colour, linestyle=style, label=label, linewidth=1, markersize=7)
             for r in rows:
                 if r.get("sparsity_coeff") is not None:
-                    ax.annotate(f"{r['sparsity_coeff']:g}", (r[x], r["ce_increase"]), textcoords="offset points",
+                    ax.annotate(f"{r['sparsity_coeff']:g}", (r[x], r[y]), textcoords="offset points",
                                 xytext=(4, 4), fontsize=7, color=colour)
-    axes[0].set_xlabel("L0 (active dictionary elements per token)")
+    axes[0].set_xlabel(f"L0 (active dictionary elements per {per})")
     axes[1].set_xlabel("alive dictionary elements")
-    axes[0].set_ylabel("CE loss increase")
+    axes[0].set_ylabel(Y_LABELS.get(y, y))
     axes[0].legend(frameon=False)
     for ax in axes:
         ax.grid(alpha=0.3)
