@@ -59,83 +59,6 @@ class SAE(nn.Module):
     def forward(self, x):
         return kernels.sae_forward(x, self.encoder.weight, self.encoder.bias, self.decoder.weight, self.decoder.bias)
 
-    # ---- SAELens's format (cfg.json + sae_weights.safetensors), in which the paper's SAEs are published ----
-
-    def save_saelens(self, path, hook_name, model_name="gpt2", context_size=1024, dataset_path="", prepend_bos=False):
-        """Write a directory SAELens loads as a standard ReLU SAE (`sae_lens.SAE.load_from_disk(path)`).
-        SAELens's SAE has no decoder normalisation, so W_dec holds our normalised dictionary: same outputs."""
-        from safetensors.torch import save_file
-        os.makedirs(path, exist_ok=True)
-        tensors = {"W_enc": self.encoder.weight.T, "b_enc": self.encoder.bias,  # (d_in, n_dict), (n_dict,)
-                   "W_dec": self.dict_elements.T, "b_dec": self.decoder.bias}   # (n_dict, d_in), (d_in,)
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
-                  os.path.join(path, "sae_weights.safetensors"))
-        meta = dict(model_name=model_name, hook_name=hook_name, hook_layer=int(hook_name.split(".")[1]),
-                    hook_head_index=None, context_size=context_size, dataset_path=dataset_path, prepend_bos=prepend_bos)
-        # SAELens 6 reads the metadata dict; older versions read the same fields at the top level
-        cfg = dict(architecture="standard", d_in=self.d_in, d_sae=self.n_dict, dtype="float32", device="cpu",
-                   apply_b_dec_to_input=False, normalize_activations="none", reshape_activations="none",
-                   activation_fn="relu", activation_fn_str="relu", activation_fn_kwargs={},
-                   finetuning_scaling_factor=False, dataset_trust_remote_code=True, sae_lens_training_version=None,
-                   model_from_pretrained_kwargs={}, neuronpedia_id=None, **meta, metadata=meta)
-        with open(os.path.join(path, "cfg.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-
-    @classmethod
-    def from_saelens(cls, path_or_repo, folder=None):
-        """Read a standard ReLU SAE in SAELens's format from a local directory, or from a Hugging Face repo and the
-        folder in it (`SAE.from_saelens("neuronpedia/gpt2-small__res_sce-ajt", "6-res_sce-ajt")`). The result's
-        `hook_name` says where it belongs; `saelens_cfg` is the whole cfg.json.
-
-        Our decoder normalises its columns, SAELens's does not. ReLU is positively homogeneous, so a dictionary
-        element of norm n is reproduced exactly by scaling its encoder row and bias by n and dividing it by n."""
-        from safetensors.torch import load_file
-        local = os.path.join(path_or_repo, folder or "")
-        if os.path.isdir(local):
-            cfg_path, weights_path = (os.path.join(local, n) for n in ("cfg.json", "sae_weights.safetensors"))
-        elif path_or_repo.count("/") == 1 and not os.path.exists(path_or_repo):
-            prefix = f"{folder.strip('/')}/" if folder else ""
-            try:
-                from huggingface_hub import hf_hub_download
-                cfg_path, weights_path = (hf_hub_download(path_or_repo, prefix + n)
-                                          for n in ("cfg.json", "sae_weights.safetensors"))
-            except Exception as e:
-                raise RuntimeError(
-                    f"could not fetch {prefix}cfg.json and {prefix}sae_weights.safetensors from the Hugging Face repo "
-                    f"{path_or_repo} ({type(e).__name__}: {e}). Offline, download that folder elsewhere (`hf download "
-                    f"{path_or_repo} --include '{prefix}*'`), copy it here and load the local copy: "
-                    f"SAE.from_saelens('path/to/{folder or 'folder'}')") from e
-        else:
-            raise FileNotFoundError(f"{local} is not a directory (cfg.json + sae_weights.safetensors) and "
-                                    f"{path_or_repo!r} is not a Hugging Face repo id (owner/name)")
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        meta = cfg.get("metadata") or cfg.get("meta") or {}
-        activation = cfg.get("activation_fn") or cfg.get("activation_fn_str") or "relu"
-        normalize = cfg.get("normalize_activations") or "none"
-        if cfg.get("architecture", "standard") != "standard" or activation != "relu" or normalize != "none":
-            raise ValueError(f"{cfg_path}: only standard ReLU SAEs without activation normalisation can be imported, "
-                             f"this one has architecture={cfg.get('architecture')!r}, activation_fn={activation!r}, "
-                             f"normalize_activations={normalize!r}")
-        w = {k: v.float() for k, v in load_file(weights_path).items()}
-        W_enc, b_enc, W_dec, b_dec = w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"]  # (d_in, d_sae), (d_sae, d_in)
-        if cfg.get("apply_b_dec_to_input", True):  # SAELens encodes x - b_dec: move that shift into the bias
-            b_enc = b_enc - b_dec @ W_enc
-        scale = w.get("finetuning_scaling_factor", w.get("scaling_factor"))
-        if scale is not None:  # a per-feature factor on the code before decoding
-            W_dec = W_dec * scale[:, None]
-        norms = W_dec.norm(dim=1)  # (d_sae,)
-        W_dec[norms == 0, 0] = 1.0  # an all-zero element never contributes: keep its code at 0, give it a unit vector
-        sae = cls(W_enc.shape[0], W_enc.shape[1])
-        with torch.no_grad():
-            sae.encoder.weight.copy_((W_enc * norms).T)  # (d_in, d_sae) * (d_sae,): column j scaled by its norm
-            sae.encoder.bias.copy_(b_enc * norms)
-            sae.decoder.weight.copy_((W_dec / W_dec.norm(dim=1, keepdim=True)).T)
-            sae.decoder.bias.copy_(b_dec)
-        sae.hook_name = cfg.get("hook_name") or cfg.get("hook_point") or meta.get("hook_name")
-        sae.saelens_cfg = cfg
-        return sae
-
 
 # ---- losses and metrics, each a small function of tensors ----
 
@@ -240,11 +163,6 @@ def load_gpt(init_from, small_model_config=""):
     return GPT.from_pretrained(init_from)
 
 
-# e2e_sae and SAELens name models as TransformerLens does; these are the GPT-2s `GPT.from_pretrained` knows
-TLENS_NAMES = {"gpt2-small": "gpt2", "gpt2": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large",
-               "gpt2-xl": "gpt2-xl"}
-
-
 class SAETransformer(nn.Module):
     """A frozen GPT with one SAE at each listed residual-stream position."""
 
@@ -330,80 +248,6 @@ class SAETransformer(nn.Module):
         model.saes.load_state_dict(load_file(path))
         model.config = config
         return model.to(next(gpt.parameters()).device)
-
-    # ---- the reference library's checkpoints: final_config.yaml + samples_{N}.pt ----
-
-    @classmethod
-    def from_local_path(cls, path, gpt=None):
-        """Load an `e2e_sae` checkpoint: a directory with final_config.yaml and samples_{N}.pt files (the newest,
-        largest N, is used), or one .pt file with final_config.yaml beside it. Without `gpt`, load the GPT-2 the
-        config names. `model.config` holds the training coefficients under this project's names."""
-        import yaml
-        if os.path.isdir(path):
-            numbers = {int(f[8:-3]): f for f in os.listdir(path)
-                       if f.startswith("samples_") and f.endswith(".pt") and f[8:-3].isdigit()}
-            if not numbers:
-                raise FileNotFoundError(f"{path} holds no samples_{{N}}.pt checkpoint of the e2e_sae library")
-            weights_path, config_path = os.path.join(path, numbers[max(numbers)]), os.path.join(path, "final_config.yaml")
-        else:
-            weights_path, config_path = path, os.path.join(os.path.dirname(path), "final_config.yaml")
-        for p in (weights_path, config_path):
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"{p} not found: an e2e_sae checkpoint is final_config.yaml + samples_{{N}}.pt")
-        with open(config_path) as f:
-            ref = yaml.safe_load(f)
-        init_from = TLENS_NAMES.get(ref.get("tlens_model_name"))
-        if gpt is None:
-            if init_from is None:
-                raise ValueError(f"{config_path} names tlens_model_name={ref.get('tlens_model_name')!r}, not one of "
-                                 f"{sorted(TLENS_NAMES)}: pass the model as gpt=")
-            gpt = load_gpt(init_from)
-        # keys like blocks-6-hook_resid_pre.encoder.0.weight; ours have no nn.Sequential around the encoder
-        state = {k.replace(".encoder.0.", ".encoder."): v
-                 for k, v in torch.load(weights_path, map_location="cpu", weights_only=True).items()}
-        positions = sorted({k.split(".")[0].replace("-", ".") for k in state}, key=gpt.resid_index)
-        filters = ref["saes"]["sae_positions"]
-        filters = [filters] if isinstance(filters, str) else filters  # the reference matches them as substrings
-        if any(not any(f in p for f in filters) for p in positions):
-            raise ValueError(f"{weights_path} holds SAEs at {positions}, but {config_path} places them at {filters}")
-        model = cls(gpt, positions, ref["saes"]["dict_size_to_input_ratio"])
-        model.saes.load_state_dict(state)
-        loss = {k: v or {} for k, v in (ref.get("loss") or {}).items()}  # a missing or null term has coefficient 0
-        get = lambda term, key, default=0.0: float(loss.get(term, {}).get(key, default))
-        downstream = loss.get("in_to_orig", {}).get("hook_positions") or []
-        model.config = dict(
-            init_from=init_from, sparsity_coeff=get("sparsity", "coeff"), p_norm=get("sparsity", "p_norm", 1.0),
-            kl_coeff=get("logits_kl", "coeff"), out_to_in_coeff=get("out_to_in", "coeff"),
-            out_to_orig_coeff=get("out_to_orig", "coeff"),
-            in_to_orig_coeff=get("in_to_orig", "total_coeff", get("in_to_orig", "coeff")),  # total, split over positions
-            in_to_orig_positions=[downstream] if isinstance(downstream, str) else list(downstream),
-            reference_config=ref)
-        return model.to(next(gpt.parameters()).device)
-
-    @classmethod
-    def from_wandb(cls, run_path, gpt=None, cache_dir=None):
-        """Download final_config.yaml and the newest samples_{N}.pt of a wandb run ("entity/project/run_id", e.g. the
-        paper's "sparsify/gpt2/tvj2owza") to cache_dir (default ~/.cache/e2esae/<run_path>), then from_local_path."""
-        cache = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "e2esae", *run_path.split("/"))
-        try:
-            import wandb
-            files = list(wandb.Api(timeout=30).run(run_path).files())
-            config = next((f for f in files if os.path.basename(f.name) == "final_config.yaml"), None)
-            samples = [f for f in files if os.path.basename(f.name).startswith("samples_") and f.name.endswith(".pt")]
-            if config is None or not samples:
-                raise FileNotFoundError(f"the run has no final_config.yaml or no samples_{{N}}.pt: {[f.name for f in files]}")
-            newest = max(samples, key=lambda f: int(os.path.basename(f.name)[8:-3]))
-            for f in (config, newest):
-                with f.download(root=cache, replace=True) as local:
-                    os.replace(local.name, os.path.join(cache, os.path.basename(f.name)))  # flat: the two side by side
-        except Exception as e:
-            raise RuntimeError(
-                f"could not download final_config.yaml and the newest samples_{{N}}.pt of the wandb run {run_path} "
-                f"({type(e).__name__}: {e}). Tried wandb.Api().run({run_path!r}).files(), which needs a network and "
-                "`wandb login`. Offline, download those two files elsewhere into one directory, copy it here and "
-                "load it with SAETransformer.from_local_path('that/directory')") from e
-        return cls.from_local_path(os.path.join(cache, os.path.basename(newest.name)), gpt)
-
 
 # ---- the loss ----
 

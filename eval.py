@@ -37,8 +37,8 @@ import torch
 import data
 from configurator import ConfigError, check_settings, check_writable, configure, print_config
 import e2esae
-from e2esae import SAE, TLENS_NAMES, SAETransformer, load_gpt, sae_key, training_type
-from model import GPT
+import interop
+from e2esae import SAETransformer, load_gpt, training_type
 
 # -----------------------------------------------------------------------------
 checkpoints = ["out/saes.safetensors"]
@@ -97,29 +97,15 @@ def load_checkpoint(spec, init_from=""):
     kind, where = checkpoint_kind(spec)
     gpt = load_gpt(init_from) if init_from else None
     if kind == "wandb":
-        return SAETransformer.from_wandb(where, gpt)
+        return interop.load_wandb(where, gpt)
     if kind == "saelens-hub":
         parts = where.split("/")
-        return wrap_saelens(SAE.from_saelens("/".join(parts[:2]), "/".join(parts[2:])), gpt)
+        return interop.saelens_model(interop.load_saelens("/".join(parts[:2]), "/".join(parts[2:])), gpt)
     if kind == "saelens":
-        return wrap_saelens(SAE.from_saelens(where), gpt)
+        return interop.saelens_model(interop.load_saelens(where), gpt)
     if kind == "ours":
         return SAETransformer.from_checkpoint(where, gpt)
-    return SAETransformer.from_local_path(where, gpt)
-
-
-def wrap_saelens(sae, gpt):
-    """Splice a SAELens SAE into the GPT-2 its cfg.json names (or `gpt`), at its hook."""
-    cfg = sae.saelens_cfg
-    if gpt is None:
-        name = cfg.get("model_name") or (cfg.get("metadata") or {}).get("model_name")
-        if name not in TLENS_NAMES:
-            raise ConfigError(f"the SAELens SAE was trained on model {name!r}; load its GPT-2 with --init_from=...")
-        gpt = GPT.from_pretrained(TLENS_NAMES[name])
-    model = SAETransformer(gpt, [sae.hook_name], dict_size_to_input_ratio=sae.n_dict / sae.d_in)
-    model.saes[sae_key(sae.hook_name)] = sae.to(next(gpt.parameters()).device)
-    model.config = {}
-    return model
+    return interop.load_e2e_sae(where, gpt)
 
 
 def describe(spec, config):

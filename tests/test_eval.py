@@ -15,6 +15,7 @@ import yaml
 import data
 from e2esae import SAE, SAETransformer
 from eval import plot_frequency_histogram, plot_pareto, training_type
+from interop import save_saelens
 from model import GPT, GPTConfig, save_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +48,7 @@ def setup(tmp_path_factory):
         "tlens_model_name": "gpt2-small", "saes": {"sae_positions": ["blocks.1.hook_resid_pre"], "dict_size_to_input_ratio": 2.0},
         "loss": {"sparsity": {"coeff": 10.0, "p_norm": 1.0}, "logits_kl": {"coeff": 0.5}, "out_to_in": None,
                  "in_to_orig": {"hook_positions": ["blocks.2.hook_resid_pre"], "total_coeff": 2.5}}}))
-    SAE(32, 48).save_saelens(str(root / "saelens"), "blocks.2.hook_resid_pre")
+    save_saelens(SAE(32, 48), str(root / "saelens"), "blocks.2.hook_resid_pre")
     return root, gpt
 
 

@@ -10,8 +10,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from e2esae import SAE, SAETransformer
-from model import GPT, GPTConfig, save_pretrained
+from e2esae import SAE
+from interop import load_e2e_sae, load_saelens, save_saelens
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POS = "blocks.1.hook_resid_pre"
@@ -82,7 +83,7 @@ E2E_DS_LOSS = {"sparsity": {"p_norm": 1.0, "coeff": 1.5},
 def test_reference_checkpoint_loads_the_newest_and_reproduces_it(tmp_path, positions_in_config):
     raw = write_reference_run(str(tmp_path / "run"), positions_in_config, E2E_DS_LOSS)
     gpt = small_gpt()
-    model = SAETransformer.from_local_path(str(tmp_path / "run"), gpt=gpt)
+    model = load_e2e_sae(str(tmp_path / "run"), gpt=gpt)
     assert model.sae_positions == [POS]
     idx = tokens()
     x = gpt.run_blocks(gpt.embed(idx), 0, 1)
@@ -102,7 +103,7 @@ def test_reference_checkpoint_loads_the_newest_and_reproduces_it(tmp_path, posit
 def test_reference_checkpoint_from_one_file_and_missing_sections(tmp_path):
     raw = write_reference_run(str(tmp_path / "run"), [POS], {"sparsity": {"coeff": 4.0}, "out_to_in": {"coeff": 1.0}})
     gpt = small_gpt()
-    model = SAETransformer.from_local_path(str(tmp_path / "run" / "samples_500.pt"), gpt=gpt)  # that file, not newest
+    model = load_e2e_sae(str(tmp_path / "run" / "samples_500.pt"), gpt=gpt)  # that file, not newest
     torch.testing.assert_close(model.sae(POS).decoder.weight, raw[500]["blocks-1-hook_resid_pre.decoder.weight"])
     assert model.config["sparsity_coeff"] == 4.0 and model.config["out_to_in_coeff"] == 1.0
     assert model.config["kl_coeff"] == 0.0 and model.config["in_to_orig_coeff"] == 0.0  # absent: 0
@@ -112,23 +113,23 @@ def test_reference_checkpoint_from_one_file_and_missing_sections(tmp_path):
 def test_reference_checkpoint_errors(tmp_path):
     write_reference_run(str(tmp_path / "run"), ["blocks.2.hook_resid_pre"], E2E_DS_LOSS)
     with pytest.raises(ValueError, match="places them at"):  # the weights sit at blocks.1, the config says blocks.2
-        SAETransformer.from_local_path(str(tmp_path / "run"), gpt=small_gpt())
+        load_e2e_sae(str(tmp_path / "run"), gpt=small_gpt())
     os.makedirs(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match=r"samples_\{N\}\.pt"):
-        SAETransformer.from_local_path(str(tmp_path / "empty"), gpt=small_gpt())
+        load_e2e_sae(str(tmp_path / "empty"), gpt=small_gpt())
     config_path = tmp_path / "run" / "final_config.yaml"
     config = yaml.safe_load(config_path.read_text())
     config["tlens_model_name"] = "pythia-14m"
     config_path.write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match="pass the model as gpt="):
-        SAETransformer.from_local_path(str(tmp_path / "run"))
+        load_e2e_sae(str(tmp_path / "run"))
 
 
 # ---- SAELens ----
 
 def test_saelens_export_has_the_files_keys_shapes_and_fields_saelens_reads(tmp_path):
     sae = randomise(SAE(32, 64), 3)
-    sae.save_saelens(str(tmp_path / "sl"), "blocks.1.hook_resid_pre", model_name="gpt2", context_size=64,
+    save_saelens(sae, str(tmp_path / "sl"), "blocks.1.hook_resid_pre", model_name="gpt2", context_size=64,
                      dataset_path="shakespeare")
     assert sorted(os.listdir(tmp_path / "sl")) == ["cfg.json", "sae_weights.safetensors"]
     w = load_file(str(tmp_path / "sl" / "sae_weights.safetensors"))
@@ -152,14 +153,14 @@ def test_saelens_export_has_the_files_keys_shapes_and_fields_saelens_reads(tmp_p
 
 def test_saelens_round_trip(tmp_path):
     sae = randomise(SAE(32, 64), 4)
-    sae.save_saelens(str(tmp_path / "sl"), POS)
-    back = SAE.from_saelens(str(tmp_path / "sl"))
+    save_saelens(sae, str(tmp_path / "sl"), POS)
+    back = load_saelens(str(tmp_path / "sl"))
     assert back.hook_name == POS and (back.d_in, back.n_dict) == (32, 64)
     x = torch.randn(4, 32)
     for a, b in zip(back(x), sae(x)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # local directory given as repo-style parent + folder
-    assert SAE.from_saelens(str(tmp_path), "sl").hook_name == POS
+    assert load_saelens(str(tmp_path), "sl").hook_name == POS
 
 
 def test_foreign_saelens_sae_with_unnormalised_decoder_imports_exactly(tmp_path):
@@ -175,7 +176,7 @@ def test_foreign_saelens_sae_with_unnormalised_decoder_imports_exactly(tmp_path)
                hook_point="blocks.2.hook_resid_pre", hook_point_layer=2, activation_fn_str="relu",
                apply_b_dec_to_input=True, normalize_activations=False, context_size=128)
     (tmp_path / "foreign" / "cfg.json").write_text(json.dumps(cfg))
-    sae = SAE.from_saelens(str(tmp_path / "foreign"))
+    sae = load_saelens(str(tmp_path / "foreign"))
     assert sae.hook_name == "blocks.2.hook_resid_pre"
     x = torch.randn(6, 32) * 3
     y, c = saelens_forward(x, w, apply_b_dec_to_input=True)
@@ -188,21 +189,21 @@ def test_foreign_saelens_sae_with_unnormalised_decoder_imports_exactly(tmp_path)
 
 
 def test_saelens_rejects_what_it_cannot_represent(tmp_path):
-    SAE(8, 16).save_saelens(str(tmp_path / "sl"), POS)
+    save_saelens(SAE(8, 16), str(tmp_path / "sl"), POS)
     cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
     cfg["architecture"] = "jumprelu"
     (tmp_path / "sl" / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="only standard ReLU SAEs"):
-        SAE.from_saelens(str(tmp_path / "sl"))
+        load_saelens(str(tmp_path / "sl"))
     with pytest.raises(FileNotFoundError, match="not a directory"):
-        SAE.from_saelens(str(tmp_path / "nowhere" / "deeper"))
+        load_saelens(str(tmp_path / "nowhere" / "deeper"))
 
 
 def test_saelens_export_loads_in_saelens_itself(tmp_path):
     """Only where sae_lens is installed (it is not a dependency of this project)."""
     sae_lens = pytest.importorskip("sae_lens")
     sae = randomise(SAE(32, 64), 6)
-    sae.save_saelens(str(tmp_path / "sl"), POS)
+    save_saelens(sae, str(tmp_path / "sl"), POS)
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sl"))
     x = torch.randn(5, 32)
     torch.testing.assert_close(theirs(x), sae(x)[0], rtol=1e-5, atol=1e-5)
@@ -219,19 +220,19 @@ def run_offline(code, tmp_path):
     return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
-def test_from_saelens_hub_offline_says_what_was_tried(tmp_path):
-    r = run_offline("from e2esae import SAE\n"
-                    "SAE.from_saelens('neuronpedia/gpt2-small__res_sce-ajt', '6-res_sce-ajt')", tmp_path)
+def test_load_saelens_hub_offline_says_what_was_tried(tmp_path):
+    r = run_offline("from interop import load_saelens\n"
+                    "load_saelens('neuronpedia/gpt2-small__res_sce-ajt', '6-res_sce-ajt')", tmp_path)
     assert r.returncode != 0
     assert "could not fetch 6-res_sce-ajt/cfg.json and 6-res_sce-ajt/sae_weights.safetensors" in r.stderr
-    assert "neuronpedia/gpt2-small__res_sce-ajt" in r.stderr and "SAE.from_saelens('path/to/6-res_sce-ajt')" in r.stderr
+    assert "neuronpedia/gpt2-small__res_sce-ajt" in r.stderr and "load_saelens('path/to/6-res_sce-ajt')" in r.stderr
 
 
-def test_from_wandb_offline_says_what_was_tried(tmp_path):
-    r = run_offline("from e2esae import SAETransformer\n"
-                    f"SAETransformer.from_wandb('sparsify/gpt2/tvj2owza', cache_dir={str(tmp_path / 'cache')!r})",
+def test_load_wandb_offline_says_what_was_tried(tmp_path):
+    r = run_offline("from interop import load_wandb\n"
+                    f"load_wandb('sparsify/gpt2/tvj2owza', cache_dir={str(tmp_path / 'cache')!r})",
                     tmp_path)
     assert r.returncode != 0
     assert "could not download final_config.yaml and the newest samples_{N}.pt of the wandb run sparsify/gpt2/tvj2owza" in r.stderr
     assert "wandb.Api().run('sparsify/gpt2/tvj2owza').files()" in r.stderr
-    assert "SAETransformer.from_local_path(" in r.stderr
+    assert "load_e2e_sae(" in r.stderr
