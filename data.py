@@ -157,13 +157,13 @@ def documents(dataset, split):
     for i, row in enumerate(source):
         if rule == "documents" and (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) != (split == "eval"):
             continue
-        if "input_ids" in row:
-            yield row["input_ids"]
-        elif "text" in row:
-            yield row["text"]
-        else:
-            raise DataError(f"dataset {dataset!r}, document {i}: neither an `input_ids` nor a `text` column, only "
-                            f"{sorted(row)}")
+        column = "input_ids" if "input_ids" in row else "text"
+        doc = row.get(column)
+        if not (isinstance(doc, str) or (isinstance(doc, list) and all(isinstance(t, int) for t in doc[:8]))):
+            found = (f"its `{column}` is a {type(doc).__name__}, not text or token ids" if column in row else
+                     f"neither an `input_ids` nor a `text` column, only {sorted(row)}")
+            raise DataError(f"dataset {dataset!r}, document {i} of its {split} part: {found}")
+        yield doc
 
 
 def token_samples(dataset, n_ctx, split="train", rank=0, world_size=1, skip=0, repeat=True):

@@ -1,7 +1,6 @@
 """Nothing a user does loses a run: held-out text for any source, every check before training (with nothing
 written), checkpoints that survive a failing evaluation, and reproduce.py that continues an interrupted sweep."""
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -231,3 +230,20 @@ def test_reproduce_continues_an_interrupted_run(tmp_path):
     assert f"(resuming at step {step})" in again.stdout
     assert torch.load(ckpt, weights_only=False)["step"] == 400
     assert os.path.isfile(tmp_path / "results" / "small_scale.csv")
+
+
+def test_hub_rules_and_a_bad_document_named(monkeypatch):
+    """A hub dataset's rows as `datasets` streams them (lists of dicts stand in for the streamed splits, offline)."""
+    rows = [{"text": f"document {i}"} for i in range(40)]
+    hub = {"with-split": {"train": rows, "validation": [{"text": "held out"}]},
+           "no-split": {"train": rows},
+           "broken": {"train": rows[:5] + [{"text": None}] + rows[6:]}}
+    monkeypatch.setattr(data, "_hub_splits", lambda name: hub[name.split("/")[1]])
+    data.heldout_rule.cache_clear()
+    assert data.heldout_rule("owner/with-split") == ("split", "its 'validation' split")
+    assert list(data.documents("owner/with-split", "eval")) == ["held out"]
+    assert data.heldout_rule("owner/no-split")[0] == "documents"
+    assert list(data.documents("owner/no-split", "eval")) == ["document 19", "document 39"]
+    with pytest.raises(data.DataError, match="document 5 of its train part: its `text` is a NoneType"):
+        list(data.documents("owner/broken", "train"))
+    data.heldout_rule.cache_clear()
