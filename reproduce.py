@@ -47,7 +47,7 @@ train_args = []  # more train.py settings for every run, e.g. ["--lr=1e-3", "--d
 n_ctx = 128
 eval_n_samples = 160  # held-out samples for every run: 160 x 128 = 20,480 tokens
 device = ""  # '' = train.py's default (cuda if available)
-out_root = "out/small_scale"
+out_root = "out/scaling"  # runs live in out_root/<model>/<tokens>/<type>_<coeff>: every preset shares them
 results_dir = "results"
 name = "small_scale"  # results/<name>.csv etc.; a grid of several points also writes <name>_ratio.csv and plots
 # -----------------------------------------------------------------------------
@@ -75,7 +75,6 @@ def positions(c, config_file):
 def plan(c):
     """Every run of the grid: dicts with model, sae_tokens, type, sparsity_coeff, out_dir and train.py's argv."""
     sweeps = {"local": c.local_coeffs, "e2e": c.e2e_coeffs, "e2e+ds": c.e2e_ds_coeffs}
-    grid = len(c.models) > 1 or len(c.sae_tokens) > 1
     runs = []
     for tokens in sorted(c.sae_tokens):  # the cheap budgets first: a first look at every model early
         n_samples = tokens // c.n_ctx
@@ -86,8 +85,8 @@ def plan(c):
                     "e2e+ds": dict(kl_coeff=0.5, in_to_orig_coeff=c.in_to_orig_coeff, in_to_orig_positions=downstream)}
             for kind in c.types:
                 for coeff in sweeps[kind]:
-                    parts = [model_name(config_file), str(tokens)] if grid else []
-                    out_dir = os.path.join(c.out_root, *parts, f"{kind.replace('+', '_')}_{coeff:g}")
+                    out_dir = os.path.join(c.out_root, model_name(config_file), str(tokens),
+                                           f"{kind.replace('+', '_')}_{coeff:g}")  # one layout: runs are shared
                     settings = dict(small_model_config=config_file, sae_positions=[position], n_ctx=c.n_ctx,
                                     sparsity_coeff=float(coeff), n_samples=n_samples, eval_n_samples=c.eval_n_samples,
                                     eval_every_n_samples=n_samples, save_every_n_samples=max(n_samples // 8, 1),

@@ -6,5 +6,4 @@ types = ["local", "e2e"]
 local_coeffs = [1.0, 3.0, 10.0, 30.0]  # x3 apart: brackets CE increases of about 0.01 to 0.3
 e2e_coeffs = [0.1, 0.3, 1.0, 3.0]
 eval_n_samples = 160  # 20,480 held-out tokens for every run
-out_root = "out/scaling"
 name = "scaling"

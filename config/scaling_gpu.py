@@ -8,5 +8,4 @@ local_coeffs = [1.0, 3.0, 10.0, 30.0]
 e2e_coeffs = [0.1, 0.3, 1.0, 3.0]
 train_args = ["--batch_size=64", "--log_every_n_steps=64"]  # 8,192 tokens per step: a GPU needs work per launch
 eval_n_samples = 160
-out_root = "out/scaling_gpu"
 name = "scaling_gpu"

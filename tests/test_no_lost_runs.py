@@ -212,7 +212,7 @@ def test_reproduce_continues_an_interrupted_run(tmp_path):
             "--eval_n_samples=8", f"--out_root={tmp_path / 'runs'}", f"--results_dir={tmp_path / 'results'}",
             "--device=cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "E2ESAE_CACHE": str(tmp_path / "cache")}
-    ckpt = tmp_path / "runs" / "e2e_1" / "ckpt.pt"
+    ckpt = tmp_path / "runs" / "tiny_gpt" / "204800" / "e2e_1" / "ckpt.pt"
     proc = subprocess.Popen([sys.executable, "reproduce.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 300
