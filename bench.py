@@ -8,6 +8,8 @@ what was allocated before it (inputs, weights), i.e. what the operation itself a
     python bench.py --quick --out results.json
     python bench.py --device cpu --tiny       # a smoke test of this script through Triton's interpreter
 
+`python gpu_check.py` runs this with --quick, after the kernel tests and a short training run (BENCHMARKS.md).
+
 No `datasets` or `wandb` needed; GPT-2 runs on random weights (speed does not depend on their values).
 """
 import argparse
@@ -167,23 +169,38 @@ def bench_kl(results, args, shape, torch, kernels):
     run_case(results, op, "triton", grad(lambda: kernels.linear_kl_div(h_new, h_orig, weight), h_new), args, torch)
 
 
-def bench_train_step(results, args, shape, torch, kernels):
-    """One step of e2e training (sparsity 3, KL 1, fused KL path): loss, backward, Adam, under bf16 autocast."""
-    from e2esae import SAETransformer, compute_loss
+def e2e_model(shape, tiny, device, torch):
+    """GPT-2 small (random weights) with an SAE at blocks.6.hook_resid_pre; tiny: a 4-layer GPT, at blocks.2."""
+    from e2esae import SAETransformer
     from model import GPT, GPTConfig
-    from train import estimate_flops_per_token
-    device = args.device
-    if args.tiny:
+    if tiny:
         config, position = GPTConfig(block_size=shape["seq"], vocab_size=shape["vocab"], n_layer=4, n_head=2,
                                      n_embd=shape["d_in"]), "blocks.2.hook_resid_pre"
     else:
         config, position = GPTConfig(), "blocks.6.hook_resid_pre"  # GPT-2 small
     torch.manual_seed(2)
-    model = SAETransformer(GPT(config), [position], dict_size_to_input_ratio=shape["ratio"]).to(device)
+    return SAETransformer(GPT(config), [position], dict_size_to_input_ratio=shape["ratio"]).to(device), position
+
+
+def sparse_encoder_bias(model, position, idx, active, torch):
+    """An encoder bias under which about `active` codes per token fire on idx: a quantile of the pre-activations."""
+    sae = model.sae(position)
+    with torch.no_grad():
+        x = model.gpt.run_blocks(model.gpt.embed(idx[:1]), 0, model.gpt.resid_index(position))  # (1, T, d)
+        pre = (x[0, :64].float() @ sae.encoder.weight.float().t()).flatten()  # (64 * n_dict,)
+        return -torch.quantile(pre[: 2**24], 1 - active / sae.n_dict).item()
+
+
+def bench_train_step(results, args, shape, torch, kernels):
+    """One step of e2e training (sparsity 3, KL 1, fused KL path): loss, backward, Adam, under bf16 autocast."""
+    from e2esae import compute_loss
+    from train import estimate_flops_per_token
+    device = args.device
+    model, position = e2e_model(shape, args.tiny, device, torch)
     sae = model.sae(position)
     # A tiny learning rate: every step does Adam's full work without moving the SAE out of its regime.
     optimizer = torch.optim.Adam(model.saes.parameters(), lr=1e-9)
-    idx = torch.randint(0, config.vocab_size, (shape["batch"], shape["seq"]), device=device)
+    idx = torch.randint(0, model.gpt.config.vocab_size, (shape["batch"], shape["seq"]), device=device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     tokens = idx.numel()
     flops_per_token = estimate_flops_per_token(model, local=False)
@@ -197,16 +214,14 @@ def bench_train_step(results, args, shape, torch, kernels):
             optimizer.zero_grad(set_to_none=True)
         return step
 
-    with torch.no_grad():
-        x = model.gpt.run_blocks(model.gpt.embed(idx[:1]), 0, model.gpt.resid_index(position))  # (1, T, d)
-        pre = (x[0, :64].float() @ sae.encoder.weight.float().t()).flatten()
     init_bias = sae.encoder.bias.detach().clone()
+    sparse_bias = sparse_encoder_bias(model, position, idx, shape["active"], torch)
     for regime in ("as initialised", f"sparse ({shape['active']}/token)"):
         with torch.no_grad():
             if regime == "as initialised":
                 sae.encoder.bias.copy_(init_bias)
             else:
-                sae.encoder.bias.fill_(-torch.quantile(pre[: 2**24], 1 - shape["active"] / sae.n_dict).item())
+                sae.encoder.bias.fill_(sparse_bias)
         op = f"e2e train step, {regime}"
         variants = [("eager", "torch", compute_loss)]
         if not args.no_compile:
@@ -256,13 +271,13 @@ def main(args):
                shape=shape, quick=args.quick, autotune=kernels.backend.AUTOTUNE)
     print(json.dumps(env))
     results = []
-    bench_sae(results, args, shape, torch, kernels)
-    bench_kl(results, args, shape, torch, kernels)
-    bench_train_step(results, args, shape, torch, kernels)
+    for section in (bench_sae, bench_kl, bench_train_step):
+        section(results, args, shape, torch, kernels)
+        if args.out:  # after every section: a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(dict(env=env, results=results), f, indent=1)
     print_table(results)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(env=env, results=results), f, indent=1)
         print(f"wrote {args.out}")
 
 

@@ -1,0 +1,236 @@
+"""The prepared GPU run: the kernel tests compiled, a short e2e training run and bench.py --quick, into one JSON file.
+
+GPU time is short, so one command checks and times everything (BENCHMARKS.md, "How to run"):
+
+    python gpu_check.py                                   # on a GPU: 7.6 min at most; writes gpu_check.json
+    python gpu_check.py --out h200.json --no-compile      # skip bench.py's torch.compile rows
+    python gpu_check.py --device cpu --tiny --no-compile  # a smoke test on a CPU (kernels interpreted)
+
+It needs torch, triton, numpy and pytest: no `datasets`, no `wandb`, no network, no GPT-2 weights. GPT-2 small runs
+on random weights and random tokens (speed does not depend on their values). Three stages, each in its own process
+under a time limit, so that one that fails or hangs still leaves the others' results:
+
+1. tests: `pytest tests/test_kernels.py`, every kernel against its reference, compiled for this GPU (bf16 included;
+   autotuning on: every config runs, and the in-place KL kernel must be restored between them);
+2. train: e2e training of GPT-2 small with an SAE at blocks.6.hook_resid_pre (ratio 60: 46,080 elements), 8 x 1,024
+   random tokens per step, sparsity 3 + KL 1 (config/e2e_layer6.py's loss and lr), Adam, gradient clipping, bf16
+   autocast. First as initialised (about half the codes fire: the dense path), then with the encoder bias moved so
+   that ~40 codes per token fire (the sparse kernels: the regime of most of a real run). For each phase: tokens/s,
+   MFU (dense FLOPs from train.estimate_flops_per_token) and peak memory;
+3. bench: `python bench.py --quick`, each kernel against eager PyTorch and torch.compile (BENCHMARKS.md).
+
+The JSON holds the environment and, per stage, its status, seconds, results and the tail of its output. A summary
+is printed last.
+"""
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# Seconds each stage may take on the GPU; 455 s in all, so that the whole run stays within 8 minutes.
+TIME_LIMITS = dict(tests=150, train=95, bench=210)
+OUTPUT_TAIL = 20_000  # characters of each stage's output kept in the JSON
+# the training run (config/e2e_layer6.py's loss and optimiser; a constant learning rate)
+SPARSITY_COEFF, KL_COEFF, LR, MAX_GRAD_NORM = 3.0, 1.0, 5e-4, 10.0
+WARMUP_STEPS = 2  # untimed steps before each phase: autotuning and the allocator's first requests
+PHASE_STEPS = {"as initialised": 8, "sparse": 16}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (with --device cpu: a smoke test)")
+    p.add_argument("--out", default="gpu_check.json", help="the JSON file with every result")
+    p.add_argument("--no-compile", action="store_true", help="skip bench.py's torch.compile rows")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200: 989)")
+    p.add_argument("--stage", default="all", choices=["all", "train"], help="internal: run one stage here")
+    return p.parse_args(argv)
+
+
+# ---- stage 2: the training run, in its own process ----
+
+def train_run(args):
+    """Train the SAE for a few steps in each regime; writes the figures of each phase to args.out as it goes."""
+    import torch
+
+    import bench
+    from e2esae import compute_loss
+    from train import estimate_flops_per_token
+
+    device, shape = args.device, bench.TINY if args.tiny else bench.PAPER
+    cuda = device == "cuda"
+    model, position = bench.e2e_model(shape, args.tiny, device, torch)
+    sae = model.sae(position)
+    optimizer = torch.optim.Adam(model.saes.parameters(), lr=LR)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
+    generator = torch.Generator(device=device).manual_seed(3)
+    vocab, tokens = model.gpt.config.vocab_size, shape["batch"] * shape["seq"]
+    batch = lambda: torch.randint(0, vocab, (shape["batch"], shape["seq"]), device=device, generator=generator)
+    flops_per_token = estimate_flops_per_token(model, local=False)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def step():
+        with autocast:
+            loss, metrics = compute_loss(model, batch(), sparsity_coeff=SPARSITY_COEFF, kl_coeff=KL_COEFF,
+                                         full_metrics=False)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.saes.parameters(), MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return metrics, norm
+
+    result = dict(device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu", position=position,
+                  n_dict=sae.n_dict, tokens_per_step=tokens, flops_per_token=flops_per_token,
+                  peak_tflops=args.peak_tflops, backend=os.environ.get("E2ESAE_BACKEND", "auto"), phases=[])
+    for phase, n_steps in PHASE_STEPS.items():
+        if phase == "sparse":
+            with torch.no_grad():
+                sae.encoder.bias.fill_(bench.sparse_encoder_bias(model, position, batch(), shape["active"], torch))
+        for _ in range(WARMUP_STEPS):
+            step()
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times, logs = [], []
+        for i in range(n_steps):
+            t0 = time.perf_counter()
+            metrics, norm = step()
+            sync()
+            times.append(1e3 * (time.perf_counter() - t0))
+            logs.append(dict(loss=metrics["loss"].item(), kl=metrics["kl"].item(),
+                             l0=metrics[f"l0/{position}"].item(), norm=norm.item(), ms=times[-1]))
+            print(f"{phase} step {i} | loss {logs[-1]['loss']:.4f} | kl {logs[-1]['kl']:.4f} | l0 {logs[-1]['l0']:.1f}"
+                  f" | norm {logs[-1]['norm']:.2f} | {times[-1]:.0f} ms | {tokens / times[-1] * 1e3:,.0f} tok/s",
+                  flush=True)
+        tokens_per_s = tokens / (statistics.median(times) / 1e3)
+        result["phases"].append(dict(phase=phase, steps=logs, median_ms=statistics.median(times),
+                                     tokens_per_s=tokens_per_s,
+                                     mfu=flops_per_token * tokens_per_s / (args.peak_tflops * 1e12),
+                                     peak_memory_bytes=torch.cuda.max_memory_allocated() if cuda else None))
+        with open(args.out, "w") as f:  # after every phase: a run cut short keeps what it measured
+            json.dump(result, f, indent=1)
+
+
+# ---- running the stages ----
+
+def run_stage(name, command, env, result_path, time_limit):
+    """Run one stage's command within time_limit seconds (None: no limit): status, seconds, output tail, and its
+    results if it wrote any.
+
+    The stage runs in a session of its own, so that a time-out ends it with every process it started (torch.compile's
+    workers, say) and frees the GPU for the next stage.
+    """
+    print(f"[{name}] {' '.join(command[1:])}" + (f" (at most {time_limit} s)" if time_limit else ""), flush=True)
+    t0 = time.time()
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as process:
+        try:
+            output, _ = process.communicate(timeout=time_limit)
+            status = "ok" if process.returncode == 0 else f"failed (exit code {process.returncode})"
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            output, _ = process.communicate()
+            status = f"timed out after {time_limit} s"
+        except KeyboardInterrupt:  # Ctrl-C reaches this process only: end the stage's too
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    stage = dict(status=status, seconds=round(time.time() - t0, 1), output_tail=output[-OUTPUT_TAIL:])
+    if os.path.exists(result_path):
+        if result_path.endswith(".xml"):
+            stage["results"] = junit_results(result_path)
+        else:
+            with open(result_path) as f:
+                stage["results"] = json.load(f)
+    print(f"[{name}] {status} in {stage['seconds']} s", flush=True)
+    return stage
+
+
+def junit_results(path):
+    """Counts and failures from pytest's JUnit XML report."""
+    root = ET.parse(path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+    failed = [dict(test=f"{case.get('classname')}::{case.get('name')}", message=(problem.get("message") or "")[:2000])
+              for case in suite.iter("testcase") for problem in case if problem.tag in ("failure", "error")]
+    return dict(counts, passed=counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+                failed=failed)
+
+
+def environment():
+    def version(package):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return dict(python=platform.python_version(), torch=version("torch"), triton=version("triton"),
+                numpy=version("numpy"), commit=commit.stdout.strip() or None, host=platform.node(),
+                time=time.strftime("%Y-%m-%d %H:%M:%S"),
+                variables={k: v for k, v in os.environ.items() if k.startswith(("E2ESAE_", "TRITON_"))})
+
+
+def headline(name, results):
+    """The figures of one stage that the summary shows."""
+    if not results:
+        return "-"
+    if name == "tests":
+        failed = results["failures"] + results["errors"]
+        return f"{results['passed']} passed, {failed} failed, {results['skipped']} skipped"
+    if name == "train":
+        return "; ".join(f"{p['phase']}: {p['tokens_per_s']:,.0f} tok/s, mfu {100 * p['mfu']:.1f}%"
+                         + (f", peak {p['peak_memory_bytes'] / 2**30:.1f} GiB" if p["peak_memory_bytes"] else "")
+                         for p in results["phases"])
+    rows = results["results"]
+    return f"{sum('ms' in r for r in rows)} rows measured, {sum('error' in r for r in rows)} errors (table above)"
+
+
+def summary(report):
+    """The short table printed last."""
+    lines = [f"{'stage':<7} {'status':<34} {'seconds':>8}  figures"]
+    for name, stage in report["stages"].items():
+        lines.append(f"{name:<7} {stage['status']:<34} {stage['seconds']:>8}  {headline(name, stage.get('results'))}")
+    return "\n".join(lines)
+
+
+def main(args):
+    if args.stage == "train":  # inside the train stage's process
+        return train_run(args)
+    env = dict(os.environ)
+    if args.device == "cpu":  # the kernels can run only interpreted there; the tests set this themselves
+        env.update(TRITON_INTERPRET="1", E2ESAE_BACKEND="triton")
+    shape = ["--device", args.device, "--peak-tflops", str(args.peak_tflops)] + (["--tiny"] if args.tiny else [])
+    no_compile = ["--no-compile"] if args.no_compile else []
+    report = dict(env=environment(), args=vars(args), stages={})
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = dict(tests=f"{tmp}/tests.xml", train=f"{tmp}/train.json", bench=f"{tmp}/bench.json")
+        commands = dict(
+            tests=["-m", "pytest", "tests/test_kernels.py", "-q", "-p", "no:cacheprovider",
+                   f"--junitxml={paths['tests']}"],
+            train=["gpu_check.py", "--stage", "train", "--out", paths["train"], *shape],
+            bench=["bench.py", "--quick", "--out", paths["bench"], *shape, *no_compile])
+        for name, command in commands.items():  # the time limits are the GPU's: a CPU smoke test has none
+            report["stages"][name] = run_stage(name, [sys.executable, *command], env, paths[name],
+                                               TIME_LIMITS[name] if args.device == "cuda" else None)
+    report["seconds"] = round(time.time() - t0, 1)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    if report["stages"]["bench"].get("results"):
+        import bench as bench_script
+        bench_script.print_table(report["stages"]["bench"]["results"]["results"])
+    print()
+    print(summary(report))
+    print(f"\n{report['seconds']:.0f} s in all; everything is in {args.out}")
+
+
+if __name__ == "__main__":
+    main(parse_args(sys.argv[1:]))
