@@ -124,6 +124,7 @@ def load_model(c, config, ddp, master):
         path = path or small_model(c.small_model_config)
     else:
         path = c.init_from
+    torch.manual_seed(c.seed)  # before the GPT, whose construction draws from the generator too: the SAEs' init
     try:
         gpt = GPT.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -134,7 +135,6 @@ def load_model(c, config, ddp, master):
     if int(gpt.config.n_embd * c.dict_size_to_input_ratio) < 1:
         raise ConfigError(f"dict_size_to_input_ratio={c.dict_size_to_input_ratio} gives a dictionary of 0 elements "
                           f"at width {gpt.config.n_embd}: use at least {1 / gpt.config.n_embd:.2g}")
-    torch.manual_seed(c.seed)
     try:
         model = SAETransformer(gpt, c.sae_positions, c.dict_size_to_input_ratio).to(c.device)
         with torch.no_grad():  # the loss's own checks, on one short sequence
