@@ -121,25 +121,34 @@ def describe(spec, config):
 
 # ---- evaluation ----
 
-def evaluate(model, samples, batch_size, log_every=10):
-    """compute_loss's metrics averaged over the samples, and the feature counts (e2esae.evaluate). The
-    checkpoint's own coefficients pick how SAEs are fed (chained for e2e, clean for local); the downstream
-    positions are every later hook_resid_pre, so explained variance is reported at each of them."""
-    gpt, config = model.gpt, getattr(model, "config", {}) or {}
-    last = max(gpt.resid_index(p) for p in model.sae_positions)
-    downstream = [f"blocks.{i}.hook_resid_pre" for i in range(last + 1, gpt.config.n_layer)]
+def loss_kwargs(model, downstream):
+    """compute_loss's arguments for measuring a checkpoint: its own coefficients decide how its SAEs are fed
+    (chained with an end-to-end term, the clean stream for local ones), and `downstream` lists the positions
+    where the spliced stream is compared with the original."""
+    config = getattr(model, "config", {}) or {}
     coeffs = {k: float(config.get(k) or 0.0) for k in COEFF_KEYS}
     if not downstream:
         coeffs["in_to_orig_coeff"] = 0.0
     if not any(coeffs.values()):
         coeffs["sparsity_coeff"] = 1.0  # only to measure: compute_loss refuses a loss of all-zero coefficients
-    loss_kwargs = dict(coeffs, p_norm=float(config.get("p_norm") or 1.0), in_to_orig_positions=downstream)
+    return dict(coeffs, p_norm=float(config.get("p_norm") or 1.0), in_to_orig_positions=list(downstream))
+
+
+def evaluate(model, samples, batch_size, log_every=10, downstream=None):
+    """compute_loss's metrics averaged over the samples, and the feature counts (e2esae.evaluate). The
+    checkpoint's own coefficients pick how SAEs are fed (chained for e2e, clean for local); the downstream
+    positions (default: every later hook_resid_pre) get the explained variance of the spliced stream.
+    Returns (metrics, counts, downstream)."""
+    gpt = model.gpt
+    last = max(gpt.resid_index(p) for p in model.sae_positions)
+    if downstream is None:
+        downstream = [f"blocks.{i}.hook_resid_pre" for i in range(last + 1, gpt.config.n_layer)]
     batches = [torch.stack(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]  # (B, n_ctx)
 
     def progress(i, n, m):
         if i % log_every == 0 or i == n:
             print(f"  batch {i}/{n} | ce_increase {m['ce_increase']:.4f} | kl {m['kl']:.4f}", flush=True)
-    metrics, counts = e2esae.evaluate(model, batches, loss_kwargs, progress=progress)
+    metrics, counts = e2esae.evaluate(model, batches, loss_kwargs(model, downstream), progress=progress)
     metrics = {k: v for k, v in metrics.items() if k != "loss" and not k.startswith("alive/") and k != "eval_tokens"}
     return metrics, counts, downstream
 
@@ -267,17 +276,7 @@ def main(argv):
         check_writable(c.plot_dir, "plot_dir")
     print("config:")
     print_config(config)
-    try:
-        print(f"data: {c.dataset!r}, held out: {data.heldout_rule(c.dataset)[1]}")
-        samples = list(islice(data.token_samples(c.dataset, c.n_ctx, split="eval", repeat=False), c.eval_n_samples))
-    except data.DataError as e:
-        raise ConfigError(str(e)) from None
-    if not samples:
-        raise ConfigError(f"the held-out part of dataset {c.dataset!r} holds fewer than n_ctx={c.n_ctx} tokens: give "
-                          "more text or a smaller n_ctx")
-    if len(samples) < c.eval_n_samples:
-        print(f"note: the held-out part of {c.dataset!r} holds only {len(samples)} samples of {c.n_ctx} tokens")
-    print(f"data: {len(samples)} held-out samples x {c.n_ctx} tokens = {len(samples) * c.n_ctx:,} tokens")
+    samples = heldout_samples(c.dataset, c.n_ctx, c.eval_n_samples)
 
     rows, details, failed = [], [], []
     for spec in c.checkpoints:
@@ -322,11 +321,28 @@ def main(argv):
         sys.exit(f"{len(failed)} of {len(c.checkpoints)} checkpoints failed: " + "; ".join(f["checkpoint"] for f in failed))
 
 
-def write_json(path, obj):
+def heldout_samples(dataset, n_ctx, eval_n_samples):
+    """The first eval_n_samples held-out samples of n_ctx tokens (all there are, if fewer: said so), as train.py
+    evaluates on them. A ConfigError names data that cannot give one."""
+    try:
+        print(f"data: {dataset!r}, held out: {data.heldout_rule(dataset)[1]}")
+        samples = list(islice(data.token_samples(dataset, n_ctx, split="eval", repeat=False), eval_n_samples))
+    except data.DataError as e:
+        raise ConfigError(str(e)) from None
+    if not samples:
+        raise ConfigError(f"the held-out part of dataset {dataset!r} holds fewer than n_ctx={n_ctx} tokens: give "
+                          "more text or a smaller n_ctx")
+    if len(samples) < eval_n_samples:
+        print(f"note: the held-out part of {dataset!r} holds only {len(samples)} samples of {n_ctx} tokens")
+    print(f"data: {len(samples)} held-out samples x {n_ctx} tokens = {len(samples) * n_ctx:,} tokens")
+    return samples
+
+
+def write_json(path, obj, indent=2):
     """Atomically: a reader (or an interrupted run) never leaves half a file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(obj, f, indent=indent)
     os.replace(path + ".tmp", path)
 
 

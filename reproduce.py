@@ -30,7 +30,6 @@ import signal
 import subprocess
 import sys
 import time
-from itertools import islice
 
 from configurator import ConfigError, configure
 
@@ -332,11 +331,11 @@ def main(argv):
         print(f"    trained in {time.time() - start:.0f} s", flush=True)
 
     # every run of a model on the same held-out tokens
-    import data
     import torch
+    from eval import heldout_samples
     eval_device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    held_out = list(islice(data.token_samples("shakespeare", c.n_ctx, "eval", repeat=False), c.eval_n_samples))
-    print(f"\nevaluating {len(runs)} runs on {len(held_out)} held-out samples x {c.n_ctx} tokens", flush=True)
+    print(f"\nevaluating {len(runs)} runs on the same held-out tokens", flush=True)
+    held_out = heldout_samples("shakespeare", c.n_ctx, c.eval_n_samples)
     rows = []
     for run in runs:
         r = evaluate_run(run, held_out, eval_device)
