@@ -1,0 +1,44 @@
+"""reproduce.py's comparison at matched CE increase, and its plan of runs."""
+import math
+
+import pytest
+
+import reproduce
+from configurator import configure
+
+
+def curve(kind, l0_scale, alive_scale):
+    """Runs on one power-law frontier: L0 = l0_scale x ce^-0.5, alive = alive_scale x ce^-0.2."""
+    return [dict(type=kind, ce_increase=ce, l0=l0_scale * ce ** -0.5, alive=alive_scale * ce ** -0.2)
+            for ce in (0.01, 0.03, 0.1, 0.3)]
+
+
+def test_matched_ratios_on_known_frontiers():
+    rows = curve("local", 10.0, 500.0) + curve("e2e", 4.0, 400.0)  # e2e: 0.4x the L0, 0.8x the alive everywhere
+    m = reproduce.matched(rows, "e2e")
+    assert m["ce_lo"] == 0.01 and m["ce_hi"] == 0.3 and len(m["points"]) == 5
+    assert m["l0_ratio"] == pytest.approx(0.4) and m["alive_ratio"] == pytest.approx(0.8)
+    # log-log interpolation is exact on a power law, between the runs too
+    mid = m["points"][2]
+    assert mid["local_l0"] == pytest.approx(10.0 * mid["ce_increase"] ** -0.5)
+
+
+def test_curves_that_do_not_overlap_give_no_ratio():
+    rows = curve("local", 10.0, 500.0)[:2] + curve("e2e", 4.0, 400.0)[2:]
+    assert reproduce.matched(rows, "e2e") is None
+    assert reproduce.interpolate([(0.1, 5.0), (0.2, 2.5)], 0.3) is None
+    assert reproduce.interpolate([(0.1, 5.0), (0.4, 2.5)], 0.2) == pytest.approx(5.0 * 2 ** (-0.5))
+
+
+def test_plan_places_each_model_at_its_middle_and_shares_runs():
+    c = type("C", (), configure(reproduce.DEFAULTS, ["config/scaling_cpu.py"]))
+    runs = reproduce.plan(c)
+    assert len(runs) == 2 * 3 * 8  # models x budgets x (4 local + 4 e2e)
+    positions = {r["model"]: r["position"] for r in runs}
+    assert positions == {"gpt_shakespeare": "blocks.2.hook_resid_pre", "gpt_shakespeare_6x256": "blocks.3.hook_resid_pre"}
+    first = runs[0]
+    assert first["out_dir"] == "out/scaling/gpt_shakespeare/262144/local_1"  # the cheapest budget first
+    assert "--n_samples=2048" in first["argv"] and "--kl_coeff=0.0" in first["argv"]
+    e2e_ds = reproduce.plan(type("C", (), configure(reproduce.DEFAULTS, [])))[-1]
+    assert e2e_ds["type"] == "e2e+ds" and "--in_to_orig_positions=['blocks.3.hook_resid_pre']" in e2e_ds["argv"]
+    assert math.isclose(float(e2e_ds["sparsity_coeff"]), 3.0)
