@@ -46,6 +46,7 @@ train_args = []  # more train.py settings for every run, e.g. ["--lr=1e-3", "--d
 n_ctx = 128
 eval_n_samples = 160  # held-out samples for every run: 160 x 128 = 20,480 tokens
 device = ""  # '' = train.py's default (cuda if available)
+train = True  # False: train nothing, report the runs of the plan that are finished (and list the others)
 out_root = "out/scaling"  # runs live in out_root/<model>/<tokens>/<type>_<coeff>: every preset shares them
 results_dir = "results"
 name = "small_scale"  # results/<name>.csv etc.; a grid of several points also writes <name>_ratio.csv and plots
@@ -325,6 +326,10 @@ def main(argv):
         if state and state[0] >= state[1]:
             print(f"{label}: done already ({run['out_dir']})")
             continue
+        if not c.train:
+            print(f"{label}: not finished, left out (train=False)")
+            run["left_out"] = True
+            continue
         print(f"{label} -> {run['out_dir']}" + (f" (resuming at step {state[0]})" if state else ""), flush=True)
         start = time.time()
         train_run(run)
@@ -336,6 +341,9 @@ def main(argv):
     eval_device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"\nevaluating {len(runs)} runs on the same held-out tokens", flush=True)
     held_out = heldout_samples("shakespeare", c.n_ctx, c.eval_n_samples)
+    runs = [run for run in runs if not run.get("left_out")]
+    if not runs:
+        sys.exit("no finished run to report: train some first (train=True)")
     rows = []
     for run in runs:
         r = evaluate_run(run, held_out, eval_device)
@@ -359,6 +367,8 @@ def main(argv):
     for model in dict.fromkeys(r["model"] for r in rows):
         for tokens in c.sae_tokens:
             point = [r for r in rows if r["model"] == model and r["sae_tokens"] == tokens]
+            if not point:
+                continue
             print(f"\n{model}, {tokens:,} SAE tokens (model CE {point[0]['model_ce']:.4f}): at matched CE increase")
             report_matched(point, kinds)
             for kind in kinds:
