@@ -172,10 +172,10 @@ def interpolate(points, target):
     return None
 
 
-def matched(rows, kind, against="local", n_points=5):
+def matched(rows, kind, against="local", n_points=5, ce_range=None):
     """kind's L0 and alive elements relative to `against`'s at matched CE increase: the geometric mean of the
-    ratios at n_points CE increases spread (log-evenly) over the range both curves cover; None if they don't
-    overlap."""
+    ratios at n_points CE increases spread (log-evenly) over the range both curves cover (within ce_range, if
+    given); None if they don't overlap there."""
     curves = {k: [r for r in rows if r["type"] == k] for k in (kind, against)}
     if any(len(v) < 2 for v in curves.values()):
         return None
@@ -183,6 +183,8 @@ def matched(rows, kind, against="local", n_points=5):
     if any(len(s) < 2 for s in spans):
         return None
     lo, hi = max(s[0] for s in spans), min(s[-1] for s in spans)
+    if ce_range:
+        lo, hi = max(lo, ce_range[0]), min(hi, ce_range[1])
     if lo >= hi:
         return None
     targets = [lo * (hi / lo) ** (i / (n_points - 1)) for i in range(n_points)]
@@ -213,14 +215,20 @@ def report_matched(rows, kinds):
 # ---- plots ----
 
 def plot_ratios(ratio_rows, path):
-    """The e2e/local ratios at matched CE increase against the SAE budget, one line per model."""
+    """The e2e/local ratios at matched CE increase against the SAE budget, one line per model: over the CE range
+    common to all of the model's budgets where there is one, else over each budget's own range."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
     fig = Figure(figsize=(10, 4))
     axes = fig.subplots(1, 2)
     for model in dict.fromkeys(r["model"] for r in ratio_rows):
         rows = sorted((r for r in ratio_rows if r["model"] == model), key=lambda r: r["sae_tokens"])
         label = f"{model} (CE {rows[0]['model_ce']:.2f})"
+        common = all(r["l0_ratio_common"] is not None for r in rows)  # one CE range for every budget
+        if common:
+            label += f", CE increase {rows[0]['common_ce_lo']:.3f}-{rows[0]['common_ce_hi']:.3f}"
         for ax, key in zip(axes, ("l0_ratio", "alive_ratio")):
+            key = key + "_common" if common else key
             pts = [(r["sae_tokens"], r[key]) for r in rows if r[key] is not None]  # None: the curves don't overlap
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     budgets = sorted({r["sae_tokens"] for r in ratio_rows})
@@ -230,6 +238,8 @@ def plot_ratios(ratio_rows, path):
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_xlim(budgets[0] / 1.5, budgets[-1] * 1.5)
+        ax.set_xticks(budgets, [f"{b / 2**20:g}M" if b >= 2**20 else f"{b / 2**10:g}k" for b in budgets])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("SAE training tokens")
         ax.set_ylabel(f"e2e / local {what} at matched CE increase")
         ax.grid(alpha=0.3)
@@ -241,6 +251,7 @@ def plot_ratios(ratio_rows, path):
 def plot_grid(rows, path):
     """L0 against CE increase for every grid point (rows: models, columns: budgets), one curve per type."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
     from eval import TYPE_STYLE
     model_list = list(dict.fromkeys(r["model"] for r in rows))
     budgets = sorted({r["sae_tokens"] for r in rows})
@@ -257,6 +268,7 @@ def plot_grid(rows, path):
                     ax.plot(*zip(*pts), marker=marker, color=colour, label=kind, linewidth=1)
                     ax.set_xscale("log")
                     ax.set_yscale("log")
+                    ax.xaxis.set_minor_formatter(NullFormatter())  # label the powers of ten only
             ax.set_title(f"{model}, {tokens:,} tokens", fontsize=9)
             ax.grid(alpha=0.3)
             if i == len(model_list) - 1:
@@ -365,17 +377,33 @@ def main(argv):
               f"{r['alive']:>6} {r['ce_increase']:>8.4f} {r['explained_variance']:>6.3f}")
     ratio_rows = []
     for model in dict.fromkeys(r["model"] for r in rows):
-        for tokens in c.sae_tokens:
-            point = [r for r in rows if r["model"] == model and r["sae_tokens"] == tokens]
-            if not point:
-                continue
-            print(f"\n{model}, {tokens:,} SAE tokens (model CE {point[0]['model_ce']:.4f}): at matched CE increase")
-            report_matched(point, kinds)
-            for kind in kinds:
-                m = matched(point, kind) or {}
-                ratio_rows.append(dict(model=model, model_ce=point[0]["model_ce"], sae_tokens=tokens, type=kind,
+        points = {t: [r for r in rows if r["model"] == model and r["sae_tokens"] == t] for t in sorted(c.sae_tokens)}
+        points = {t: p for t, p in points.items() if p}
+        for kind in kinds:
+            # one CE-increase range for all of a model's budgets, where every budget's curves overlap: there the
+            # ratios compare like with like as the budget grows (each budget's own range is kept too)
+            own = {t: matched(p, kind) for t, p in points.items()}
+            spans = [(m["ce_lo"], m["ce_hi"]) for m in own.values() if m]
+            common = (max(s[0] for s in spans), min(s[1] for s in spans)) if spans else None
+            common = common if common and common[0] < common[1] and len(spans) == len(points) else None
+            for t, p in points.items():
+                m, mc = own[t] or {}, (matched(p, kind, ce_range=common) if common else None) or {}
+                ratio_rows.append(dict(model=model, model_ce=p[0]["model_ce"], sae_tokens=t, type=kind,
                                        ce_lo=m.get("ce_lo"), ce_hi=m.get("ce_hi"), l0_ratio=m.get("l0_ratio"),
-                                       alive_ratio=m.get("alive_ratio")))
+                                       alive_ratio=m.get("alive_ratio"), common_ce_lo=mc.get("ce_lo"),
+                                       common_ce_hi=mc.get("ce_hi"), l0_ratio_common=mc.get("l0_ratio"),
+                                       alive_ratio_common=mc.get("alive_ratio")))
+        for t, p in points.items():
+            print(f"\n{model}, {t:,} SAE tokens (model CE {p[0]['model_ce']:.4f}): at matched CE increase")
+            report_matched(p, kinds)
+    print("\nthe ratio as the budget grows:")
+    for r in ratio_rows:
+        fmt_ratio = lambda v: "-" if v is None else f"{v:.2f}x"
+        common = (f"; over {r['common_ce_lo']:.4f}..{r['common_ce_hi']:.4f} (common to the model's budgets) L0 "
+                  f"{fmt_ratio(r['l0_ratio_common'])}, alive {fmt_ratio(r['alive_ratio_common'])}"
+                  if r["common_ce_lo"] is not None else "")
+        print(f"  {r['model']:<24} {r['sae_tokens']:>10,} {r['type']:<7} L0 {fmt_ratio(r['l0_ratio'])}, alive "
+              f"{fmt_ratio(r['alive_ratio'])}{common}")
     with open(os.path.join(c.results_dir, f"{c.name}.json"), "w") as f:
         json.dump(dict(settings={k: getattr(c, k) for k in DEFAULTS}, rows=[{k: v for k, v in r.items() if k != "argv"}
                                                                             for r in rows], ratios=ratio_rows), f, indent=2)
