@@ -35,12 +35,12 @@ from configurator import ConfigError, configure
 
 # -----------------------------------------------------------------------------
 models = [""]  # train_gpt.py config files ('' = the embedded default's small model, 4 layers x 128)
-sae_tokens = [262_144]  # SAE budgets in tokens (n_samples = tokens / n_ctx)
+sae_tokens = [1_048_576]  # SAE budgets in tokens (n_samples = tokens / n_ctx): 1M, where e2e did best (README)
 position = ""  # where the SAE sits; '' = each model's middle, blocks.{n_layer // 2}.hook_resid_pre
 types = ["local", "e2e", "e2e+ds"]
-local_coeffs = [0.3, 1.0, 3.0, 10.0]  # sparsity_coeff sweeps (x3 apart); out_to_in_coeff = 1
+local_coeffs = [1.0, 3.0, 10.0, 30.0]  # sparsity_coeff sweeps (x3 apart); out_to_in_coeff = 1
 e2e_coeffs = [0.1, 0.3, 1.0, 3.0]  # kl_coeff = 1
-e2e_ds_coeffs = [0.1, 0.3, 1.0, 3.0]  # kl_coeff = 0.5, in_to_orig_coeff below
+e2e_ds_coeffs = [1.0, 3.0, 10.0, 30.0]  # kl_coeff = 0.5, in_to_orig_coeff below
 in_to_orig_coeff = 1.0
 train_args = []  # more train.py settings for every run, e.g. ["--lr=1e-3", "--dict_size_to_input_ratio=32"]
 n_ctx = 128

@@ -41,4 +41,4 @@ def test_plan_places_each_model_at_its_middle_and_shares_runs():
     assert "--n_samples=2048" in first["argv"] and "--kl_coeff=0.0" in first["argv"]
     e2e_ds = reproduce.plan(type("C", (), configure(reproduce.DEFAULTS, [])))[-1]
     assert e2e_ds["type"] == "e2e+ds" and "--in_to_orig_positions=['blocks.3.hook_resid_pre']" in e2e_ds["argv"]
-    assert math.isclose(float(e2e_ds["sparsity_coeff"]), 3.0)
+    assert math.isclose(float(e2e_ds["sparsity_coeff"]), 30.0) and e2e_ds["sae_tokens"] == 1_048_576
