@@ -238,12 +238,43 @@ def plot_ratios(ratio_rows, path):
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_xlim(budgets[0] / 1.5, budgets[-1] * 1.5)
-        ax.set_xticks(budgets, [f"{b / 2**20:g}M" if b >= 2**20 else f"{b / 2**10:g}k" for b in budgets])
+        ax.set_xticks(budgets, [f"{b:,}" for b in budgets])
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("SAE training tokens")
-        ax.set_ylabel(f"e2e / local {what} at matched CE increase")
+        ax.set_ylabel(f"e2e / local {what}")
         ax.grid(alpha=0.3)
-    axes[0].legend(frameon=False, fontsize=8)
+    fig.suptitle("e2e SAEs against local ones at matched CE increase", fontsize=10)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, frameon=False, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))  # the legend below both panels, clear of every line
+    fig.savefig(path, dpi=150)
+
+
+def plot_ratio_curves(rows, kind, path, n_points=9):
+    """kind/local L0 against the CE increase where they are matched, one line per model (colour) and budget
+    (line style): the ratio moves along the frontier, so one number per grid point hides where it is won."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    budgets = sorted({r["sae_tokens"] for r in rows})
+    styles = dict(zip(budgets, [":", "--", "-", "-."] * len(budgets)))
+    for colour, model in enumerate(dict.fromkeys(r["model"] for r in rows)):
+        for tokens in budgets:
+            m = matched([r for r in rows if r["model"] == model and r["sae_tokens"] == tokens], kind, n_points=n_points)
+            if m:
+                ax.plot([p["ce_increase"] for p in m["points"]], [p[f"{kind}_l0"] / p["local_l0"] for p in m["points"]],
+                        color=f"C{colour}", linestyle=styles[tokens], marker=".", label=f"{model}, {tokens:,} tokens")
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.axhline(PAPER_L0_RATIO, color="tab:red", linestyle="--", linewidth=1,
+               label=f"the paper, GPT-2 layer 6 ({PAPER_L0_RATIO:.2f}x)")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator([a * 10.0**e for e in range(-4, 2) for a in (1, 2, 5)]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("CE increase")
+    ax.set_ylabel(f"{kind} / local L0 at that CE increase")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
 
@@ -413,8 +444,9 @@ def main(argv):
         write_csv(ratio_path, ratio_rows, list(ratio_rows[0]))
         plot_ratios([r for r in ratio_rows if r["type"] == "e2e"], os.path.join(c.results_dir, f"{c.name}.png"))
         plot_grid(rows, os.path.join(c.results_dir, f"{c.name}_pareto.png"))
+        plot_ratio_curves(rows, "e2e", os.path.join(c.results_dir, f"{c.name}_vs_ce.png"))
         written += [ratio_path, os.path.join(c.results_dir, f"{c.name}.png"),
-                    os.path.join(c.results_dir, f"{c.name}_pareto.png")]
+                    os.path.join(c.results_dir, f"{c.name}_pareto.png"), os.path.join(c.results_dir, f"{c.name}_vs_ce.png")]
     else:
         from eval import plot_pareto
         plot_pareto(rows, os.path.join(c.results_dir, f"{c.name}_pareto.png"),

@@ -42,3 +42,22 @@ def test_plan_places_each_model_at_its_middle_and_shares_runs():
     e2e_ds = reproduce.plan(type("C", (), configure(reproduce.DEFAULTS, [])))[-1]
     assert e2e_ds["type"] == "e2e+ds" and "--in_to_orig_positions=['blocks.3.hook_resid_pre']" in e2e_ds["argv"]
     assert math.isclose(float(e2e_ds["sparsity_coeff"]), 30.0) and e2e_ds["sae_tokens"] == 1_048_576
+
+
+def test_the_grid_plots_draw_every_model_and_budget(tmp_path):
+    rows = []
+    for model, scale in (("weak", 1.0), ("strong", 0.5)):
+        for tokens in (262_144, 1_048_576):
+            for r in curve("local", 10.0, 500.0) + curve("e2e", 4.0 * scale, 400.0):
+                rows.append(dict(r, model=model, model_ce=5.0 * scale, sae_tokens=tokens))
+    ratios = []
+    for model in ("weak", "strong"):
+        for tokens in (262_144, 1_048_576):
+            m = reproduce.matched([r for r in rows if r["model"] == model and r["sae_tokens"] == tokens], "e2e")
+            ratios.append(dict(model=model, model_ce=5.0, sae_tokens=tokens, l0_ratio=m["l0_ratio"],
+                               alive_ratio=m["alive_ratio"], l0_ratio_common=None, alive_ratio_common=None))
+    assert [round(r["l0_ratio"], 6) for r in ratios] == [0.4, 0.4, 0.2, 0.2]
+    reproduce.plot_ratios(ratios, str(tmp_path / "ratio.png"))
+    reproduce.plot_ratio_curves(rows, "e2e", str(tmp_path / "vs_ce.png"))
+    reproduce.plot_grid(rows, str(tmp_path / "grid.png"))
+    assert all((tmp_path / f).stat().st_size > 10_000 for f in ("ratio.png", "vs_ce.png", "grid.png"))
