@@ -33,12 +33,12 @@ def test_curves_that_do_not_overlap_give_no_ratio():
 def test_plan_places_each_model_at_its_middle_and_shares_runs():
     c = type("C", (), configure(reproduce.DEFAULTS, ["config/scaling_cpu.py"]))
     runs = reproduce.plan(c)
-    assert len(runs) == 2 * 3 * 8  # models x budgets x (4 local + 4 e2e)
+    assert len(runs) == 2 * 4 * 8  # models x budgets x (4 local + 4 e2e)
     positions = {r["model"]: r["position"] for r in runs}
     assert positions == {"gpt_shakespeare": "blocks.2.hook_resid_pre", "gpt_shakespeare_6x256": "blocks.3.hook_resid_pre"}
     first = runs[0]
-    assert first["out_dir"] == "out/scaling/gpt_shakespeare/262144/local_1"  # the cheapest budget first
-    assert "--n_samples=2048" in first["argv"] and "--kl_coeff=0.0" in first["argv"]
+    assert first["out_dir"] == "out/scaling/gpt_shakespeare/65536/local_1"  # the cheapest budget first
+    assert "--n_samples=512" in first["argv"] and "--kl_coeff=0.0" in first["argv"]
     e2e_ds = reproduce.plan(type("C", (), configure(reproduce.DEFAULTS, [])))[-1]
     assert e2e_ds["type"] == "e2e+ds" and "--in_to_orig_positions=['blocks.3.hook_resid_pre']" in e2e_ds["argv"]
     assert math.isclose(float(e2e_ds["sparsity_coeff"]), 30.0) and e2e_ds["sae_tokens"] == 1_048_576
