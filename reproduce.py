@@ -427,12 +427,12 @@ def main(argv):
         for t, p in points.items():
             print(f"\n{model}, {t:,} SAE tokens (model CE {p[0]['model_ce']:.4f}): at matched CE increase")
             report_matched(p, kinds)
-    print("\nthe ratio as the budget grows:")
+    print("\nthe ratio as the budget grows:" if len(c.sae_tokens) > 1 else "\nthe ratios:")
     for r in ratio_rows:
         fmt_ratio = lambda v: "-" if v is None else f"{v:.2f}x"
         common = (f"; over {r['common_ce_lo']:.4f}..{r['common_ce_hi']:.4f} (common to the model's budgets) L0 "
                   f"{fmt_ratio(r['l0_ratio_common'])}, alive {fmt_ratio(r['alive_ratio_common'])}"
-                  if r["common_ce_lo"] is not None else "")
+                  if r["common_ce_lo"] is not None and len(c.sae_tokens) > 1 else "")
         print(f"  {r['model']:<24} {r['sae_tokens']:>10,} {r['type']:<7} L0 {fmt_ratio(r['l0_ratio'])}, alive "
               f"{fmt_ratio(r['alive_ratio'])}{common}")
     with open(os.path.join(c.results_dir, f"{c.name}.json"), "w") as f:
