@@ -3,8 +3,9 @@ The paper's headline result at small scale: local, e2e and e2e+ds SAEs over a sw
 each evaluated on the same held-out tokens; and how that comparison moves with the model and the SAE budget.
 
     python reproduce.py                          # the headline sweep: results/small_scale.{csv,json} + Pareto plot
+    python reproduce.py --models="['']"          # the same on the embedded default's smaller model (faster)
     python reproduce.py config/scaling_cpu.py    # the grid of models x SAE budgets: results/scaling*.{csv,png}
-    python reproduce.py config/scaling_gpu.py    # the same measurement, larger, on one GPU (about 8 minutes)
+    python reproduce.py config/scaling_gpu.py    # the same measurement, larger, on one GPU (sized for ~8 minutes)
     python reproduce.py --local_coeffs="[1, 3]"  # any setting below overridden
 
 The paper's claim: at equal CE-loss increase, e2e SAEs need far fewer active dictionary elements per token (L0)
@@ -34,8 +35,8 @@ import time
 from configurator import ConfigError, configure
 
 # -----------------------------------------------------------------------------
-models = [""]  # train_gpt.py config files ('' = the embedded default's small model, 4 layers x 128)
-sae_tokens = [1_048_576]  # SAE budgets in tokens (n_samples = tokens / n_ctx): 1M, where e2e did best (README)
+models = ["config/gpt_shakespeare_6x256.py"]  # train_gpt.py config files ('' = the embedded default's 4 x 128 model)
+sae_tokens = [1_048_576]  # SAE budgets in tokens (n_samples = tokens / n_ctx); 6 x 256 at 1M: where e2e does best
 position = ""  # where the SAE sits; '' = each model's middle, blocks.{n_layer // 2}.hook_resid_pre
 types = ["local", "e2e", "e2e+ds"]
 local_coeffs = [1.0, 3.0, 10.0, 30.0]  # sparsity_coeff sweeps (x3 apart); out_to_in_coeff = 1
@@ -302,6 +303,9 @@ def plot_grid(rows, path):
                     ax.xaxis.set_minor_formatter(NullFormatter())  # label the powers of ten only
             ax.set_title(f"{model}, {tokens:,} tokens", fontsize=9)
             ax.grid(alpha=0.3)
+            if not ax.lines:
+                ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes, color="gray")
+                ax.set_xticks([])
             if i == len(model_list) - 1:
                 ax.set_xlabel("L0")
             if j == 0:

@@ -40,7 +40,8 @@ def test_plan_places_each_model_at_its_middle_and_shares_runs():
     assert first["out_dir"] == "out/scaling/gpt_shakespeare/65536/local_1"  # the cheapest budget first
     assert "--n_samples=512" in first["argv"] and "--kl_coeff=0.0" in first["argv"]
     e2e_ds = reproduce.plan(type("C", (), configure(reproduce.DEFAULTS, [])))[-1]
-    assert e2e_ds["type"] == "e2e+ds" and "--in_to_orig_positions=['blocks.3.hook_resid_pre']" in e2e_ds["argv"]
+    assert e2e_ds["type"] == "e2e+ds" and e2e_ds["position"] == "blocks.3.hook_resid_pre"  # the 6 x 256 model
+    assert "--in_to_orig_positions=['blocks.4.hook_resid_pre', 'blocks.5.hook_resid_pre']" in e2e_ds["argv"]
     assert math.isclose(float(e2e_ds["sparsity_coeff"]), 30.0) and e2e_ds["sae_tokens"] == 1_048_576
 
 
