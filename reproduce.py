@@ -39,7 +39,7 @@ models = ["config/gpt_shakespeare_6x256.py"]  # train_gpt.py config files ('' = 
 sae_tokens = [1_048_576]  # SAE budgets in tokens (n_samples = tokens / n_ctx); 6 x 256 at 1M: where e2e does best
 position = ""  # where the SAE sits; '' = each model's middle, blocks.{n_layer // 2}.hook_resid_pre
 types = ["local", "e2e", "e2e+ds"]
-local_coeffs = [1.0, 3.0, 10.0, 30.0]  # sparsity_coeff sweeps (x3 apart); out_to_in_coeff = 1
+local_coeffs = [0.3, 1.0, 3.0, 10.0]  # sparsity_coeff sweeps (x3 apart); out_to_in_coeff = 1; 30 collapses 6 x 256
 e2e_coeffs = [0.1, 0.3, 1.0, 3.0]  # kl_coeff = 1
 e2e_ds_coeffs = [1.0, 3.0, 10.0, 30.0]  # kl_coeff = 0.5, in_to_orig_coeff below
 in_to_orig_coeff = 1.0
