@@ -272,6 +272,11 @@ def plot_ratio_curves(rows, kind, path, n_points=9):
     ax.xaxis.set_major_locator(FixedLocator([a * 10.0**e for e in range(-4, 2) for a in (1, 2, 5)]))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_yscale("log")  # 0.5x and 2x equally far from 1
+    ax.yaxis.set_major_locator(FixedLocator([2.0**e for e in range(-4, 5)]))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(min(ax.get_ylim()[0], 0.25), max(ax.get_ylim()[1], 2.0))
     ax.set_xlabel("CE increase")
     ax.set_ylabel(f"{kind} / local L0 at that CE increase")
     ax.grid(alpha=0.3)
