@@ -454,8 +454,8 @@ def main(argv):
         plot_ratios([r for r in ratio_rows if r["type"] == "e2e"], os.path.join(c.results_dir, f"{c.name}.png"))
         plot_grid(rows, os.path.join(c.results_dir, f"{c.name}_pareto.png"))
         plot_ratio_curves(rows, "e2e", os.path.join(c.results_dir, f"{c.name}_vs_ce.png"))
-        written += [ratio_path, os.path.join(c.results_dir, f"{c.name}.png"),
-                    os.path.join(c.results_dir, f"{c.name}_pareto.png"), os.path.join(c.results_dir, f"{c.name}_vs_ce.png")]
+        written += [ratio_path] + [os.path.join(c.results_dir, f"{c.name}{suffix}.png")
+                                   for suffix in ("", "_pareto", "_vs_ce")]
     else:
         from eval import plot_pareto
         plot_pareto(rows, os.path.join(c.results_dir, f"{c.name}_pareto.png"),
