@@ -55,8 +55,8 @@ import torch
 import e2esae
 from configurator import ConfigError, check_settings, check_writable, configure, print_config
 from eval import SETTINGS as EVAL_SETTINGS
-from eval import (TYPE_STYLE, checkpoint_kind, evaluate, heldout_samples, load_checkpoint, loss_kwargs, result_rows,
-                  write_json)
+from eval import (TYPE_STYLE, checkpoint_kind, evaluate, heldout_samples, later_positions, load_checkpoint,
+                  loss_kwargs, result_rows, sample_batches, write_json)
 from model import gpt2_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -227,10 +227,10 @@ def analyse_checkpoint(spec, c, samples, enc):
     if c.n_ctx > gpt.config.block_size:
         raise ConfigError(f"n_ctx={c.n_ctx} is longer than the model's context of {gpt.config.block_size} tokens")
     L, last = gpt.config.n_layer, max(gpt.resid_index(p) for p in model.sae_positions)
-    downstream = [f"blocks.{i}.hook_resid_pre" for i in range(last + 1, L)]
+    downstream = later_positions(model)
     downstream += [f"blocks.{L - 1}.hook_resid_post"] if last < L else []  # the final stream, read by ln_f
     metrics, counts, _ = evaluate(model, samples, c.batch_size, downstream=downstream)
-    batches = [torch.stack(samples[i:i + c.batch_size]) for i in range(0, len(samples), c.batch_size)]  # (B, n_ctx)
+    batches = sample_batches(samples, c.batch_size)
 
     config, records, dictionaries = getattr(model, "config", {}) or {}, [], []
     for row in result_rows(spec, model, metrics, counts, downstream):

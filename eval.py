@@ -134,16 +134,26 @@ def loss_kwargs(model, downstream):
     return dict(coeffs, p_norm=float(config.get("p_norm") or 1.0), in_to_orig_positions=list(downstream))
 
 
+def later_positions(model):
+    """Every hook_resid_pre after the model's last SAE: where the spliced stream is compared with the original."""
+    gpt = model.gpt
+    last = max(gpt.resid_index(p) for p in model.sae_positions)
+    return [f"blocks.{i}.hook_resid_pre" for i in range(last + 1, gpt.config.n_layer)]
+
+
+def sample_batches(samples, batch_size):
+    """The held-out samples as (B, n_ctx) tensors, in order; the last batch may be short."""
+    return [torch.stack(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
+
+
 def evaluate(model, samples, batch_size, log_every=10, downstream=None):
     """compute_loss's metrics averaged over the samples, and the feature counts (e2esae.evaluate). The
     checkpoint's own coefficients pick how SAEs are fed (chained for e2e, clean for local); the downstream
     positions (default: every later hook_resid_pre) get the explained variance of the spliced stream.
     Returns (metrics, counts, downstream)."""
-    gpt = model.gpt
-    last = max(gpt.resid_index(p) for p in model.sae_positions)
     if downstream is None:
-        downstream = [f"blocks.{i}.hook_resid_pre" for i in range(last + 1, gpt.config.n_layer)]
-    batches = [torch.stack(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]  # (B, n_ctx)
+        downstream = later_positions(model)
+    batches = sample_batches(samples, batch_size)
 
     def progress(i, n, m):
         if i % log_every == 0 or i == n:

@@ -150,14 +150,12 @@ def evaluate_run(run, samples, device):
     if os.path.isfile(path) and os.path.getmtime(path) >= os.path.getmtime(weights):
         with open(path) as f:
             return json.load(f)
-    from eval import evaluate, load_checkpoint, result_rows
+    from eval import evaluate, load_checkpoint, result_rows, write_json
     model = load_checkpoint(weights).to(device).eval()
     metrics, counts, ds = evaluate(model, samples, batch_size=16, log_every=10**9)
     row = result_rows(weights, model, metrics, counts, ds)[0]
     row["n_ctx"], row["eval_samples"] = samples[0].shape[0], len(samples)
-    with open(path + ".tmp", "w") as f:
-        json.dump(row, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(path, row)
     return row
 
 
@@ -389,7 +387,7 @@ def main(argv):
 
     # every run of a model on the same held-out tokens
     import torch
-    from eval import heldout_samples
+    from eval import heldout_samples, write_json
     eval_device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"\nevaluating {len(runs)} runs on the same held-out tokens", flush=True)
     held_out = heldout_samples("shakespeare", c.n_ctx, c.eval_n_samples)
@@ -444,9 +442,9 @@ def main(argv):
                   if r["common_ce_lo"] is not None and len(c.sae_tokens) > 1 else "")
         print(f"  {r['model']:<24} {r['sae_tokens']:>10,} {r['type']:<7} L0 {fmt_ratio(r['l0_ratio'])}, alive "
               f"{fmt_ratio(r['alive_ratio'])}{common}")
-    with open(os.path.join(c.results_dir, f"{c.name}.json"), "w") as f:
-        json.dump(dict(settings={k: getattr(c, k) for k in DEFAULTS}, rows=[{k: v for k, v in r.items() if k != "argv"}
-                                                                            for r in rows], ratios=ratio_rows), f, indent=2)
+    write_json(os.path.join(c.results_dir, f"{c.name}.json"),
+               dict(settings={k: getattr(c, k) for k in DEFAULTS},
+                    rows=[{k: v for k, v in r.items() if k != "argv"} for r in rows], ratios=ratio_rows))
     written.append(os.path.join(c.results_dir, f"{c.name}.json"))
     if grid:
         ratio_path = os.path.join(c.results_dir, f"{c.name}_ratio.csv")
