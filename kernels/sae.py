@@ -1,15 +1,17 @@
 """The SAE's forward and backward, exploiting that only a few codes fire per token (Triton).
 
-The SAE (REFERENCE.md), for N tokens x of width d and a dictionary of n entries:
+The SAE of Braun et al. (2024), for N tokens x of width d and a dictionary of n entries, with a ReLU code or,
+given k, the TopK code of Gao et al. (2024, "Scaling and evaluating sparse autoencoders"):
 
     pre   = x W_enc^T + b_enc                   (N, n)   W_enc (n, d)
     c     = relu(pre)                           (N, n)   the code; also an output (the sparsity loss reads it)
+       or   relu(pre) at each row's k largest pre-activations, 0 elsewhere      (TopK: k selected per token)
     D     = W_dec / ||W_dec||_columns           (d, n)   unit-norm columns, recomputed every call
     x_hat = c D^T + b_dec                       (N, d)
 
 and its backward, given g = dL/dx_hat (N, d) and g_c = dL/dc from outside (the sparsity term), if any:
 
-    g_pre   = (g D + g_c) * [c > 0]             (N, n)
+    g_pre   = (g D + g_c) * [c > 0]             (N, n)   TopK: c > 0 only at selected entries whose value is > 0
     dx      = g_pre W_enc        dW_enc = g_pre^T x        db_enc = sum_rows g_pre
     dD      = c^T g  (as (n, d))                db_dec = sum_rows g
     dW_dec_j = (dD_j - D_j (D_j . dD_j)) / ||W_dec_j||     (per column j: the unit-norm projection)
@@ -24,20 +26,31 @@ in the paper), each is a sum over the N k active (token, code) pairs. We store t
            pattern (CSC: per code, the tokens it fires on, via a sort), dW_enc = G_pre^T x, dD = C^T g and
            db_enc = G_pre^T 1.
     SDDMM  g_pre_e = <g[row_e], D[:, col_e]> + g_c[row_e, col_e]: the dense-dense product g D sampled at the
-           active pairs only (the mask [c > 0] is the pattern itself).
+           pattern's pairs only, then gated by val_e > 0.
+
+The ReLU code finds its pattern by counting and compacting the positive codes. TopK's comes straight from
+torch.topk: row_ptr = k (0, 1, ..., N), the selected indices and their values through relu. A selected entry
+whose value relu sets to 0 stays in the pattern (it adds nothing, and the gate stops its gradient), so every
+row has exactly k entries and nothing needs measuring: no host sync, no compaction, always the sparse path.
 
 Cost at the paper's shape (N = 8,192, d = 768, n = 46,080, bf16; one pass over an (N, n) tensor is 755 MB):
     eager: 6 dense matmuls of 2 N d n = 580 GFLOP each (3.5 TFLOP, ~5 ms on an H200), ~8 passes over (N, n)
-           tensors (pre, relu, relu backward, g D, g_pre), 3-4 of them alive at the peak.
+           tensors (pre, relu, relu backward, g D, g_pre), 3-4 of them alive at the peak. Eager TopK adds
+           topk's read of pre and two scatters into (N, n) zeros (c, and g_pre in the backward).
     here:  the encoder matmul (580 GFLOP), ~4 passes over (N, n) (write pre, relu + count in place, compact),
            and 6 gathered rows of d per active pair, 6 N k d b = 3 GB of mostly cache-resident reads at k = 40;
            no (N, n) buffer besides c itself and the (N, k) CSR arrays.
+    TopK:  the encoder matmul, topk's read of pre (a radix select: one to a few passes), c written over pre's
+           buffer (zeros, then N k values): no (N, n) passes beyond pre and c. Then the same k gathered rows
+           per token, 6 N k d b = 2.4 GB at k = 32 (4.8 GB at 64, 9.7 GB at 128).
 The sparse path loses when codes are not sparse (at initialisation about half fire): per active pair it moves
 ~12 d bytes through gathers, where a dense matmul spends 10 d FLOPs on every pair, active or not. With
 ~2.4 TB/s of gather bandwidth against ~700 TFLOP/s of bf16 matmul that crosses over near a density of
-1/300, so the forward measures the density and takes the sparse path when at most SPARSE_MAX_DENSITY = 1/256
-of the codes fire on average (180 per token at n = 46,080), the dense (cuBLAS) path otherwise. This is an
-estimate; `python bench.py` measures both paths on the GPU. Measuring costs one host sync per forward.
+1/300, so the ReLU forward measures the density and takes the sparse path when at most SPARSE_MAX_DENSITY =
+1/256 of the codes fire on average (180 per token at n = 46,080), the dense (cuBLAS) path otherwise; measuring
+costs one host sync per forward. TopK never measures: its k (32 to 128) is below that threshold at the
+paper's sizes; a k of more than ~n/256 would be faster through dense matmuls, which TopK does not offer.
+These are estimates, not measured on a GPU yet; `python bench.py` times the ReLU paths and TopK.
 
 Checked against sae_forward_torch by `python -m pytest tests/test_kernels.py`; timed by `python bench.py`.
 """
@@ -56,9 +69,22 @@ SPARSE_MAX_DENSITY = 1 / 256
 # Reference
 
 
-def sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias):
-    """The definition, differentiable by autograd: returns (x_hat, c)."""
-    c = F.relu(F.linear(x, enc_weight, enc_bias))  # (..., n_dict)
+def check_k(k, n_dict: int):
+    """k is None (the ReLU code) or TopK's number of codes per token, an int from 1 to n_dict; else ValueError."""
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_dict):
+        raise ValueError(f"k={k!r}: TopK keeps k codes per token, so k must be an int from 1 to n_dict={n_dict} "
+                         "(or None for the ReLU code)")
+
+
+def sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None):
+    """The definition, differentiable by autograd: returns (x_hat, c). k=None: ReLU; an int: TopK."""
+    check_k(k, enc_weight.shape[0])
+    pre = F.linear(x, enc_weight, enc_bias)  # (..., n_dict)
+    if k is None:
+        c = F.relu(pre)
+    else:  # each row's k largest pre-activations through relu, in a row of zeros
+        values, indices = pre.topk(k, dim=-1)  # (..., k)
+        c = torch.zeros_like(pre).scatter(-1, indices, F.relu(values))
     dictionary = dec_weight / dec_weight.norm(dim=0, keepdim=True)  # (d_in, n_dict), unit-norm columns
     x_hat = F.linear(c, dictionary, dec_bias)  # (..., d_in)
     return x_hat, c
@@ -211,6 +237,29 @@ def compact(c: torch.Tensor, row_ptr: torch.Tensor, nnz: int):
     return col[:nnz], val[:nnz]
 
 
+def relu_pattern_(pre: torch.Tensor):
+    """ReLU's code in place of (N, n) pre-activations; its CSR pattern (row_ptr, col, val) if at most
+    SPARSE_MAX_DENSITY of the codes fire (one host sync measures it), else None: decode densely."""
+    count = relu_count_(pre)
+    row_ptr = F.pad(torch.cumsum(count, 0), (1, 0))  # (N + 1,) int64
+    nnz = int(row_ptr[-1])  # the one host sync: it sizes the CSR arrays and picks the path
+    if nnz > SPARSE_MAX_DENSITY * pre.shape[0] * pre.shape[1]:
+        return None
+    return (row_ptr, *compact(pre, row_ptr, nnz))
+
+
+def topk_(pre: torch.Tensor, k: int):
+    """TopK's code in place of (N, n) pre-activations; its CSR pattern (row_ptr, col, val), k entries per row.
+
+    Selected entries that relu sets to 0 stay in the pattern: every row has k entries, so nothing is measured.
+    """
+    values, indices = torch.topk(pre, k, dim=1, sorted=False)  # (N, k) each; any order within a row will do
+    values.relu_()
+    pre.zero_().scatter_(1, indices, values)  # c, in pre's buffer
+    row_ptr = torch.arange(pre.shape[0] + 1, device=pre.device, dtype=torch.int64) * k  # (N + 1,)
+    return row_ptr, indices.to(torch.int32).view(-1), values.view(-1)
+
+
 def spmm(ptr, idx, val, table, bias=None, out_dtype=None) -> torch.Tensor:
     """Sparse (CSR: ptr, idx, val) times dense (K, d) table, plus an optional (d,) bias: (M, d)."""
     assert ptr.dtype == torch.int64 and idx.dtype == torch.int32 and idx.shape == val.shape, "bad CSR arrays"
@@ -268,10 +317,13 @@ def unit_norm_backward(grad_dictionary_t, dictionary_t, norms) -> torch.Tensor:
 
 
 class SAEForwardTriton(torch.autograd.Function):
-    """(x_hat, c) of the SAE; sparse kernels when few codes fire, cuBLAS otherwise (see the docstring)."""
+    """(x_hat, c) of the SAE; sparse kernels when few codes fire, cuBLAS otherwise (see the docstring).
+
+    k=None: the ReLU code, on either path; k an int: the TopK code, always on the sparse path.
+    """
 
     @staticmethod
-    def forward(ctx, x, enc_weight, enc_bias, dec_weight, dec_bias):
+    def forward(ctx, x, enc_weight, enc_bias, dec_weight, dec_bias, k):
         n_dict, d = enc_weight.shape
         tensors = (x, enc_weight, enc_bias, dec_weight, dec_bias)
         assert x.shape[-1] == d and dec_weight.shape == (d, n_dict) and enc_bias.shape == (n_dict,) \
@@ -281,19 +333,16 @@ class SAEForwardTriton(torch.autograd.Function):
         assert len({t.device for t in tensors}) == 1, "all inputs must be on one device"
         x2 = x.reshape(-1, d).contiguous()  # (N, d)
         enc_weight = enc_weight.contiguous()
-        rows = x2.shape[0]
 
         c = torch.addmm(enc_bias, x2, enc_weight.t())  # (N, n) pre-activations, the one dense matmul
-        count = relu_count_(c)  # c = relu(pre) in place
-        row_ptr = F.pad(torch.cumsum(count, 0), (1, 0))  # (N + 1,) int64
-        nnz = int(row_ptr[-1])  # the one host sync: it sizes the CSR arrays and picks the path
+        pattern = relu_pattern_(c) if k is None else topk_(c, k)  # c = the code, in place
         norms = torch.linalg.vector_norm(dec_weight, dim=0, dtype=torch.float32)  # (n,)
         dictionary_t = dec_weight.t().clone(memory_format=torch.contiguous_format)  # (n, d), to become D^T
         dictionary_t.div_(norms[:, None])
 
-        ctx.sparse = nnz <= SPARSE_MAX_DENSITY * rows * n_dict
+        ctx.sparse = pattern is not None
         if ctx.sparse:
-            col, val = compact(c, row_ptr, nnz)
+            row_ptr, col, val = pattern
             x_hat = spmm(row_ptr, col, val, dictionary_t, bias=dec_bias)  # (N, d)
             ctx.save_for_backward(x2, enc_weight, dictionary_t, norms, row_ptr, col, val)
         else:
@@ -307,17 +356,18 @@ class SAEForwardTriton(torch.autograd.Function):
     def backward(ctx, grad_x_hat, grad_c):
         needs = ctx.needs_input_grad
         if grad_x_hat is None and grad_c is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         x2, enc_weight, dictionary_t, norms = ctx.saved_tensors[:4]
         n_dict, d = enc_weight.shape
         g = grad_x_hat.reshape(-1, d).contiguous() if grad_x_hat is not None else None  # (N, d)
         g_c = grad_c.reshape(-1, n_dict) if grad_c is not None else None  # (N, n), possibly expanded
         grad_x = grad_enc_w = grad_enc_b = grad_dec_w = grad_dec_b = None
 
-        if ctx.sparse:
+        if ctx.sparse:  # ReLU's active codes or TopK's selection: one backward for both
             row_ptr, col, val = ctx.saved_tensors[4:]
             col_ptr, csc_rows, order, entry_row = transpose_pattern(row_ptr, col, n_dict)
-            grad_pre = sddmm(entry_row, col, g, dictionary_t, g_c)  # (nnz,) fp32, g_pre at the active pairs
+            grad_pre = sddmm(entry_row, col, g, dictionary_t, g_c)  # (nnz,) fp32, g_pre at the pattern's pairs
+            grad_pre.masked_fill_(val <= 0, 0)  # relu's gate: a no-op for ReLU's pattern, whose values are all > 0
             if needs[0]:
                 grad_x = spmm(row_ptr, col, grad_pre, enc_weight)  # (N, d) = G_pre W_enc
             grad_pre_csc = grad_pre[order]
@@ -354,24 +404,27 @@ class SAEForwardTriton(torch.autograd.Function):
             grad_x = grad_x.view(ctx.x_shape)
         if grad_enc_b is not None:
             grad_enc_b = grad_enc_b.to(enc_weight.dtype)
-        return grad_x, grad_enc_w, grad_enc_b, grad_dec_w, grad_dec_b
+        return grad_x, grad_enc_w, grad_enc_b, grad_dec_w, grad_dec_b, None
 
 
 # ----------------------------------------------------------------------------------------------------------
 # What the rest of the code calls
 
 
-def sae_forward(x, enc_weight, enc_bias, dec_weight, dec_bias):
+def sae_forward(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None):
     """The SAE on x (..., d_in): returns (x_hat (..., d_in), c (..., n_dict)). Differentiable in every input.
 
     enc_weight (n_dict, d_in), enc_bias (n_dict), dec_weight (d_in, n_dict), dec_bias (d_in); the decoder's
-    columns are normalised on every call. Under autocast the Triton path runs in the autocast dtype.
+    columns are normalised on every call. k=None: the ReLU code; k an int from 1 to n_dict: TopK, each token's
+    k largest pre-activations through relu (c is dense either way). Under autocast the Triton path runs in the
+    autocast dtype.
     """
+    check_k(k, enc_weight.shape[0])
     if not use_triton(x, enc_weight, enc_bias, dec_weight, dec_bias):
-        return sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias)
+        return sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias, k)
     tensors = (x, enc_weight, enc_bias, dec_weight, dec_bias)
     dtype = autocast_dtype(x.device)
     if dtype is not None:  # what autocast would do to the matmuls, done once for every kernel
         tensors = tuple(t.to(dtype) for t in tensors)
     with torch.autocast(x.device.type, enabled=False):
-        return SAEForwardTriton.apply(*tensors)
+        return SAEForwardTriton.apply(*tensors, k)
