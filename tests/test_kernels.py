@@ -65,12 +65,12 @@ def sae_inputs(dtype, regime, shape=(37,), d_in=48, n_dict=80, seed=0):
     return [t.to(DEVICE, dtype) for t in (x, enc_weight, enc_bias, dec_weight, dec_bias)]
 
 
-def sae_run(inputs, requires_grad, grads_of, reference):
+def sae_run(inputs, requires_grad, grads_of, reference, k=None):
     """Outputs and input gradients of one SAE call; grads_of(x_hat, c) -> ([outputs], [grad_outputs])."""
     leaves = [t.detach().clone().double() if reference else t.detach().clone() for t in inputs]
     for t, r in zip(leaves, requires_grad):
         t.requires_grad_(r)
-    x_hat, c = (sae_forward_torch if reference else kernels.sae_forward)(*leaves)
+    x_hat, c = (sae_forward_torch if reference else kernels.sae_forward)(*leaves, k=k)
     outputs, grad_outputs = grads_of(x_hat, c)
     wrt = [t for t in leaves if t.requires_grad]
     grads = iter(torch.autograd.grad(outputs, wrt, [g.to(o.dtype) for o, g in zip(outputs, grad_outputs)],
@@ -78,15 +78,15 @@ def sae_run(inputs, requires_grad, grads_of, reference):
     return x_hat, c, [next(grads) if t.requires_grad else None for t in leaves]
 
 
-def check_sae(inputs, tol, requires_grad=(True,) * 5, grads_of=None, expect_sparse=None):
+def check_sae(inputs, tol, requires_grad=(True,) * 5, grads_of=None, expect_sparse=None, k=None):
     if grads_of is None:  # random gradients for both outputs (c's stands in for a sparsity term)
         g = torch.Generator().manual_seed(1)
         x, n_dict = inputs[0], inputs[1].shape[0]
         g_x_hat = torch.randn(x.shape, generator=g).to(DEVICE)
         g_c = torch.randn(*x.shape[:-1], n_dict, generator=g).to(DEVICE)
         grads_of = lambda x_hat, c: ([x_hat, c], [g_x_hat, g_c])
-    x_hat, c, grads = sae_run(inputs, requires_grad, grads_of, reference=False)
-    ref_x_hat, ref_c, ref_grads = sae_run(inputs, requires_grad, grads_of, reference=True)
+    x_hat, c, grads = sae_run(inputs, requires_grad, grads_of, reference=False, k=k)
+    ref_x_hat, ref_c, ref_grads = sae_run(inputs, requires_grad, grads_of, reference=True, k=k)
     if expect_sparse is not None:
         assert c.grad_fn.sparse == expect_sparse
     assert x_hat.dtype == c.dtype == inputs[0].dtype
@@ -97,6 +97,7 @@ def check_sae(inputs, tol, requires_grad=(True,) * 5, grads_of=None, expect_spar
             assert grad is None, f"d/d{name} should be None"
         else:
             assert_close(grad, ref, tol, f"d/d{name}")
+    return c
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -139,6 +140,146 @@ def test_sae_picks_its_path_from_the_measured_density(backend, monkeypatch):
         x_hat, c = kernels.sae_forward(*[t.requires_grad_() for t in sae_inputs(torch.float32, regime)])
         density = (c > 0).float().mean().item()
         assert (density <= 0.2) == sparse and c.grad_fn.sparse == sparse, f"{regime}: density {density:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SAE with the TopK code
+
+TOPK_D_IN, TOPK_N_DICT = 43, 83
+# Rounding moves a pre-activation of these inputs by up to ~0.002 in fp16, ~0.015 in bf16: selections and relu's
+# gate farther apart than this are the same in every dtype, so the kernels and the float64 reference select and
+# gate the same entries.
+SELECTION_MARGIN = {torch.float32: 0.01, torch.float16: 0.01, torch.bfloat16: 0.05}
+
+
+def topk_inputs(dtype, k, shape=(37,), shift=0.5, seed=0):
+    """SAE inputs (odd sizes: d_in 43, n_dict 83) whose TopK selection no rounding can change: in every row the
+    k-th and (k + 1)-th largest pre-activations differ by more than SELECTION_MARGIN, and none of the k largest
+    is within it of 0 (rows that fail are drawn again). The encoder biases are -shift - 0.02 j in a random
+    order of j, so a fair share of the selected pre-activations is negative, and token 5 (x = 0: its
+    pre-activations are the biases, exactly, in every dtype) selects only negative ones: relu zeroes every code
+    it selects."""
+    g = torch.Generator().manual_seed(seed)
+    n_dict, d_in, margin = TOPK_N_DICT, TOPK_D_IN, SELECTION_MARGIN[dtype]
+    x = torch.randn(*shape, d_in, generator=g)
+    rows = x.view(-1, d_in)  # (N, d_in)
+    rows[5] = 0
+    enc_weight = (torch.randn(n_dict, d_in, generator=g) / d_in**0.5).to(dtype)  # pre ~ N(0, 1) + bias
+    enc_bias = (-shift - 0.02 * torch.randperm(n_dict, generator=g)).to(dtype)
+    assert enc_bias.unique().numel() == n_dict and shift > margin, "token 5's selection must be clear-cut"
+    for _ in range(100):
+        pre = rows.to(dtype).double() @ enc_weight.double().t() + enc_bias.double()  # (N, n_dict), as both see it
+        top = pre.topk(min(k + 1, n_dict), dim=-1).values  # (N, k + 1), largest first
+        bad = (top[:, :k].abs() < margin).any(-1)
+        if k < n_dict:
+            bad |= top[:, k - 1] - top[:, k] < margin
+        bad[5] = False  # exact biases, apart and below 0 (asserted above)
+        if not bad.any():
+            break
+        rows[bad] = torch.randn(int(bad.sum()), d_in, generator=g)
+    else:
+        raise AssertionError("could not draw tokens whose TopK selection is clear-cut")
+    dec_weight = torch.randn(d_in, n_dict, generator=g)
+    dec_bias = torch.randn(d_in, generator=g)
+    return [t.to(DEVICE, dtype) for t in (x, enc_weight, enc_bias, dec_weight, dec_bias)]
+
+
+def assert_topk_code(c, inputs, k):
+    """At most k codes per token fire, and the inputs put the gate to work: some selected codes are negative."""
+    x, enc_weight, enc_bias = (t.double() for t in inputs[:3])
+    selected = (x @ enc_weight.t() + enc_bias).topk(k, dim=-1).values  # (..., k)
+    assert (selected < 0).any() and (selected > 0).any(), "the inputs should select codes of either sign"
+    active = (c != 0).sum(-1)
+    assert (active <= k).all() and (active == (selected > 0).sum(-1)).all() and (c >= 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 5, TOPK_N_DICT])
+def test_sae_topk_forward_and_gradients(dtype, k, backend, monkeypatch):
+    """k = 1, a small odd k and every code; random grad_outputs of x_hat and c; always the sparse path, even where
+    the ReLU code's density threshold would pick the dense one."""
+    backend("triton")
+    monkeypatch.setattr(kernels.sae, "SPARSE_MAX_DENSITY", 0.0)
+    inputs = topk_inputs(dtype, k)
+    c = check_sae(inputs, TOL[dtype], expect_sparse=True, k=k)
+    assert_topk_code(c, inputs, k)
+
+
+@pytest.mark.parametrize("case", ["x_hat only", "sparsity only", "x_hat and L1", "frozen x"])
+def test_sae_topk_partial_gradients(case, backend):
+    """(B, T, d) tokens; no gradient on c, only one on c (c.sum()'s expanded one), an L1 term on c beside x_hat's
+    gradient (sign(c): dense, 0 off the code), an input without grad."""
+    backend("triton")
+    g = torch.Generator().manual_seed(7)
+    g_x_hat = torch.randn(3, 7, TOPK_D_IN, generator=g).to(DEVICE)
+    l1 = lambda c: 0.37 * c.abs().sum()
+    grads_of, requires_grad = {
+        "x_hat only": (lambda x_hat, c: ([x_hat], [g_x_hat]), (True,) * 5),
+        "sparsity only": (lambda x_hat, c: ([0.37 * c.sum()], [torch.ones(())]), (True,) * 5),
+        "x_hat and L1": (lambda x_hat, c: ([x_hat, l1(c)], [g_x_hat, torch.ones(())]), (True,) * 5),
+        "frozen x": (lambda x_hat, c: ([x_hat, l1(c)], [g_x_hat, torch.ones(())]), (False,) + (True,) * 4),
+    }[case]
+    inputs = topk_inputs(torch.float32, 5, shape=(3, 7))
+    c = check_sae(inputs, TOL[torch.float32], requires_grad, grads_of, expect_sparse=True, k=5)
+    assert c.shape == (3, 7, TOPK_N_DICT)
+    assert_topk_code(c, inputs, 5)
+
+
+def test_sae_topk_where_most_selected_codes_are_negative(backend):
+    """Biases far below 0: relu zeroes most of the k selected codes, and their gradients must stop there."""
+    backend("triton")
+    inputs = topk_inputs(torch.float32, 7, shift=2.0, seed=1)
+    c = check_sae(inputs, TOL[torch.float32], expect_sparse=True, k=7)
+    assert_topk_code(c, inputs, 7)
+    assert (c > 0).sum().item() < 0.5 * 7 * c.shape[0], "most selected codes should be negative"
+
+
+@pytest.mark.parametrize("k", [None, 5])
+def test_sae_under_autocast(k, backend):
+    """fp32 weights under fp16 autocast: the Triton path runs in fp16 and returns fp32 gradients, for either code."""
+    backend("triton")
+    inputs = sae_inputs(torch.float16, "sparse") if k is None else topk_inputs(torch.float16, k)
+    inputs = [t.float() for t in inputs]  # fp16 values, exact in fp32: autocast's casts lose nothing
+    g = torch.Generator().manual_seed(8)
+    g_x_hat = torch.randn(inputs[0].shape, generator=g).to(DEVICE)
+    grads_of = lambda x_hat, c: ([x_hat, 0.37 * c.sum()], [g_x_hat, torch.ones(())])
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        x_hat, c, grads = sae_run(inputs, (True,) * 5, grads_of, reference=False, k=k)
+    ref_x_hat, ref_c, ref_grads = sae_run(inputs, (True,) * 5, grads_of, reference=True, k=k)
+    assert x_hat.dtype == c.dtype == torch.float16 and all(grad.dtype == torch.float32 for grad in grads)
+    assert type(c.grad_fn).__name__ == "SAEForwardTritonBackward"
+    assert_close(x_hat, ref_x_hat, TOL[torch.float16], "x_hat")
+    assert_close(c, ref_c, TOL[torch.float16], "c")
+    for name, grad, ref in zip(["x", "enc_weight", "enc_bias", "dec_weight", "dec_bias"], grads, ref_grads):
+        assert_close(grad, ref, TOL[torch.float16], f"d/d{name}")
+
+
+def test_sae_topk_reference_is_the_definition():
+    """The reference against TopK written out: per token, relu of the k largest pre-activations, 0 elsewhere;
+    with k = n_dict it is the ReLU code."""
+    x, enc_weight, enc_bias, dec_weight, dec_bias = (t.double() for t in topk_inputs(torch.float32, 5))
+    pre = x @ enc_weight.t() + enc_bias  # (N, n_dict)
+    expected = torch.zeros_like(pre)
+    for i, row in enumerate(pre):
+        for j in sorted(range(len(row)), key=lambda j: -row[j].item())[:5]:
+            expected[i, j] = max(row[j].item(), 0.0)
+    x_hat, c = sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias, k=5)
+    assert torch.equal(c != 0, expected != 0)
+    assert_close(c, expected, 1e-12, "c")
+    dictionary = dec_weight / dec_weight.norm(dim=0)
+    assert_close(x_hat, expected @ dictionary.t() + dec_bias, 1e-12, "x_hat")
+    relu = sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias)
+    topk_all = sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias, k=TOPK_N_DICT)
+    assert all(torch.equal(a, b) for a, b in zip(relu, topk_all))
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("k", [0, -1, TOPK_N_DICT + 1, 2.0, True, "5"])
+def test_sae_rejects_a_bad_k(k, impl, backend):
+    backend(impl)
+    inputs = topk_inputs(torch.float32, 1)
+    with pytest.raises(ValueError, match=f"k={k!r}: .* an int from 1 to n_dict={TOPK_N_DICT}"):
+        kernels.sae_forward(*inputs, k=k)
 
 
 # ---------------------------------------------------------------------------------------------------------
