@@ -34,8 +34,9 @@ def parse_args(argv):
 
 # ---- shapes ----
 
-PAPER = dict(batch=8, seq=1024, d_in=768, ratio=60, vocab=50257, active=40, dtype="bfloat16")
-TINY = dict(batch=2, seq=32, d_in=48, ratio=2, vocab=301, active=4, dtype="float32")
+# active: ReLU codes per token, set through the encoder bias; topk: TopK's k (the first alone under --quick)
+PAPER = dict(batch=8, seq=1024, d_in=768, ratio=60, vocab=50257, active=40, topk=[32, 64, 128], dtype="bfloat16")
+TINY = dict(batch=2, seq=32, d_in=48, ratio=2, vocab=301, active=4, topk=[4, 9], dtype="float32")
 
 
 # ---- measuring ----
@@ -82,9 +83,8 @@ def set_backend(name):
 
 # ---- the operations ----
 
-def bench_sae(results, args, shape, torch, kernels):
-    """SAE forward + backward (weight gradients; x is frozen as in training) at several code densities."""
-    from kernels.sae import sae_forward_torch
+def sae_tensors(args, shape, torch):
+    """Tokens x (N, d_in) and the SAE's weights but the encoder bias: enc_weight, dec_weight, dec_bias (0)."""
     dtype, device = getattr(torch, shape["dtype"]), args.device
     tokens, d_in = shape["batch"] * shape["seq"], shape["d_in"]
     n_dict = d_in * shape["ratio"]
@@ -93,25 +93,36 @@ def bench_sae(results, args, shape, torch, kernels):
     enc_weight = (torch.randn(n_dict, d_in, device=device, generator=g) / d_in**0.5).to(dtype)
     dec_weight = torch.randn(d_in, n_dict, device=device, generator=g).to(dtype)
     dec_bias = torch.zeros(d_in, device=device, dtype=dtype)
+    return x, enc_weight, dec_weight, dec_bias
+
+
+def sae_loss(sae, x, params, torch, k=None):
+    """The SAE's training loss mse(x_hat, x) + 1e-3 ||c||_1 through sae (sae_forward or its reference)."""
+    def loss():
+        x_hat, c = sae(x, *params, k=k)
+        # c >= 0, so its L1 norm is its sum: a gradient of c.sum() is a broadcast, never an (N, n) tensor
+        return (x_hat.float() - x.float()).square().mean() + 1e-3 * c.sum(dtype=torch.float32)
+    return loss
+
+
+def bench_sae(results, args, shape, torch, kernels):
+    """SAE forward + backward (weight gradients; x is frozen as in training) at several code densities."""
+    from kernels.sae import sae_forward_torch
+    x, enc_weight, dec_weight, dec_bias = sae_tensors(args, shape, torch)
+    (tokens, d_in), n_dict = x.shape, enc_weight.shape[0]
     pre_sample = (x[:64].float() @ enc_weight.float().t()).flatten()  # (64 * n_dict,) pre-activations
     params = [enc_weight, None, dec_weight, dec_bias]
-
-    def loss_of(sae):
-        def loss():
-            x_hat, c = sae(x, *params)
-            # c >= 0, so its L1 norm is its sum: a gradient of c.sum() is a broadcast, never an (N, n) tensor
-            return (x_hat.float() - x.float()).square().mean() + 1e-3 * c.sum(dtype=torch.float32)
-        return loss
+    loss_of = lambda sae: sae_loss(sae, x, params, torch)
 
     compiled = None if args.no_compile else torch.compile(loss_of(sae_forward_torch))
     actives = [shape["active"]] if args.quick else [shape["active"], 4 * shape["active"], 16 * shape["active"]]
     for active in actives + ["dense"]:
         if active == "dense":  # as initialised: about half the codes fire
-            enc_bias = torch.zeros(n_dict, device=device, dtype=dtype)
+            enc_bias = torch.zeros(n_dict, device=x.device, dtype=x.dtype)
             label = "dense (~50% active)"
         else:  # a threshold that lets `active` codes per token fire on average
             q = torch.quantile(pre_sample[: 2**24], 1 - active / n_dict)
-            enc_bias = torch.full((n_dict,), -q.item(), device=device, dtype=dtype)
+            enc_bias = torch.full((n_dict,), -q.item(), device=x.device, dtype=x.dtype)
             label = f"sparse ({active}/token)"
         params[1] = enc_bias
         for t in params:
@@ -132,6 +143,31 @@ def bench_sae(results, args, shape, torch, kernels):
             run_case(results, op, f"triton, {path} path forced", grad(loss_of(kernels.sae_forward)), args, torch,
                      active=measured)
         kernels.sae.SPARSE_MAX_DENSITY = default
+
+
+def bench_sae_topk(results, args, shape, torch, kernels):
+    """The TopK SAE's forward + backward (x frozen, the ReLU rows' loss) for each k, the encoder bias at 0."""
+    from kernels.sae import sae_forward_torch
+    x, enc_weight, dec_weight, dec_bias = sae_tensors(args, shape, torch)
+    (tokens, d_in), n_dict = x.shape, enc_weight.shape[0]
+    enc_bias = torch.zeros(n_dict, device=x.device, dtype=x.dtype)
+    params = [enc_weight, enc_bias, dec_weight, dec_bias]
+    for t in params:
+        t.requires_grad_(True)
+    grad = lambda loss: (lambda: torch.autograd.grad(loss(), params))
+    for k in shape["topk"][:1] if args.quick else shape["topk"]:
+        with torch.no_grad():
+            positive = (sae_forward_torch(x, *params, k=k)[1] > 0).sum().item() / tokens
+        print(f"SAE {tokens} x {d_in} -> {n_dict}, TopK k = {k}: {positive:.1f} of the k codes per token > 0")
+        op = f"sae fwd+bwd topk (k={k})"
+        run_case(results, op, "eager", grad(sae_loss(sae_forward_torch, x, params, torch, k)), args, torch,
+                 active=positive)
+        if not args.no_compile:
+            compiled = torch.compile(sae_loss(sae_forward_torch, x, params, torch, k))
+            run_case(results, op, "torch.compile", grad(compiled), args, torch, active=positive)
+        set_backend("triton")
+        run_case(results, op, "triton", grad(sae_loss(kernels.sae_forward, x, params, torch, k)), args, torch,
+                 active=positive)
 
 
 def bench_kl(results, args, shape, torch, kernels):
@@ -271,7 +307,7 @@ def main(args):
                shape=shape, quick=args.quick, autotune=kernels.backend.AUTOTUNE)
     print(json.dumps(env))
     results = []
-    for section in (bench_sae, bench_kl, bench_train_step):
+    for section in (bench_sae, bench_sae_topk, bench_kl, bench_train_step):
         section(results, args, shape, torch, kernels)
         if args.out:  # after every section: a run cut short keeps what it measured
             with open(args.out, "w") as f:
