@@ -54,7 +54,8 @@ SHARED_PER_BLOCK = {80: 166912, 90: 232448}  # bytes of shared memory one block 
 # (Triton specializes on it: see specialize), a constexpr flag as a bool; the config supplies the block sizes.
 
 TOKENS, D_IN, N_DICT, VOCAB = 8192, 768, 46080, 50257  # 8 x 1024 tokens, GPT-2 small, ratio 60, GPT-2's vocabulary
-NNZ = 40 * TOKENS + 7  # active (token, code) pairs at ~40 per token: no multiple of 16, like most counts
+NNZ = 40 * TOKENS + 7  # ReLU's active (token, code) pairs at ~40 per token: no multiple of 16, like most counts
+TOPK_NNZ = 32 * TOKENS  # TopK's selected pairs, k = 32 per token: a multiple of 16, which Triton specializes on
 
 
 def kl_forward_launches(t):
@@ -80,7 +81,9 @@ def compact_launches(t):
 
 
 def spmm_launches(t):
-    """SAEForwardTriton's gathers: the decoder, then the gradients (fp32 values g_pre; fp32 outputs for sums)."""
+    """SAEForwardTriton's gathers: the decoder, then the gradients (fp32 values g_pre; fp32 outputs for sums).
+
+    ReLU's pattern and TopK's launch them alike: no argument depends on the number of entries."""
     def launch(val, out, width, has_bias):
         return dict(ptr_ptr="*i64", idx_ptr="*i32", val_ptr=f"*{val}", table_ptr=f"*{t}",
                     bias_ptr=f"*{t if has_bias else out}", out_ptr=f"*{out}", d=width, stride_table=width,
@@ -92,13 +95,16 @@ def spmm_launches(t):
 
 
 def sddmm_launches(t):
-    """g_pre at the active pairs, from g = dL/dx_hat and g_c = dL/dc (a sparsity term), or from either alone."""
-    def launch(has_left, has_extra):
+    """g_pre at the active pairs, from g = dL/dx_hat and g_c = dL/dc (a sparsity term), or from either alone;
+    for ReLU's pattern and for TopK's, whose entry count is a multiple of 16."""
+    def launch(has_left, has_extra, nnz):
         return dict(entry_row_ptr="*i32", col_ptr="*i32", left_ptr=f"*{t}", right_ptr=f"*{t}", extra_ptr=f"*{t}",
-                    out_ptr="*fp32", nnz=NNZ, d=D_IN, stride_left=D_IN if has_left else 0, stride_right=D_IN,
+                    out_ptr="*fp32", nnz=nnz, d=D_IN, stride_left=D_IN if has_left else 0, stride_right=D_IN,
                     stride_extra_row=N_DICT if has_extra else 0, stride_extra_col=1 if has_extra else 0,
                     HAS_LEFT=has_left, HAS_EXTRA=has_extra)
-    return {"g and g_c": launch(True, True), "g only": launch(True, False), "g_c only": launch(False, True)}
+    flags = {"g and g_c": (True, True), "g only": (True, False), "g_c only": (False, True)}
+    return {**{name: launch(*f, NNZ) for name, f in flags.items()},
+            **{f"TopK, {name}": launch(*f, TOPK_NNZ) for name, f in flags.items()}}
 
 
 LAUNCHES = {"kl._kl_forward_kernel": kl_forward_launches, "kl._kl_backward_kernel": kl_backward_launches,
