@@ -49,15 +49,17 @@ import math
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
+import data
 import e2esae
 from configurator import ConfigError, check_settings, check_writable, configure, print_config
-from eval import SETTINGS as EVAL_SETTINGS
-from eval import (TYPE_STYLE, checkpoint_kind, evaluate, heldout_samples, later_positions, load_checkpoint,
-                  loss_kwargs, result_rows, sample_batches, write_json)
+from interop import checkpoint_kind, load_checkpoint
 from model import gpt2_tokenizer
+from report import TYPE_STYLE, result_rows
+from runs import write_atomic, write_json
 
 # -----------------------------------------------------------------------------
 checkpoints = ["out/saes.safetensors"]
@@ -79,8 +81,7 @@ n_logit_tokens = 8  # tokens promoted and suppressed per element
 seed = 0  # for the random sample of elements and the untrained reference dictionaries
 # -----------------------------------------------------------------------------
 
-DEFAULTS = {k: v for k, v in globals().items()  # the lower-case settings above (EVAL_SETTINGS is a list too)
-            if k.islower() and not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
 
 
 # ---- geometry: cosine similarities between dictionary elements, in blocks ----
@@ -223,14 +224,19 @@ def analyse_checkpoint(spec, c, samples, enc):
     the JSON's `saes` (its figures, alive elements, nearest-neighbour similarities and chosen elements) and its
     alive dictionary (d_in, n_alive), kept to compare across checkpoints."""
     model = load_checkpoint(spec, c.init_from).to(c.device).eval()
+    broken = e2esae.nonfinite_parameters(model.saes)
+    if broken:
+        raise ConfigError(f"{spec}: its SAE weights are not finite ({', '.join(broken[:4])}): the run diverged, so "
+                          "there is no dictionary to analyse; retrain it with a lower lr")
     gpt = model.gpt
     if c.n_ctx > gpt.config.block_size:
         raise ConfigError(f"n_ctx={c.n_ctx} is longer than the model's context of {gpt.config.block_size} tokens")
     L, last = gpt.config.n_layer, max(gpt.resid_index(p) for p in model.sae_positions)
-    downstream = later_positions(model)
+    downstream = model.later_positions()
     downstream += [f"blocks.{L - 1}.hook_resid_post"] if last < L else []  # the final stream, read by ln_f
-    metrics, counts, _ = evaluate(model, samples, c.batch_size, downstream=downstream)
-    batches = sample_batches(samples, c.batch_size)
+    batches = data.in_batches(samples, c.batch_size)
+    kwargs = e2esae.loss_kwargs(model.config, downstream)
+    metrics, counts = e2esae.evaluate(model, batches, kwargs)
 
     config, records, dictionaries = getattr(model, "config", {}) or {}, [], []
     for row in result_rows(spec, model, metrics, counts, downstream):
@@ -252,7 +258,6 @@ def analyse_checkpoint(spec, c, samples, enc):
                             near_duplicate_firings=firing_share(n, alive[within.cpu() > c.near]),
                             features=choose_elements(n, c.n_frequent, c.n_random, c.features, c.seed)))
         dictionaries.append(D)
-    kwargs = loss_kwargs(model, downstream)
     chained = kwargs["kl_coeff"] > 0 or kwargs["in_to_orig_coeff"] > 0  # as compute_loss feeds the SAEs
     describe_features(model, records, batches, chained, samples, c, enc)
     return records, dictionaries
@@ -468,7 +473,12 @@ def fmt(v):
 
 # ---- the script ----
 
-SETTINGS = EVAL_SETTINGS + [  # eval.py's (checkpoints, n_ctx, eval_n_samples, batch_size, device), and these
+SETTINGS = [  # (key, test, what the value must be)
+    ("checkpoints", lambda v: bool(v) and all(isinstance(s, str) for s in v),
+     "a non-empty list of paths or specs, e.g. ['out/saes.safetensors']"),
+    ("n_ctx", lambda v: v >= 2, "at least 2 (a sample's tokens predict the next ones)"),
+    *[(k, lambda v: v > 0, "positive") for k in ("eval_n_samples", "batch_size")],
+    ("device", lambda v: not v.startswith("cuda") or torch.cuda.is_available(), "'cpu': no CUDA GPU is available"),
     ("chunk_size", lambda v: v > 0, "positive"),
     ("near", lambda v: -1 <= v < 1, "a cosine similarity in [-1, 1)"),
     ("n_frequent", lambda v: v >= 0, "0 or more"),
@@ -522,13 +532,20 @@ def print_summary(saes, near):
 def main(argv):
     config = configure(DEFAULTS, argv)
     check_settings(config, SETTINGS)
-    c = type("Config", (), config)
+    c = SimpleNamespace(**config)
     for spec in c.checkpoints:  # every checkpoint and the output folder are checked before the first is loaded
-        checkpoint_kind(spec)
+        try:
+            checkpoint_kind(spec)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     check_writable(c.out_dir, "out_dir")
     print("config:")
     print_config(config)
-    samples, enc = heldout_samples(c.dataset, c.n_ctx, c.eval_n_samples), gpt2_tokenizer()
+    try:
+        print(f"data: {c.dataset!r}, held out: {data.heldout_rule(c.dataset)[1]}")
+        samples, enc = data.heldout_samples(c.dataset, c.n_ctx, c.eval_n_samples), gpt2_tokenizer()
+    except data.DataError as e:
+        raise ConfigError(str(e)) from None
 
     saes, dictionaries = [], []
     for spec in c.checkpoints:
@@ -551,9 +568,7 @@ def main(argv):
     os.makedirs(c.out_dir, exist_ok=True)
     n_tokens = len(samples) * c.n_ctx
     page = os.path.join(c.out_dir, "features.html")
-    with open(page + ".tmp", "w", encoding="utf-8") as f:
-        f.write(browser_html(saes, config, n_tokens))
-    os.replace(page + ".tmp", page)
+    write_atomic(page, lambda f: f.write(browser_html(saes, config, n_tokens).encode("utf-8")))
     write_json(os.path.join(c.out_dir, "analysis.json"), dict(settings=config, n_tokens=n_tokens, saes=saes,
                                                                cross_similarity=pairs, untrained=untrained), indent=None)
     plot_within(saes, untrained, os.path.join(c.out_dir, "within_similarity.png"))

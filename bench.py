@@ -186,7 +186,7 @@ def bench_kl(results, args, shape, torch, kernels):
         run_case(results, op, "torch.compile", grad(lambda: compiled(new, orig), new), args, torch)
     set_backend("triton")
     run_case(results, op, "triton", grad(lambda: kernels.kl_div(new, orig), new), args, torch)
-    del new, orig
+    new = orig = None  # the logits are freed before the next case
 
     h_new = torch.randn(tokens, d_in, device=device, generator=g).to(dtype).requires_grad_()
     h_orig = (h_new.detach() + 0.3 * torch.randn(tokens, d_in, device=device, generator=g)).to(dtype)

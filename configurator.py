@@ -42,9 +42,12 @@ def _check_key(key, defaults, source):
         raise ConfigError(f"unknown key {key!r} in {source}{hint}")
 
 
-def configure(defaults, argv):
-    """Apply config files and --key=value overrides from argv to a dict of typed defaults; return the result."""
+def configure(defaults, argv, given=None):
+    """Apply config files and --key=value overrides from argv to a dict of typed defaults; return the result.
+    `given`, a set, receives the keys that a config file or an override set (a default that depends on another
+    setting applies only where its key was not given)."""
     config = dict(defaults)
+    given = set() if given is None else given
     for arg in argv:
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
@@ -57,6 +60,7 @@ def configure(defaults, argv):
                     continue
                 _check_key(key, defaults, arg)
                 config[key] = _coerce(key, value, defaults[key], arg)
+                given.add(key)
         else:
             key, eq, text = arg[2:].partition("=")
             if not eq:
@@ -69,6 +73,7 @@ def configure(defaults, argv):
             if isinstance(defaults[key], str) and not isinstance(value, str):
                 value = text  # --init_from=123 names a directory called 123
             config[key] = _coerce(key, value, defaults[key], arg)
+            given.add(key)
     return config
 
 

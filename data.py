@@ -28,7 +28,8 @@ shards.
 
 import glob
 import os
-from functools import lru_cache
+from functools import cache
+from itertools import islice
 
 import torch
 
@@ -78,7 +79,7 @@ def _read(path):
         raise DataError(f"data file {path} cannot be read ({e.strerror})") from None
 
 
-@lru_cache(maxsize=None)
+@cache
 def check_source(dataset):
     """For a local source: its files and their lengths in characters, after reading every file once (so an
     unreadable one is named now). Raises DataError for a source with no files or no text."""
@@ -92,7 +93,7 @@ def check_source(dataset):
     return tuple(files), lengths
 
 
-@lru_cache(maxsize=None)
+@cache
 def heldout_rule(dataset):
     """(rule, description): which held-out rule `dataset` gets ('split', 'documents' or 'tail'; see above)."""
     if not is_local(dataset):
@@ -202,6 +203,24 @@ def count_samples(dataset, n_ctx, split, at_most):
         if n >= at_most:
             break
     return n
+
+
+def heldout_samples(dataset, n_ctx, n, rank=0, world_size=1):
+    """This rank's share of the first n held-out samples, in order: samples rank, rank + W, ... of them (all there
+    are, if the held-out part holds fewer). What train.py, eval.py and every other script evaluate on."""
+    samples = list(islice(token_samples(dataset, n_ctx, "eval", rank, world_size, repeat=False), n // world_size))
+    if not samples:
+        raise DataError(f"the held-out part of dataset {dataset!r} holds fewer than {world_size} samples of n_ctx="
+                        f"{n_ctx} tokens (held out: {heldout_rule(dataset)[1]}): give more text or a smaller n_ctx"
+                        if world_size > 1 else
+                        f"the held-out part of dataset {dataset!r} holds fewer than n_ctx={n_ctx} tokens "
+                        f"(held out: {heldout_rule(dataset)[1]}): give more text or a smaller n_ctx")
+    return samples
+
+
+def in_batches(samples, batch_size):
+    """A list of samples as (B, n_ctx) tensors, in order; the last batch may be short (for evaluation)."""
+    return [torch.stack(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
 
 
 def batches(samples, batch_size):

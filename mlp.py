@@ -26,7 +26,6 @@ explained variance at the SAE and at the later hidden layers.
 """
 
 import gzip
-import json
 import os
 import sys
 import time
@@ -37,9 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from configurator import ConfigError, check_settings, configure, print_config
+from configurator import ConfigError, check_settings, check_writable, configure, print_config
 from e2esae import SAE, explained_variance, sparsity_loss
-from train_gpt import get_lr
+from runs import get_lr, write_json
 
 # -----------------------------------------------------------------------------
 # the MLP
@@ -168,7 +167,7 @@ def sae_loss(run, *, sparsity_coeff, p_norm=1.0, kl_coeff=0.0, in_to_orig_coeff=
 
 
 @torch.no_grad()
-def evaluate(mlp, sae, sae_layer, pixels, labels):
+def evaluate_sae(mlp, sae, sae_layer, pixels, labels):
     """Every figure of the table, on all the given images at once."""
     run = spliced_run(mlp, sae, sae_layer, pixels)
     active = run["c"] > 0  # (N, n_dict)
@@ -257,12 +256,14 @@ def check(c):
     for kind in c.training_types:
         if not any(loss_coeffs(c, kind).values()):
             raise ConfigError(f"every loss coefficient of {kind} is 0: there is nothing to train")
+    if c.sweep:  # the sweep's JSON and plot go there: a folder that cannot take them must not cost the sweep
+        check_writable(c.out_dir, "out_dir")
     if "e2e+ds" in c.training_types and c.in_to_orig_coeff > 0 and c.sae_layer == len(c.hidden_sizes) - 1:
         raise ConfigError(f"e2e+ds reconstructs the hidden layers after the SAE's, but sae_layer={c.sae_layer} is the "
                           f"last of hidden_sizes={c.hidden_sizes}: use an earlier sae_layer or add a hidden layer")
 
 
-def print_table(rows, file=None):
+def print_results(rows, file=None):
     """One line per SAE, the figures of evaluate: numbers right-aligned under their column names."""
     table = [["type", "lambda", "L0", "alive", "acc", "acc+SAE", "CE", "CE+SAE", "dCE", "KL", "EV", "EV later"]]
     for r in rows:
@@ -301,19 +302,18 @@ def main(argv):
             print(f"{kind}: " + ", ".join(f"{k} {v:g}" for k, v in coeffs.items()))
             sae = train_sae(mlp, train_x, coeffs, c, name=kind)
             rows.append(dict(type=kind, sparsity_coeff=coeffs["sparsity_coeff"], position=f"hidden.{c.sae_layer}",
-                             **evaluate(mlp, sae, c.sae_layer, test_x, test_y)))
+                             **evaluate_sae(mlp, sae, c.sae_layer, test_x, test_y)))
 
     later = list(range(c.sae_layer + 1, len(c.hidden_sizes)))
     where = f"; EV later: explained variance at hidden layer{'s' * (len(later) > 1)} {', '.join(map(str, later))}"
     print(f"\nheld-out results ({len(test_y)} images, SAE of {rows[0]['n_dict']} elements at hidden layer "
           f"{c.sae_layer}{where if later else ''}):")
-    print_table(rows)
+    print_results(rows)
     if c.sweep:
-        from eval import plot_pareto
+        from report import plot_pareto
         os.makedirs(c.out_dir, exist_ok=True)
         json_path, plot_path = os.path.join(c.out_dir, "mlp_sweep.json"), os.path.join(c.out_dir, "mlp_pareto.png")
-        with open(json_path, "w") as f:
-            json.dump(dict(config=config, rows=rows), f, indent=1)
+        write_json(json_path, dict(config=config, rows=rows), indent=1)
         plot_pareto(rows, plot_path, title=f"SAEs at hidden layer {c.sae_layer} of an MLP on 8x8 digits "
                                            f"({rows[0]['n_dict']} elements, {len(test_y)} held-out images)",
                     y="kl", per="image")  # KL, not CE increase: see README (held-out CE is mostly noise here)

@@ -69,7 +69,7 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)
 
 
-class MLP(nn.Module):
+class FeedForward(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
@@ -85,7 +85,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.mlp = MLP(config)
+        self.mlp = FeedForward(config)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -222,6 +222,7 @@ class GPT(nn.Module):
                            n_head=hf["n_head"], n_embd=hf["n_embd"], layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
         model = cls(config)
         model.load_state_dict(_read_hf_weights(weights_path, model), strict=True)
+        model.name_or_path = os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
         return model
 
 
@@ -287,6 +288,7 @@ def gpt2_tokenizer():
     """GPT-2's BPE tokenizer (tiktoken's r50k_base). Works offline when the `openai-whisper` package is installed
     (it ships the identical vocabulary file); otherwise tiktoken downloads and caches it on first use."""
     import importlib.util
+
     import tiktoken
     spec = importlib.util.find_spec("whisper")
     vocab = os.path.join(os.path.dirname(spec.origin), "assets", "gpt2.tiktoken") if spec and spec.origin else None

@@ -6,16 +6,22 @@ each evaluated on the same held-out tokens; and how that comparison moves with t
     python reproduce.py --models="['']"          # the same on the embedded default's smaller model (faster)
     python reproduce.py config/scaling_cpu.py    # the grid of models x SAE budgets: results/scaling*.{csv,png}
     python reproduce.py config/scaling_gpu.py    # the same measurement, larger, on one GPU (sized for ~8 minutes)
+    python reproduce.py config/topk_sweep.py     # TopK SAEs at k = 8 ... 64: local and e2e at exactly equal L0
+    python reproduce.py config/jumprelu_sweep.py # JumpReLU SAEs over L0 penalties
     python reproduce.py --local_coeffs="[1, 3]"  # any setting below overridden
 
 The paper's claim: at equal CE-loss increase, e2e SAEs need far fewer active dictionary elements per token (L0)
-and fewer alive elements than local SAEs (GPT-2 small, layer 6: L0 27.5 against 69.4, 0.40x). Every run of a
+and fewer alive elements than local SAEs (GPT-2 small, layer 6: L0 27.5 against 69.4, 0.40x; Braun et al. 2024, Table 1). Every run of a
 grid point has the same token budget and, but for the loss, the same settings (train.py's defaults: the
 paper's recipe scaled down). A grid point is a model (a train_gpt.py config: '' is the embedded default's
 model, each other is trained once and cached) and an SAE budget in tokens.
 
-Runs are train.py subprocesses into out_root/<model>/<tokens>/<type>_<coeff>: a finished run is skipped, an
-interrupted one resumed; Ctrl-C is passed on to the running train.py, which saves its checkpoint before this
+Each sweep has one activation (`activation`) and sets one value per run (`sweep`): the sparsity coefficient, or
+for TopK and BatchTopK the number k of active elements, which fixes L0 exactly, so that local and e2e compare at
+equal L0 with no interpolation. Runs are train.py subprocesses into out_root/<model>/<tokens>/<run>, where <run>
+is <type>_<coeff> for the paper's ReLU SAEs and <activation>_<type>_<value> (k<k> for a k sweep) for the others,
+with a hash of `train_args` appended when there are any. A run's stored config must be the one the sweep asks
+for, or it is refused (never reported as this sweep's); a finished run is skipped, an interrupted one resumed; Ctrl-C is passed on to the running train.py, which saves its checkpoint before this
 script stops. Each finished run is evaluated once (eval.py's evaluate) on eval_n_samples held-out samples and
 the figures are kept beside its checkpoint (eval.json). The comparison at matched CE increase reads L0 (and
 alive elements) off each type's curve, log-log interpolated between neighbouring runs, at points spread over
@@ -23,6 +29,8 @@ the CE-increase range both curves cover; the ratio is their geometric mean.
 """
 
 import csv
+import hashlib
+import io
 import json
 import math
 import os
@@ -31,19 +39,24 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 from configurator import ConfigError, configure
+from runs import write_atomic, write_json
 
 # -----------------------------------------------------------------------------
 models = ["config/gpt_shakespeare_6x256.py"]  # train_gpt.py config files ('' = the embedded default's 4 x 128 model)
 sae_tokens = [1_048_576]  # SAE budgets in tokens (n_samples = tokens / n_ctx); 6 x 256 at 1M: where e2e does best
 position = ""  # where the SAE sits; '' = each model's middle, blocks.{n_layer // 2}.hook_resid_pre
 types = ["local", "e2e", "e2e+ds"]
+activation = "relu"  # every run's SAE: 'relu' (the paper's), 'topk', 'batchtopk' or 'jumprelu'
+sweep = "sparsity_coeff"  # what the lists below set per run: 'sparsity_coeff', or 'k' (topk, batchtopk)
 local_coeffs = [0.3, 1.0, 3.0, 10.0]  # sparsity_coeff sweeps (x3 apart); out_to_in_coeff = 1; 30 collapses 6 x 256
 e2e_coeffs = [0.1, 0.3, 1.0, 3.0]  # kl_coeff = 1
 e2e_ds_coeffs = [1.0, 3.0, 10.0, 30.0]  # kl_coeff = 0.5, in_to_orig_coeff below
 in_to_orig_coeff = 1.0
 train_args = []  # more train.py settings for every run, e.g. ["--lr=1e-3", "--dict_size_to_input_ratio=32"]
+compare = []  # results CSVs of other sweeps on the same model and budget, drawn beside this one's Pareto curves
 n_ctx = 128
 eval_n_samples = 160  # held-out samples for every run: 160 x 128 = 20,480 tokens
 device = ""  # '' = train.py's default (cuda if available)
@@ -56,7 +69,7 @@ name = "small_scale"  # results/<name>.csv etc.; a grid of several points also w
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
 PAPER_L0_RATIO = 27.5 / 69.4  # GPT-2 small, layer 6, similar CE increase (REFERENCE.md)
 SMALL_SCALE_COLUMNS = ["type", "sparsity_coeff", "l0", "ce_increase", "alive", "kl", "ce_orig", "ce_sae",
-                       "explained_variance", "explained_variance_downstream"]
+                       "explained_variance", "explained_variance_downstream", "activation", "k", "train_seconds"]
 SCALING_COLUMNS = ["model", "model_ce", "sae_tokens", "type", "sparsity_coeff", "l0", "ce_increase", "alive", "kl",
                    "ce_orig", "ce_sae", "explained_variance", "explained_variance_downstream", "n_dict", "out_dir"]
 
@@ -73,8 +86,28 @@ def positions(c, config_file):
     return f"blocks.{index}.hook_resid_pre", [f"blocks.{i}.hook_resid_pre" for i in range(index + 1, n_layer)]
 
 
+# what reproduce.py sets for every run itself: train_args may not set these (nor train on other data or models,
+# which would be labelled and evaluated as this sweep's model on Shakespeare)
+PLANNED = ("small_model_config", "sae_positions", "n_ctx", "sparsity_coeff", "n_samples", "eval_n_samples",
+           "eval_every_n_samples", "save_every_n_samples", "out_dir", "kl_coeff", "out_to_in_coeff",
+           "in_to_orig_coeff", "in_to_orig_positions", "activation", "k", "device", "resume", "overwrite",
+           "init_from", "dataset")
+
+
+def run_name(c, kind, value):
+    """The run's folder: <type>_<coeff> for ReLU sparsity sweeps (the layout of the committed results), else
+    <activation>_<type>_<value>; a hash of train_args appended when there are any."""
+    label = f"{value:g}" if c.sweep == "sparsity_coeff" else f"k{value}"
+    name = f"{kind.replace('+', '_')}_{label}"
+    if c.activation != "relu":
+        name = f"{c.activation}_{name}"
+    if c.train_args:
+        name += "-" + hashlib.sha1(json.dumps(c.train_args).encode()).hexdigest()[:8]
+    return name
+
+
 def plan(c):
-    """Every run of the grid: dicts with model, sae_tokens, type, sparsity_coeff, out_dir and train.py's argv."""
+    """Every run of the grid: dicts with model, sae_tokens, type, the swept value, out_dir and train.py's argv."""
     sweeps = {"local": c.local_coeffs, "e2e": c.e2e_coeffs, "e2e+ds": c.e2e_ds_coeffs}
     runs = []
     for tokens in sorted(c.sae_tokens):  # the cheap budgets first: a first look at every model early
@@ -85,18 +118,35 @@ def plan(c):
                     "e2e": dict(kl_coeff=1.0),
                     "e2e+ds": dict(kl_coeff=0.5, in_to_orig_coeff=c.in_to_orig_coeff, in_to_orig_positions=downstream)}
             for kind in c.types:
-                for coeff in sweeps[kind]:
-                    out_dir = os.path.join(c.out_root, model_name(config_file), str(tokens),
-                                           f"{kind.replace('+', '_')}_{coeff:g}")  # one layout: runs are shared
+                for value in sweeps[kind]:
+                    out_dir = os.path.join(c.out_root, model_name(config_file), str(tokens), run_name(c, kind, value))
+                    swept = (dict(sparsity_coeff=float(value)) if c.sweep == "sparsity_coeff"
+                             else dict(sparsity_coeff=0.0, k=int(value)))
                     settings = dict(small_model_config=config_file, sae_positions=[position], n_ctx=c.n_ctx,
-                                    sparsity_coeff=float(coeff), n_samples=n_samples, eval_n_samples=c.eval_n_samples,
-                                    eval_every_n_samples=n_samples, save_every_n_samples=max(n_samples // 8, 1),
-                                    out_dir=out_dir, **loss[kind], **({"device": c.device} if c.device else {}))
+                                    n_samples=n_samples, eval_n_samples=c.eval_n_samples, eval_every_n_samples=n_samples,
+                                    save_every_n_samples=max(n_samples // 8, 1), out_dir=out_dir, **swept, **loss[kind],
+                                    **({"activation": c.activation} if c.activation != "relu" else {}),
+                                    **({"device": c.device} if c.device else {}))
                     argv = [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}" for k, v in settings.items()]
                     runs.append(dict(model=model_name(config_file), config_file=config_file, sae_tokens=tokens,
-                                     type=kind, sparsity_coeff=coeff, position=position, downstream=downstream,
-                                     out_dir=out_dir, argv=argv + c.train_args))
+                                     type=kind, activation=c.activation, sparsity_coeff=swept["sparsity_coeff"],
+                                     k=swept.get("k"), position=position, downstream=downstream, out_dir=out_dir,
+                                     argv=argv + c.train_args))
     return runs
+
+
+def stored_mismatch(run):
+    """The settings in which a run's checkpoint differs from what the plan asks of it ({} if none, or if there
+    is no checkpoint): a run is identified by every setting that changes the SAE it trains."""
+    path = os.path.join(run["out_dir"], "ckpt.pt")
+    if not os.path.isfile(path):
+        return {}
+    import torch
+
+    import train
+    asked = configure(train.DEFAULTS, run["argv"])
+    stored = torch.load(path, map_location="cpu", weights_only=False)["config"]
+    return {k: (stored.get(k), v) for k, v in asked.items() if k not in train.NOT_THE_RUN and stored.get(k) != v}
 
 
 def progress(out_dir):
@@ -107,7 +157,7 @@ def progress(out_dir):
     import torch
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     cfg = ckpt["config"]
-    return ckpt["step"], cfg["n_samples"] // (cfg["batch_size"] * cfg["gradient_accumulation_steps"])
+    return ckpt["step"], cfg["n_samples"] // ckpt.get("global_batch", cfg["batch_size"] * cfg["gradient_accumulation_steps"])
 
 
 def train_run(run):
@@ -150,10 +200,14 @@ def evaluate_run(run, samples, device):
     if os.path.isfile(path) and os.path.getmtime(path) >= os.path.getmtime(weights):
         with open(path) as f:
             return json.load(f)
-    from eval import evaluate, load_checkpoint, result_rows, write_json
+    import data
+    import e2esae
+    from interop import load_checkpoint
+    from report import result_rows
     model = load_checkpoint(weights).to(device).eval()
-    metrics, counts, ds = evaluate(model, samples, batch_size=16, log_every=10**9)
-    row = result_rows(weights, model, metrics, counts, ds)[0]
+    downstream = model.later_positions()
+    metrics, counts = e2esae.evaluate(model, data.in_batches(samples, 16), e2esae.loss_kwargs(model.config, downstream))
+    row = result_rows(weights, model, metrics, counts, downstream)[0]
     row["n_ctx"], row["eval_samples"] = samples[0].shape[0], len(samples)
     write_json(path, row)
     return row
@@ -287,7 +341,8 @@ def plot_grid(rows, path):
     """L0 against CE increase for every grid point (rows: models, columns: budgets), one curve per type."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
-    from eval import TYPE_STYLE
+
+    from report import TYPE_STYLE
     model_list = list(dict.fromkeys(r["model"] for r in rows))
     budgets = sorted({r["sae_tokens"] for r in rows})
     fig = Figure(figsize=(3.6 * len(budgets), 3.0 * len(model_list)))
@@ -319,11 +374,13 @@ def plot_grid(rows, path):
 
 
 def write_csv(path, rows, columns):
-    with open(path + ".tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+    def write(f):
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(path + ".tmp", path)
+        f.write(text.getvalue().encode())
+    write_atomic(path, write)
 
 
 # ---- the script ----
@@ -346,9 +403,10 @@ def check(c):
             raise ConfigError(f"sae_tokens {t:,} is less than one step (16 samples x n_ctx={c.n_ctx} tokens)")
     if c.eval_n_samples <= 0:
         raise ConfigError(f"eval_n_samples must be positive, got {c.eval_n_samples}")
-    for key in ("local_coeffs", "e2e_coeffs", "e2e_ds_coeffs"):
-        if any(not isinstance(v, (int, float)) or v <= 0 for v in getattr(c, key)):
-            raise ConfigError(f"{key} must be positive numbers, got {getattr(c, key)}")
+    check_sweep(c)
+    for f in c.compare:
+        if not os.path.isfile(f):
+            raise ConfigError(f"compare names {f!r}, which is not a file: give results CSVs of earlier sweeps")
     try:
         os.makedirs(c.results_dir, exist_ok=True)
         os.makedirs(c.out_root, exist_ok=True)
@@ -359,20 +417,49 @@ def check(c):
         raise ConfigError(f"cannot write to results_dir={c.results_dir!r} or out_root={c.out_root!r} ({e})")
 
 
+def check_sweep(c):
+    """The activation, what is swept, its values, and train_args that leave the plan's own settings alone."""
+    if c.activation not in ("relu", "topk", "batchtopk", "jumprelu"):
+        raise ConfigError(f"activation must be 'relu', 'topk', 'batchtopk' or 'jumprelu', got {c.activation!r}")
+    if c.sweep not in ("sparsity_coeff", "k") or (c.sweep == "k") != (c.activation in ("topk", "batchtopk")):
+        raise ConfigError(f"sweep={c.sweep!r} with activation={c.activation!r}: topk and batchtopk sweep 'k' (their "
+                          "sparsity is k), relu and jumprelu sweep 'sparsity_coeff'")
+    for key in ("local_coeffs", "e2e_coeffs", "e2e_ds_coeffs"):
+        values = getattr(c, key)
+        if c.sweep == "k" and any(not isinstance(v, int) or v < 1 for v in values):
+            raise ConfigError(f"{key} sets k for each run here (sweep='k'): whole numbers >= 1, got {values}")
+        if any(not isinstance(v, (int, float)) or v <= 0 for v in values):
+            raise ConfigError(f"{key} must be positive numbers, got {values}")
+    for arg in c.train_args:
+        key = arg[2:].partition("=")[0] if arg.startswith("--") else None
+        if key is None:
+            raise ConfigError(f"train_args holds {arg!r}: give train.py settings as '--key=value'")
+        if key in PLANNED:
+            raise ConfigError(f"train_args sets {key}, which reproduce.py sets for every run itself (or which would "
+                              "train on another model or data than the sweep reports): use its own settings instead")
+
+
 def stop_on_sigterm(signum, frame):
     raise KeyboardInterrupt  # a scheduler's SIGTERM stops the sweep like Ctrl-C: the running train.py saves first
 
 
-def main(argv):
-    c = type("Config", (), configure(DEFAULTS, argv))
-    check(c)
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
-    t0 = time.time()
-    runs = plan(c)
+def run_label(i, runs, run):
+    value = f"k={run['k']}" if run["k"] else f"sparsity_coeff={run['sparsity_coeff']:g}"
+    activation = "" if run["activation"] == "relu" else f"{run['activation']} "
+    return f"[{i + 1}/{len(runs)}] {run['model']}, {run['sae_tokens']:,} tokens, {activation}{run['type']} {value}"
+
+
+def train_all(runs, c):
+    """Train every run of the plan that is not finished (resuming those that started); with train=False, mark
+    them left out instead. A run whose stored settings differ from the plan's is refused before any training."""
+    for run in runs:
+        differ = stored_mismatch(run)
+        if differ:
+            shown = ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in list(differ.items())[:4])
+            raise ConfigError(f"{run['out_dir']} holds a run trained with other settings ({shown}): its results "
+                              "are not this sweep's. Move it away, or choose another out_root")
     for i, run in enumerate(runs):
-        state = progress(run["out_dir"])
-        label = f"[{i + 1}/{len(runs)}] {run['model']}, {run['sae_tokens']:,} tokens, {run['type']} " \
-                f"sparsity_coeff={run['sparsity_coeff']:g}"
+        state, label = progress(run["out_dir"]), run_label(i, runs, run)
         if state and state[0] >= state[1]:
             print(f"{label}: done already ({run['out_dir']})")
             continue
@@ -384,35 +471,31 @@ def main(argv):
         start = time.time()
         train_run(run)
         print(f"    trained in {time.time() - start:.0f} s", flush=True)
+    return [run for run in runs if not run.get("left_out")]
 
-    # every run of a model on the same held-out tokens
+
+def evaluate_all(runs, c):
+    """Every run on the same held-out tokens: one row per run with the figures the CSV and the plots read."""
     import torch
-    from eval import heldout_samples, write_json
+
+    import data
     eval_device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"\nevaluating {len(runs)} runs on the same held-out tokens", flush=True)
-    held_out = heldout_samples("shakespeare", c.n_ctx, c.eval_n_samples)
-    runs = [run for run in runs if not run.get("left_out")]
-    if not runs:
-        sys.exit("no finished run to report: train some first (train=True)")
+    held_out = data.heldout_samples("shakespeare", c.n_ctx, c.eval_n_samples)
     rows = []
     for run in runs:
         r = evaluate_run(run, held_out, eval_device)
+        ckpt = torch.load(os.path.join(run["out_dir"], "ckpt.pt"), map_location="cpu", weights_only=False)
         rows.append(dict(run, **{k: r[k] for k in ("l0", "ce_increase", "alive", "kl", "ce_orig", "ce_sae",
                                                    "explained_variance", "n_dict")},
-                         model_ce=r["ce_orig"],
+                         model_ce=r["ce_orig"], train_seconds=ckpt.get("train_seconds"),
                          explained_variance_downstream=r["downstream_explained_variance"].get(
                              (run["downstream"] or [None])[-1], float("nan"))))
-    os.makedirs(c.results_dir, exist_ok=True)
-    grid = len(c.models) > 1 or len(c.sae_tokens) > 1
-    csv_path = os.path.join(c.results_dir, f"{c.name}.csv")
-    write_csv(csv_path, rows, SCALING_COLUMNS if grid else SMALL_SCALE_COLUMNS)
-    written = [csv_path]
+    return rows
 
-    kinds = [k for k in c.types if k != "local"]
-    print(f"\n{'model':<24} {'tokens':>10} {'type':<7} {'lambda':>6} {'L0':>7} {'alive':>6} {'CE inc':>8} {'EV':>6}")
-    for r in rows:
-        print(f"{r['model']:<24} {r['sae_tokens']:>10,} {r['type']:<7} {r['sparsity_coeff']:>6g} {r['l0']:>7.1f} "
-              f"{r['alive']:>6} {r['ce_increase']:>8.4f} {r['explained_variance']:>6.3f}")
+
+def ratios(rows, c, kinds):
+    """The matched-CE ratios of every model and budget (one row each), printed as it goes."""
     ratio_rows = []
     for model in dict.fromkeys(r["model"] for r in rows):
         points = {t: [r for r in rows if r["model"] == model and r["sae_tokens"] == t] for t in sorted(c.sae_tokens)}
@@ -434,6 +517,8 @@ def main(argv):
         for t, p in points.items():
             print(f"\n{model}, {t:,} SAE tokens (model CE {p[0]['model_ce']:.4f}): at matched CE increase")
             report_matched(p, kinds)
+            if c.sweep == "k":
+                report_equal_k(p)
     print("\nthe ratio as the budget grows:" if len(c.sae_tokens) > 1 else "\nthe ratios:")
     for r in ratio_rows:
         fmt_ratio = lambda v: "-" if v is None else f"{v:.2f}x"
@@ -442,24 +527,72 @@ def main(argv):
                   if r["common_ce_lo"] is not None and len(c.sae_tokens) > 1 else "")
         print(f"  {r['model']:<24} {r['sae_tokens']:>10,} {r['type']:<7} L0 {fmt_ratio(r['l0_ratio'])}, alive "
               f"{fmt_ratio(r['alive_ratio'])}{common}")
-    write_json(os.path.join(c.results_dir, f"{c.name}.json"),
-               dict(settings={k: getattr(c, k) for k in DEFAULTS},
-                    rows=[{k: v for k, v in r.items() if k != "argv"} for r in rows], ratios=ratio_rows))
-    written.append(os.path.join(c.results_dir, f"{c.name}.json"))
+    return ratio_rows
+
+
+def report_equal_k(rows):
+    """At each k, the types side by side: with L0 fixed by k, what each costs (CE increase, KL) and keeps alive."""
+    print("  at equal k (L0 fixed; no interpolation):")
+    for k in sorted({r["k"] for r in rows}):
+        at = {r["type"]: r for r in rows if r["k"] == k}
+        cells = [f"{t} CE +{r['ce_increase']:.4f} KL {r['kl']:.4f} alive {r['alive']} EV {r['explained_variance']:.2f}"
+                 for t, r in at.items()]
+        ratio = (f"; e2e/local CE increase {at['e2e']['ce_increase'] / at['local']['ce_increase']:.2f}x"
+                 if {"e2e", "local"} <= set(at) and at["local"]["ce_increase"] > 0 else "")
+        print(f"  k={k:<4} " + " | ".join(cells) + ratio)
+
+
+def read_compare(paths):
+    """Rows of earlier sweeps' CSVs, to draw beside this one's (numbers as numbers; a missing activation is relu)."""
+    rows = []
+    for path in paths:
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                row = {k: (float(v) if re.fullmatch(r"-?[\d.]+(e-?\d+)?|nan", v or "") else v) for k, v in r.items()}
+                rows.append(dict(row, activation=row.get("activation") or "relu", reference=path))
+    return rows
+
+
+def write_results(rows, ratio_rows, c, grid):
+    """The CSV, the JSON and the plots of the sweep; returns the paths written."""
+    csv_path = os.path.join(c.results_dir, f"{c.name}.csv")
+    write_csv(csv_path, rows, SCALING_COLUMNS if grid else SMALL_SCALE_COLUMNS)
+    json_path = os.path.join(c.results_dir, f"{c.name}.json")
+    write_json(json_path, dict(settings={k: getattr(c, k) for k in DEFAULTS},
+                               rows=[{k: v for k, v in r.items() if k != "argv"} for r in rows], ratios=ratio_rows))
+    written = [csv_path, json_path]
     if grid:
         ratio_path = os.path.join(c.results_dir, f"{c.name}_ratio.csv")
         write_csv(ratio_path, ratio_rows, list(ratio_rows[0]))
         plot_ratios([r for r in ratio_rows if r["type"] == "e2e"], os.path.join(c.results_dir, f"{c.name}.png"))
         plot_grid(rows, os.path.join(c.results_dir, f"{c.name}_pareto.png"))
         plot_ratio_curves(rows, "e2e", os.path.join(c.results_dir, f"{c.name}_vs_ce.png"))
-        written += [ratio_path] + [os.path.join(c.results_dir, f"{c.name}{suffix}.png")
-                                   for suffix in ("", "_pareto", "_vs_ce")]
-    else:
-        from eval import plot_pareto
-        plot_pareto(rows, os.path.join(c.results_dir, f"{c.name}_pareto.png"),
-                    title=f"{rows[0]['model']} on Shakespeare, SAEs at {rows[0]['position']}, "
-                          f"{c.sae_tokens[0]:,} tokens each")
-        written.append(os.path.join(c.results_dir, f"{c.name}_pareto.png"))
+        return written + [ratio_path] + [os.path.join(c.results_dir, f"{c.name}{suffix}.png")
+                                         for suffix in ("", "_pareto", "_vs_ce")]
+    from report import plot_pareto
+    activation = "" if c.activation == "relu" else f"{c.activation} "
+    plot_pareto(rows + read_compare(c.compare), os.path.join(c.results_dir, f"{c.name}_pareto.png"),
+                title=f"{rows[0]['model']} on Shakespeare, {activation}SAEs at {rows[0]['position']}, "
+                      f"{c.sae_tokens[0]:,} tokens each")
+    return written + [os.path.join(c.results_dir, f"{c.name}_pareto.png")]
+
+
+def main(argv):
+    c = SimpleNamespace(**configure(DEFAULTS, argv))
+    check(c)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    t0 = time.time()
+    runs = train_all(plan(c), c)
+    if not runs:
+        sys.exit("no finished run to report: train some first (train=True)")
+    rows = evaluate_all(runs, c)
+    print(f"\n{'model':<24} {'tokens':>10} {'type':<7} {'lambda':>6} {'k':>4} {'L0':>7} {'alive':>6} {'CE inc':>8} "
+          f"{'EV':>6}")
+    for r in rows:
+        print(f"{r['model']:<24} {r['sae_tokens']:>10,} {r['type']:<7} {r['sparsity_coeff']:>6g} {r['k'] or '-':>4} "
+              f"{r['l0']:>7.1f} {r['alive']:>6} {r['ce_increase']:>8.4f} {r['explained_variance']:>6.3f}")
+    ratio_rows = ratios(rows, c, [k for k in c.types if k != "local"])
+    written = write_results(rows, ratio_rows, c, grid=len(c.models) > 1 or len(c.sae_tokens) > 1)
     print(f"\nwrote {', '.join(written)} in {(time.time() - t0) / 60:.1f} min")
 
 

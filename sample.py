@@ -5,15 +5,16 @@ Generate text from GPT-2 with and without the SAEs spliced in, side by side, fro
     python sample.py --checkpoint=saelens:neuronpedia/gpt2-small__res_sce-ajt/6-res_sce-ajt --temperature=0
 
 A good SAE leaves the text about as fluent as the original model's; a poor one shows at once. The checkpoint is
-any spec eval.py accepts (this project's, the reference library's, SAELens's; local or remote).
+any spec interop.py reads (this project's, the reference library's, SAELens's; local or remote).
 """
 
 import sys
+from types import SimpleNamespace
 
 import torch
 
-from configurator import check_settings, configure, print_config
-from eval import checkpoint_kind, load_checkpoint
+from configurator import ConfigError, check_settings, configure, print_config
+from interop import checkpoint_kind, load_checkpoint
 from model import gpt2_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -41,10 +42,16 @@ SETTINGS = [  # (key, test, what the value must be): checked before anything is 
 def main(argv):
     config = configure(DEFAULTS, argv)
     check_settings(config, SETTINGS)
-    c = type("Config", (), config)
-    checkpoint_kind(c.checkpoint)  # names a missing or unknown checkpoint before any loading
+    c = SimpleNamespace(**config)
+    try:
+        checkpoint_kind(c.checkpoint)  # names a missing or unknown checkpoint before any loading
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     print_config(config)
-    model = load_checkpoint(c.checkpoint, c.init_from).to(c.device).eval()
+    try:
+        model = load_checkpoint(c.checkpoint, c.init_from).to(c.device).eval()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"checkpoint {c.checkpoint!r}: {e}") from None
     enc = gpt2_tokenizer()
     idx = torch.tensor([enc.encode(c.prompt, allowed_special={"<|endoftext|>"})], device=c.device)  # (1, T)
     if idx.shape[1] == 0:

@@ -17,7 +17,8 @@ explaining.
     python train_gpt.py config/gpt_shakespeare.py       # the same settings, spelled out
     python train_gpt.py --n_steps=100 --out_dir=out-gpt # anything overridden on the command line
 
-From Python: ensure_small_model() returns the cached model's directory, training it on first use only.
+From Python: ensure_small_model() returns the cached model's directory, training it on first use only, and
+load_gpt(init_from) loads any GPT-2 an SAE can splice into ('gpt2', a directory, or 'shakespeare': this model).
 """
 
 import hashlib
@@ -27,14 +28,14 @@ import os
 import shutil
 import sys
 import time
-from itertools import islice
 
 import torch
 import torch.nn.functional as F
 
 from configurator import ConfigError, check_settings, check_writable, configure, print_config
-from data import DataError, count_samples, heldout_rule, token_samples
+from data import DataError, count_samples, heldout_rule, heldout_samples, token_samples
 from model import GPT, GPTConfig, save_pretrained
+from runs import get_lr
 
 # -----------------------------------------------------------------------------
 # data
@@ -94,26 +95,11 @@ def small_model_dir(**overrides):
     return os.path.join(root, f"gpt2-shakespeare-{c['n_layer']}x{c['n_embd']}-{digest}")
 
 
-def get_lr(step, n_steps, warmup_steps, lr, min_lr_factor):
-    """Linear warmup over warmup_steps, then cosine decay to min_lr_factor x lr at the last step. (train.py's SAE
-    training uses the same schedule.)"""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, n_steps - 1 - warmup_steps))
-    min_lr = lr * min_lr_factor
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
 def train_tokens(dataset, n_ctx):
     """Every token of the training split as one LongTensor (the stream of data.py, cut into n_ctx-token samples:
     only the last partial sample, under n_ctx tokens, is left out)."""
     samples = list(token_samples(dataset, n_ctx, "train", repeat=False))
     return torch.cat(samples) if samples else torch.zeros(0, dtype=torch.long)
-
-
-def heldout_samples(dataset, n_ctx, eval_n_samples):
-    """The first eval_n_samples held-out samples (or all of them, if there are fewer), (N, n_ctx)."""
-    return torch.stack(list(islice(token_samples(dataset, n_ctx, "eval", repeat=False), eval_n_samples)))
 
 
 def unigram_cross_entropy(dataset, n_ctx, eval_n_samples):
@@ -123,14 +109,14 @@ def unigram_cross_entropy(dataset, n_ctx, eval_n_samples):
     vocab_size = GPTConfig.vocab_size
     counts = torch.bincount(train_tokens(dataset, n_ctx), minlength=vocab_size).double()
     log_p = torch.log((counts + 1) / (counts.sum() + vocab_size))
-    targets = heldout_samples(dataset, n_ctx, eval_n_samples)[:, 1:]
+    targets = torch.stack(heldout_samples(dataset, n_ctx, eval_n_samples))[:, 1:]
     return -log_p[targets].mean().item()
 
 
 @torch.no_grad()
 def model_cross_entropy(gpt, dataset, n_ctx, eval_n_samples, batch_size=16):
     """Held-out cross-entropy (nats per token) of `gpt`: the logits at position t predict token t+1."""
-    samples = heldout_samples(dataset, n_ctx, eval_n_samples)
+    samples = torch.stack(heldout_samples(dataset, n_ctx, eval_n_samples))  # (N, n_ctx)
     device = next(gpt.parameters()).device
     was_training = gpt.training
     gpt.eval()
@@ -163,9 +149,8 @@ def seen_vocab_loss(gpt, idx, targets, seen, unseen_row, unseen_bias):
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def train_small_gpt(out_dir, **overrides):
-    """Train a GPT-2 from scratch with DEFAULTS updated by `overrides`; write it to out_dir (config.json,
-    model.safetensors, train_summary.json) all at once, and return the summary."""
+def resolve_settings(out_dir, overrides):
+    """DEFAULTS updated by `overrides`, every range checked, out_dir made absolute and checked writable."""
     unknown = sorted(set(overrides) - set(DEFAULTS))
     if unknown:
         raise TypeError(f"unknown setting(s) {unknown}; valid: {', '.join(sorted(DEFAULTS))}")
@@ -175,11 +160,12 @@ def train_small_gpt(out_dir, **overrides):
     if c["n_embd"] % c["n_head"]:
         raise ConfigError(f"n_embd={c['n_embd']} must be a multiple of n_head={c['n_head']} (the heads split the width)")
     check_writable(out_dir, "out_dir")
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if c["device"] == "auto" else c["device"]
-    torch.manual_seed(c["seed"])
-    t0 = time.time()
+    return c
 
-    try:  # both parts of the data, before any training
+
+def training_tokens(c):
+    """The training split as one LongTensor, after checking that both parts of the data hold a window."""
+    try:
         tokens = train_tokens(c["dataset"], c["n_ctx"])
         heldout = count_samples(c["dataset"], c["n_ctx"], "eval", at_most=1)
     except DataError as e:
@@ -188,15 +174,62 @@ def train_small_gpt(out_dir, **overrides):
         part = "training" if len(tokens) <= c["n_ctx"] else "held-out"
         raise ConfigError(f"the {part} part of dataset {c['dataset']!r} is too short for one window of n_ctx="
                           f"{c['n_ctx']} tokens (held out: {heldout_rule(c['dataset'])[1]}): more text or a smaller n_ctx")
-    gpt = GPT(GPTConfig(block_size=c["n_ctx"], n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"]))
-    # the tokens of the training text, and one embedding shared by all the others (see seen_vocab_loss)
+    return tokens
+
+
+def seen_vocabulary(tokens, vocab_size):
+    """(seen token ids, boolean mask of the unseen ones, the logit bias of seen_vocab_loss: 0 for each seen token,
+    log(n_unseen) for the one row the unseen tokens share)."""
     seen = torch.unique(tokens)
-    unseen = torch.ones(gpt.config.vocab_size, dtype=torch.bool).index_fill_(0, seen, False)
+    unseen = torch.ones(vocab_size, dtype=torch.bool).index_fill_(0, seen, False)
     unseen_bias = torch.zeros(len(seen) + 1)
     unseen_bias[-1] = math.log(unseen.sum()) if unseen.any() else -math.inf
+    return seen, unseen, unseen_bias
+
+
+def train_small_gpt(out_dir, **overrides):
+    """Train a GPT-2 from scratch with DEFAULTS updated by `overrides`; write it to out_dir (config.json,
+    model.safetensors, train_summary.json) all at once, and return the summary."""
+    c = resolve_settings(out_dir, overrides)
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if c["device"] == "auto" else c["device"]
+    torch.manual_seed(c["seed"])
+    t0 = time.time()
+    tokens = training_tokens(c)  # both parts of the data, before any training
+    gpt = GPT(GPTConfig(block_size=c["n_ctx"], n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"]))
+    # the tokens of the training text, and one embedding shared by all the others (see seen_vocab_loss)
+    seen, unseen, unseen_bias = seen_vocabulary(tokens, gpt.config.vocab_size)
     tokens = torch.searchsorted(seen, tokens)  # token ids -> indices into `seen`, as the loss's targets want them
     gpt, seen, unseen, unseen_bias = gpt.to(dev), seen.to(dev), unseen.to(dev), unseen_bias.to(dev)
     unseen_row = torch.nn.Parameter(torch.zeros(c["n_embd"], device=dev))
+    print(f"train_gpt: {gpt.num_params() / 1e6:.2f}M parameters ({c['n_layer']} layers x {c['n_embd']} wide), "
+          f"{len(tokens):,} training tokens of {c['dataset']!r} ({len(seen):,} distinct); {c['n_steps']:,} steps x "
+          f"{c['batch_size'] * c['n_ctx']:,} tokens = {c['n_steps'] * c['batch_size'] * c['n_ctx']:,} tokens, on {dev}")
+
+    def heldout_ce():  # of the model as it will be saved: the unseen tokens' rows set to their shared row
+        with torch.no_grad():
+            gpt.transformer.wte.weight[unseen] = unseen_row  # (no gradient ever reaches these rows in training)
+        return model_cross_entropy(gpt, c["dataset"], c["n_ctx"], c["eval_n_samples"], c["batch_size"])
+
+    loss_of = lambda window: seen_vocab_loss(gpt, seen[window[:, :-1]], window[:, 1:], seen, unseen_row, unseen_bias)
+    curve, heldout_curve = fit(gpt, unseen_row, tokens, loss_of, heldout_ce, c, dev)
+    train_seconds = time.time() - t0
+
+    heldout = heldout_ce()
+    heldout_curve.append([c["n_steps"], round(heldout, 4)])
+    unigram = unigram_cross_entropy(c["dataset"], c["n_ctx"], c["eval_n_samples"])
+    tokens_seen = c["n_steps"] * c["batch_size"] * c["n_ctx"]
+    summary = dict(heldout_ce=heldout, unigram_ce=unigram, steps=c["n_steps"], tokens=tokens_seen,
+                   epochs=round(tokens_seen / len(tokens), 2), seconds=round(time.time() - t0, 1),
+                   train_seconds=round(train_seconds, 1), loss_curve=curve, heldout_curve=heldout_curve, config=c)
+    print(f"train_gpt: held-out CE {heldout:.4f} nats/token vs a unigram model's {unigram:.4f}; "
+          f"{summary['seconds']:.0f} s in all")
+    save_small_model(c["out_dir"], gpt.cpu(), summary)
+    return summary
+
+
+def fit(gpt, unseen_row, tokens, loss_of, heldout_ce, c, dev):
+    """nanoGPT's loop: windows of n_ctx + 1 tokens at random offsets (inputs, and the targets one token later),
+    AdamW with the schedule of runs.get_lr. Returns the training curve and the held-out curve."""
     # weight decay on the matrices and embedding rows, not on biases and layer-norm gains
     decay = [p for p in gpt.parameters() if p.dim() >= 2] + [unseen_row]
     no_decay = [p for p in gpt.parameters() if p.dim() < 2]
@@ -205,16 +238,6 @@ def train_small_gpt(out_dir, **overrides):
                                    dict(params=no_decay, weight_decay=0.0)], lr=c["lr"], betas=(0.9, 0.95),
                                   fused=True)  # one pass over the 6.4M embedding, not one per operation
     tokens_per_step = c["batch_size"] * c["n_ctx"]
-    print(f"train_gpt: {gpt.num_params() / 1e6:.2f}M parameters ({c['n_layer']} layers x {c['n_embd']} wide), "
-          f"{len(tokens):,} training tokens of {c['dataset']!r} ({len(seen):,} distinct); {c['n_steps']:,} steps x "
-          f"{tokens_per_step:,} tokens = {c['n_steps'] * tokens_per_step:,} tokens, on {dev}")
-
-    def heldout_ce():  # of the model as it will be saved: the unseen tokens' rows set to their shared row
-        with torch.no_grad():
-            gpt.transformer.wte.weight[unseen] = unseen_row  # (no gradient ever reaches these rows in training)
-        return model_cross_entropy(gpt, c["dataset"], c["n_ctx"], c["eval_n_samples"], c["batch_size"])
-
-    # nanoGPT's batches: windows of n_ctx + 1 tokens at random offsets; inputs and the targets one token later
     generator = torch.Generator().manual_seed(c["seed"])
     curve, heldout_curve, window_loss, window_steps, t_log = [], [], 0.0, 0, time.time()
     for step in range(c["n_steps"]):
@@ -223,7 +246,7 @@ def train_small_gpt(out_dir, **overrides):
             group["lr"] = lr
         starts = torch.randint(0, len(tokens) - c["n_ctx"], (c["batch_size"],), generator=generator)
         window = torch.stack([tokens[s:s + c["n_ctx"] + 1] for s in starts.tolist()]).to(dev)  # (B, n_ctx + 1)
-        loss = seen_vocab_loss(gpt, seen[window[:, :-1]], window[:, 1:], seen, unseen_row, unseen_bias)
+        loss = loss_of(window)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, c["max_grad_norm"])
@@ -242,23 +265,15 @@ def train_small_gpt(out_dir, **overrides):
             print(f"step {step + 1} | held-out CE {heldout_curve[-1][1]:.4f} | "
                   f"{(step + 1) * tokens_per_step / len(tokens):.2f} epochs", flush=True)
             t_log += time.time() - t_eval  # the evaluation is not part of the steps' time
-    train_seconds = time.time() - t0
+    return curve, heldout_curve
 
-    heldout = heldout_ce()
-    heldout_curve.append([c["n_steps"], round(heldout, 4)])
-    unigram = unigram_cross_entropy(c["dataset"], c["n_ctx"], c["eval_n_samples"])
-    summary = dict(heldout_ce=heldout, unigram_ce=unigram, steps=c["n_steps"],
-                   tokens=c["n_steps"] * tokens_per_step, epochs=round(c["n_steps"] * tokens_per_step / len(tokens), 2),
-                   seconds=round(time.time() - t0, 1), train_seconds=round(train_seconds, 1), loss_curve=curve,
-                   heldout_curve=heldout_curve, config=c)
-    print(f"train_gpt: held-out CE {heldout:.4f} nats/token vs a unigram model's {unigram:.4f}; "
-          f"{summary['seconds']:.0f} s in all")
 
-    # write everything into a sibling directory, then rename it into place: a reader never sees half a model
+def save_small_model(out_dir, gpt, summary):
+    """Write everything into a sibling directory, then rename it into place: a reader never sees half a model."""
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    save_pretrained(gpt.cpu(), tmp)
+    save_pretrained(gpt, tmp)
     with open(os.path.join(tmp, "train_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if not os.path.isdir(out_dir):
@@ -268,7 +283,6 @@ def train_small_gpt(out_dir, **overrides):
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
         os.rmdir(tmp)
     print(f"train_gpt: saved to {out_dir}")
-    return summary
 
 
 def small_model(config_file=""):
@@ -290,6 +304,13 @@ def ensure_small_model(**overrides):
           f"({minutes}; done once, then cached)", flush=True)
     train_small_gpt(directory, **overrides)
     return directory
+
+
+def load_gpt(init_from, small_model_config=""):
+    """The frozen GPT-2 an SAE splices into: 'gpt2' (-medium, ...), a directory in Hugging Face's layout, or
+    'shakespeare', the embedded default's small model (or with `small_model_config` the small model that
+    train_gpt.py config file describes), trained and cached first if it is not cached yet."""
+    return GPT.from_pretrained(small_model(small_model_config) if init_from == "shakespeare" else init_from)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,19 @@
-"""e2esae.py: every loss and metric against the formulas of REFERENCE.md, computed independently here."""
+"""e2esae.py: every loss and metric against the paper's formulas (e2esae.py's docstring; Braun et al. 2024, and the
+reference library's code), computed independently here."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from e2esae import (SAE, FeatureCounts, SAETransformer, compute_loss, cross_entropy, explained_variance,
-                    output_metrics, sparsity_loss)
+from e2esae import (
+    SAE,
+    FeatureCounts,
+    SAETransformer,
+    compute_loss,
+    cross_entropy,
+    explained_variance,
+    output_metrics,
+    sparsity_loss,
+)
 from model import GPT, GPTConfig
 
 V, D, L = 101, 32, 4
@@ -311,12 +320,14 @@ def test_bad_inputs_raise(model):
     idx = tokens()
     with pytest.raises(ValueError, match="kl_coeff must be >= 0"):
         compute_loss(model, idx, sparsity_coeff=1.0, kl_coeff=-1.0)
-    with pytest.raises(ValueError, match="every loss coefficient is 0"):
-        compute_loss(model, idx, sparsity_coeff=0.0)
+    for sparsity in (0.0, 1.0):  # sparsity alone (or nothing at all) has nothing to reconstruct
+        with pytest.raises(ValueError, match="nothing asks the SAEs to reconstruct anything"):
+            compute_loss(model, idx, sparsity_coeff=sparsity)
     with pytest.raises(ValueError, match=r"unknown residual position 'blocks\.9\.hook_resid_pre'"):
         compute_loss(model, idx, sparsity_coeff=1.0, in_to_orig_coeff=1.0, in_to_orig_positions=["blocks.9.hook_resid_pre"])
-    with pytest.raises(ValueError, match="lies before the first SAE"):
-        compute_loss(model, idx, sparsity_coeff=1.0, in_to_orig_coeff=1.0, in_to_orig_positions=["blocks.0.hook_resid_pre"])
+    for p in ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"):  # before the first SAE, and at it: always 0
+        with pytest.raises(ValueError, match="is not after the first SAE.*the term is always 0"):
+            compute_loss(model, idx, sparsity_coeff=1.0, in_to_orig_coeff=1.0, in_to_orig_positions=[p])
     with pytest.raises(ValueError, match="needs in_to_orig_positions"):
         compute_loss(model, idx, sparsity_coeff=1.0, in_to_orig_coeff=1.0)
     with pytest.raises(ValueError, match="integer tensor of shape"):
@@ -324,7 +335,7 @@ def test_bad_inputs_raise(model):
     with pytest.raises(ValueError, match="integer tensor of shape"):
         compute_loss(model, idx[0], sparsity_coeff=1.0, kl_coeff=1.0)
     with pytest.raises(ValueError, match="p_norm must be positive"):
-        compute_loss(model, idx, sparsity_coeff=1.0, p_norm=0.0)
+        compute_loss(model, idx, sparsity_coeff=1.0, kl_coeff=1.0, p_norm=0.0)
     with pytest.raises(ValueError, match=r"unknown residual position 'blocks\.4\.hook_resid_pre'.*blocks\.\{0\.\.3\}"):
         SAETransformer(small_gpt(), ["blocks.4.hook_resid_pre"])
     with pytest.raises(ValueError, match="the same place"):

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 import yaml
 
 import data
-from e2esae import SAE, SAETransformer
-from eval import plot_frequency_histogram, plot_pareto, training_type
+from e2esae import SAE, SAETransformer, training_type
 from interop import save_saelens
 from model import GPT, GPTConfig, save_pretrained
+from report import plot_frequency_histogram, plot_pareto
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_CTX, N_SAMPLES = 32, 6
@@ -66,10 +66,11 @@ def test_eval_prints_one_table_and_writes_every_metric(setup):
     assert r.returncode == 0, r.stderr
     lines = r.stdout[r.stdout.index("\ncheckpoint "):].splitlines()
     table = [[cell.strip() for cell in line.split("|")] for line in lines if " | " in line]
-    assert table[0][:6] == ["checkpoint", "position", "type", "lambda", "L0", "alive"]
-    assert [row[:4] for row in table[1:]] == [  # 2 + 1 + 1 SAEs, one table
-        [specs[0], "blocks.0.hook_resid_pre", "e2e", "2"], [specs[0], "blocks.1.hook_resid_pre", "e2e", "2"],
-        [specs[1], "blocks.1.hook_resid_pre", "e2e+ds", "10"], [specs[2], "blocks.2.hook_resid_pre", "unknown", "-"]]
+    assert table[0][:7] == ["checkpoint", "position", "type", "activation", "lambda", "L0", "alive"]
+    assert [row[:5] for row in table[1:]] == [  # 2 + 1 + 1 SAEs, one table
+        [specs[0], "blocks.0.hook_resid_pre", "e2e", "relu", "2"], [specs[0], "blocks.1.hook_resid_pre", "e2e", "relu", "2"],
+        [specs[1], "blocks.1.hook_resid_pre", "e2e+ds", "relu", "10"],
+        [specs[2], "blocks.2.hook_resid_pre", "unknown", "relu", "-"]]
 
     out = json.loads((root / "eval.json").read_text())
     rows = out["rows"]

@@ -66,10 +66,10 @@ def write_reference_run(directory, positions_in_config, loss):
     raw = {}
     for n, seed in ((500, 1), (2000, 2)):  # 2000 is the newest, though "samples_500" sorts after it as text
         sae = randomise(SAE(32, 64), seed)
-        raw[n] = {f"blocks-1-hook_resid_pre.encoder.0.weight": sae.encoder.weight.detach().clone(),
-                  f"blocks-1-hook_resid_pre.encoder.0.bias": sae.encoder.bias.detach().clone(),
-                  f"blocks-1-hook_resid_pre.decoder.weight": sae.decoder.weight.detach().clone(),
-                  f"blocks-1-hook_resid_pre.decoder.bias": sae.decoder.bias.detach().clone()}
+        raw[n] = {"blocks-1-hook_resid_pre.encoder.0.weight": sae.encoder.weight.detach().clone(),
+                  "blocks-1-hook_resid_pre.encoder.0.bias": sae.encoder.bias.detach().clone(),
+                  "blocks-1-hook_resid_pre.decoder.weight": sae.decoder.weight.detach().clone(),
+                  "blocks-1-hook_resid_pre.decoder.bias": sae.decoder.bias.detach().clone()}
         torch.save(raw[n], os.path.join(directory, f"samples_{n}.pt"))
     return raw
 
@@ -191,9 +191,13 @@ def test_foreign_saelens_sae_with_unnormalised_decoder_imports_exactly(tmp_path)
 def test_saelens_rejects_what_it_cannot_represent(tmp_path):
     save_saelens(SAE(8, 16), str(tmp_path / "sl"), POS)
     cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
-    cfg["architecture"] = "jumprelu"
+    cfg["architecture"] = "gated"
     (tmp_path / "sl" / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="only standard ReLU SAEs"):
+    with pytest.raises(ValueError, match="only SAELens's standard .ReLU., topk and jumprelu SAEs"):
+        load_saelens(str(tmp_path / "sl"))
+    cfg["architecture"] = "jumprelu"  # but no threshold among its tensors
+    (tmp_path / "sl" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="a jumprelu SAE without its threshold"):
         load_saelens(str(tmp_path / "sl"))
     with pytest.raises(FileNotFoundError, match="not a directory"):
         load_saelens(str(tmp_path / "nowhere" / "deeper"))
@@ -235,4 +239,4 @@ def test_load_wandb_offline_says_what_was_tried(tmp_path):
     assert r.returncode != 0
     assert "could not download final_config.yaml and the newest samples_{N}.pt of the wandb run sparsify/gpt2/tvj2owza" in r.stderr
     assert "wandb.Api().run('sparsify/gpt2/tvj2owza').files()" in r.stderr
-    assert "load_e2e_sae(" in r.stderr
+    assert "SAETransformer.from_local_path(" in r.stderr

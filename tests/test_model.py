@@ -1,13 +1,12 @@
 """model.py against Hugging Face's GPT-2 on random weights, the residual seam, generation, tokenizer, errors."""
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, SMALL_CONFIGS, save_random_hf_gpt2
 
+from conftest import ROOT, SMALL_CONFIGS, save_random_hf_gpt2
 from model import GPT, GPTConfig, gpt2_tokenizer, save_pretrained
 
 

@@ -8,12 +8,12 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
 
 import data
 import train
 import train_gpt
 from configurator import ConfigError
+from conftest import ROOT
 from model import GPT, GPTConfig, gpt2_tokenizer, save_pretrained
 
 
@@ -148,17 +148,21 @@ def test_an_unwritable_out_dir_fails_at_start_up(gpt_dir, one_file, tmp_path):
     assert blocker.read_text() == ""
 
 
-def test_a_finished_run_is_not_replaced_and_resuming_needs_the_same_batch(gpt_dir, one_file, tmp_path):
+def test_a_second_run_keeps_the_first_and_resuming_needs_the_same_batch(gpt_dir, one_file, tmp_path, capsys):
     out_dir = tmp_path / "out"
     train.main(args(gpt_dir, one_file, out_dir))
     before = (out_dir / "ckpt.pt").read_bytes()
-    with pytest.raises(ConfigError, match="holds a finished run: --resume=True continues it, --overwrite=True"):
-        train.main(args(gpt_dir, one_file, out_dir))
+    train.main(args(gpt_dir, one_file, out_dir))  # the same command again: a run of its own, beside the first
+    assert f"{out_dir} holds a run, which is kept: this run writes to {out_dir}-2" in capsys.readouterr().out
+    assert (out_dir / "ckpt.pt").read_bytes() == before and (tmp_path / "out-2" / "ckpt.pt").is_file()
+    train.main(args(gpt_dir, one_file, out_dir))
+    assert (tmp_path / "out-3" / "saes.safetensors").is_file()
     with pytest.raises(ConfigError, match="global batch of 4 samples, this run has 8"):
         train.main(args(gpt_dir, one_file, out_dir, resume=True, batch_size=8))
     assert (out_dir / "ckpt.pt").read_bytes() == before
     train.main(args(gpt_dir, one_file, out_dir, overwrite=True, seed=1))  # told to: replaced
     assert (out_dir / "ckpt.pt").read_bytes() != before
+    assert not (tmp_path / "out-4").exists()
 
 
 def test_train_gpt_checks_before_training(tmp_path):

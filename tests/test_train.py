@@ -1,6 +1,5 @@
 """train.py end to end on a tiny random GPT-2 and local text files: training, DDP, resume, configs, data, wandb."""
 import glob
-import json
 import math
 import os
 import re
@@ -10,11 +9,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
 
 import data
 import train
 from configurator import ConfigError
+from conftest import ROOT
 from model import GPT, GPTConfig, gpt2_tokenizer, save_pretrained
 
 
@@ -84,6 +83,7 @@ def wandb_offline_log(path):
     """The history keys and saved files of an offline wandb run, read from its .wandb file: a LevelDB-style log
     (a 7-byte file header, then 32 KiB blocks of records each with a 7-byte header: crc, length, type)."""
     import struct
+
     from wandb.proto import wandb_internal_pb2
     raw, block, pos, chunks, records = open(path, "rb").read(), 32768, 7, b"", []
     while pos + 7 <= len(raw):

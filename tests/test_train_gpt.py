@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import train_gpt
 from model import GPT, GPTConfig, gpt2_tokenizer
 
@@ -38,7 +39,7 @@ def test_checkpoint_loads_with_the_same_logits_and_held_out_ce(tiny_run):
     out, summary = tiny_run
     gpt = GPT.from_pretrained(out).eval()
     assert (gpt.config.n_layer, gpt.config.n_embd, gpt.config.block_size) == (1, 32, 32)
-    idx = train_gpt.heldout_samples("shakespeare", 32, 8)
+    idx = torch.stack(data.heldout_samples("shakespeare", 32, 8))
     ce = train_gpt.model_cross_entropy(gpt, "shakespeare", 32, 8, batch_size=3)
     assert ce == pytest.approx(summary["heldout_ce"], rel=1e-6)  # what the in-memory model scored before saving
     # the same CE by hand, over the full 50,257-token softmax

@@ -1,0 +1,132 @@
+"""
+Tables and plots of evaluated SAEs: one row per SAE, the table eval.py prints, the paper's Pareto plot (L0 and
+alive elements against CE increase) and its activation-frequency histogram. eval.py, reproduce.py, analysis.py
+and mlp.py share them. matplotlib is imported where a plot is drawn.
+"""
+
+import re
+
+from e2esae import training_type
+
+COEFF_KEYS = ("sparsity_coeff", "kl_coeff", "in_to_orig_coeff", "out_to_in_coeff", "out_to_orig_coeff")
+PUBLISHED = {"l": "local", "e": "e2e", "efr": "e2e+ds"}  # the paper's SAEs on the hub: res_s{c,l}{l,e,efr}-ajt
+
+
+def describe(spec, config):
+    """Training type and coefficients, from the checkpoint's config or (for the paper's hub SAEs) its name."""
+    out = {k: config.get(k) for k in (*COEFF_KEYS, "p_norm")}
+    if config.get("sparsity_coeff") is not None:
+        out["type"] = training_type(config.get("kl_coeff") or 0, config.get("in_to_orig_coeff") or 0)
+    else:
+        m = re.search(r"res_s[cl](l|e|efr)-ajt", spec)
+        out["type"] = PUBLISHED[m.group(1)] if m else "unknown"
+    return out
+
+
+def result_rows(spec, model, metrics, counts, downstream):
+    """One flat row per SAE position: what the table prints and plot_pareto reads."""
+    info, alive, rows = describe(spec, getattr(model, "config", {}) or {}), counts.alive(), []
+    for p in model.sae_positions:
+        rows.append(dict(
+            checkpoint=spec, position=p, **info, **model.sae(p).settings, n_dict=model.sae(p).n_dict,
+            n_tokens=counts.n_tokens[p],
+            l0=metrics[f"l0/{p}"], alive=alive[p], frac_zeros=metrics[f"frac_zeros/{p}"],
+            ce_orig=metrics["ce_orig"], ce_sae=metrics["ce_sae"], ce_increase=metrics["ce_increase"], kl=metrics["kl"],
+            explained_variance=metrics[f"explained_variance/{p}"],
+            explained_variance_ln=metrics[f"explained_variance_ln/{p}"],
+            downstream_explained_variance={q: metrics[f"in_to_orig_explained_variance/{q}"] for q in downstream}))
+    return rows
+
+
+def print_table(rows, file=None):
+    num = lambda v, f: "-" if v is None else format(v, f)
+    table = [("checkpoint", "position", "type", "activation", "lambda", "L0", "alive", "CE", "CE+SAE", "dCE", "KL",
+              "EV", "EV at later hook_resid_pre")]
+    for r in rows:
+        activation = r.get("activation", "relu") + (f" k={r['k']}" if r.get("k") else "")
+        table.append((r["checkpoint"], r["position"], r["type"], activation, num(r["sparsity_coeff"], "g"),
+                      f"{r['l0']:.1f}",
+                      f"{r['alive']:,}/{r['n_dict']:,}", f"{r['ce_orig']:.4f}", f"{r['ce_sae']:.4f}",
+                      f"{r['ce_increase']:.4f}", f"{r['kl']:.4f}", f"{r['explained_variance']:.3f}",
+                      " ".join(f"{v:.2f}" for v in r["downstream_explained_variance"].values()) or "-"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for i, row in enumerate(table):
+        print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip(), file=file)
+        if i == 0:
+            print("-+-".join("-" * w for w in widths), file=file)
+
+
+# ---- plots (matplotlib, an optional dependency) ----
+
+TYPE_STYLE = {"local": ("o", "tab:blue"), "e2e": ("s", "tab:orange"), "e2e+ds": ("^", "tab:green")}
+
+
+def plot_frequency_histogram(freqs, path, title=""):
+    """Histogram of log10 activation frequency per dictionary element (the paper's feature-density plot). Elements
+    that never fired over the evaluated tokens are dead: log10(0) does not exist, so they get their own bar at left."""
+    import numpy as np
+    from matplotlib.figure import Figure
+    freqs = np.asarray(freqs, dtype=np.float64)
+    dead, logf = int((freqs == 0).sum()), np.log10(freqs[freqs > 0])
+    lo = float(np.floor(logf.min())) if len(logf) else -6.0
+    bins = np.linspace(lo, 0.0, 41)
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.subplots()
+    ax.hist(logf, bins=bins, color="tab:blue", label=f"alive: {len(logf):,}")
+    dead_x = lo - 0.75
+    ax.bar([dead_x], [dead], width=0.5, color="tab:red", label=f"dead: {dead:,}")
+    ticks = [t for t in range(int(lo), 1)]
+    ax.set_xticks([dead_x, *ticks], ["dead", *map(str, ticks)])
+    ax.set_xlabel("log10 activation frequency (share of tokens on which the element fires)")
+    ax.set_ylabel("dictionary elements")
+    ax.set_title(title or f"{len(freqs):,} dictionary elements", fontsize=9)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+
+
+Y_LABELS = {"ce_increase": "CE loss increase", "kl": "KL(original || spliced)"}
+
+
+def plot_pareto(results, path, title="", y="ce_increase", per="token"):
+    """L0 and alive dictionary elements against CE loss increase (or another figure `y`, e.g. 'kl'), one marker and
+    colour per training type (the paper's Figure 1). `results`: dicts with keys type, sparsity_coeff, l0, alive, y
+    (and optionally position, activation, k, reference); points of one type, activation and position are joined in
+    order of L0, each labelled with its coefficient (or k). Rows with a `reference` (another sweep's, for
+    comparison) are drawn faint. `per` names what L0 counts over (a token; an image for mlp.py)."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(10, 4.4))
+    axes = fig.subplots(1, 2, sharey=True)
+    positions = sorted({str(r.get("position")) for r in results})  # several: one line style per position
+    activations = list(dict.fromkeys(r.get("activation") or "relu" for r in results))  # several: one style each
+    groups = {}
+    for r in results:
+        key = (r["type"], r.get("activation") or "relu", r.get("position") if len(positions) > 1 else None,
+               bool(r.get("reference")))
+        groups.setdefault(key, []).append(r)
+    rank = lambda kind: list(TYPE_STYLE).index(kind) if kind in TYPE_STYLE else len(TYPE_STYLE)  # local, e2e, ...
+    for (kind, activation, pos, faint), rows in sorted(groups.items(), key=lambda g: (g[0][3], rank(g[0][0]),
+                                                                                       str(g[0][1:3]))):
+        rows = sorted(rows, key=lambda r: r["l0"])
+        marker, colour = TYPE_STYLE.get(kind, ("x", "tab:gray"))
+        label = kind + (f", {activation}" if len(activations) > 1 else "") + (f" ({pos})" if pos else "")
+        style = ["-", "--", ":", "-."][(positions.index(str(pos)) if pos else activations.index(activation)) % 4]
+        for ax, x in zip(axes, ("l0", "alive")):
+            xs, ys = [r[x] for r in rows], [r[y] for r in rows]
+            ax.plot(xs, ys, marker=marker, color=colour, linestyle=style, label=label, linewidth=1,
+                    markersize=5 if faint else 7, alpha=0.35 if faint else 1.0)
+            for r in rows:
+                text = f"k={r['k']:g}" if r.get("k") else (f"{r['sparsity_coeff']:g}" if r.get("sparsity_coeff")
+                                                          is not None else "")
+                if text and not faint:
+                    ax.annotate(text, (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
+    axes[0].set_xlabel(f"L0 (active dictionary elements per {per})")
+    axes[1].set_xlabel("alive dictionary elements")
+    axes[0].set_ylabel(Y_LABELS.get(y, y))
+    axes[0].legend(frameon=False, fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
