@@ -55,7 +55,7 @@ import torch
 
 import data
 import e2esae
-from configurator import ConfigError, check_settings, check_writable, configure, print_config
+from configurator import ConfigError, check_settings, check_writable, configure, defaults, print_config
 from interop import checkpoint_kind, load_checkpoint
 from model import gpt2_tokenizer
 from report import TYPE_STYLE, result_rows
@@ -81,7 +81,7 @@ n_logit_tokens = 8  # tokens promoted and suppressed per element
 seed = 0  # for the random sample of elements and the untrained reference dictionaries
 # -----------------------------------------------------------------------------
 
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
+DEFAULTS = defaults(globals())
 
 
 # ---- geometry: cosine similarities between dictionary elements, in blocks ----
@@ -569,8 +569,8 @@ def main(argv):
     n_tokens = len(samples) * c.n_ctx
     page = os.path.join(c.out_dir, "features.html")
     write_atomic(page, lambda f: f.write(browser_html(saes, config, n_tokens).encode("utf-8")))
-    write_json(os.path.join(c.out_dir, "analysis.json"), dict(settings=config, n_tokens=n_tokens, saes=saes,
-                                                               cross_similarity=pairs, untrained=untrained), indent=None)
+    everything = dict(settings=config, n_tokens=n_tokens, saes=saes, cross_similarity=pairs, untrained=untrained)
+    write_json(os.path.join(c.out_dir, "analysis.json"), everything, indent=None)
     plot_within(saes, untrained, os.path.join(c.out_dir, "within_similarity.png"))
     plot_downstream(saes, os.path.join(c.out_dir, "downstream.png"))
     if pairs:

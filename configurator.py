@@ -1,8 +1,8 @@
 """
 Override-style configuration, nanoGPT's way.
 
-A script keeps its settings as flat, typed module-level defaults. `configure` takes those defaults and the
-command line, and returns the resolved settings:
+A script keeps its settings as flat, typed module-level defaults (`DEFAULTS = defaults(globals())` collects
+them). `configure` takes those defaults and the command line, and returns the resolved settings:
 
     python train.py config/e2e_layer6.py --batch_size=4 --lr=1e-4
 
@@ -40,6 +40,13 @@ def _check_key(key, defaults, source):
         close = difflib.get_close_matches(key, defaults, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(defaults))}"
         raise ConfigError(f"unknown key {key!r} in {source}{hint}")
+
+
+def defaults(scope):
+    """A script's settings: the typed module-level values of its globals() (int, float, bool, str, list), in order.
+    Names starting with an underscore and upper-case constants are not settings."""
+    return {k: v for k, v in scope.items() if not k.startswith("_") and not k.isupper()
+            and isinstance(v, (int, float, bool, str, list))}
 
 
 def configure(defaults, argv, given=None):

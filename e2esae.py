@@ -467,8 +467,9 @@ class SAETransformer(nn.Module):
         settings = lambda p: {k: v for k, v in specs[p].items() if k not in ("d_in", "n_dict")}
         model = cls(gpt, positions, json.loads(meta["dict_size_to_input_ratio"]), **settings(positions[0]))
         for p in positions:  # an SAE that came from elsewhere (pretrained_sae_paths) may differ from the first
-            if "n_dict" in specs[p] and (settings(p), specs[p]["n_dict"]) != (settings(positions[0]), model.sae(p).n_dict):
-                model.saes[sae_key(p)] = SAE(specs[p]["d_in"], specs[p]["n_dict"], **settings(p))
+            own = (settings(p), specs[p].get("n_dict", model.sae(p).n_dict))
+            if own != (settings(positions[0]), model.sae(p).n_dict):
+                model.saes[sae_key(p)] = SAE(specs[p]["d_in"], own[1], **own[0])
         model.saes.load_state_dict(tensors)
         model.config = config
         return model.to(next(gpt.parameters()).device)
@@ -506,7 +507,7 @@ def _check_loss_args(model, coeffs, p_norm, in_to_orig_positions):
     if p_norm <= 0:
         raise ValueError(f"p_norm must be positive, got {p_norm}")
     if isinstance(in_to_orig_positions, str):
-        raise ValueError(f"in_to_orig_positions must be a list of position names, got the string {in_to_orig_positions!r}")
+        raise ValueError(f"in_to_orig_positions must be a list of position names, got {in_to_orig_positions!r}")
     first = min(model.gpt.resid_index(p) for p in model.sae_positions)
     for p in in_to_orig_positions:
         if model.gpt.resid_index(p) <= first:  # resid_index raises for unknown names
@@ -616,7 +617,8 @@ def compute_loss(model, idx, *, sparsity_coeff, p_norm=1.0, kl_coeff=0.0, in_to_
         metrics[f"in_to_orig/{p}"] = term.detach()
         if full_metrics:
             with torch.no_grad():
-                metrics.update({f"{k}/{p}": v for k, v in reconstruction_metrics("in_to_orig_", new[r], orig[r]).items()})
+                ds = reconstruction_metrics("in_to_orig_", new[r], orig[r])
+                metrics.update({f"{k}/{p}": v for k, v in ds.items()})
     if need_logits:
         kl, output = _output_terms(model, idx, h_orig, h_new, full_metrics)
         if kl_rescale:
@@ -665,7 +667,8 @@ class FeatureCounts:
 
     def __init__(self, model):
         device = next(model.parameters()).device
-        self.counts = {p: torch.zeros(model.sae(p).n_dict, dtype=torch.long, device=device) for p in model.sae_positions}
+        self.counts = {p: torch.zeros(model.sae(p).n_dict, dtype=torch.long, device=device)
+                       for p in model.sae_positions}
         self.n_tokens = {p: 0 for p in model.sae_positions}
 
     def update(self, position, active):

@@ -35,7 +35,7 @@ import torch
 import data
 import e2esae
 import report
-from configurator import ConfigError, check_settings, check_writable, configure, print_config
+from configurator import ConfigError, check_settings, check_writable, configure, defaults, print_config
 from interop import checkpoint_kind, load_checkpoint
 from runs import write_json
 
@@ -51,7 +51,7 @@ out_json = "eval.json"
 plot_dir = ""  # if set: a Pareto plot and one activation-frequency histogram per SAE
 # -----------------------------------------------------------------------------
 
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
+DEFAULTS = defaults(globals())
 SETTINGS = [  # (key, test, what the value must be)
     ("checkpoints", lambda v: bool(v) and all(isinstance(s, str) for s in v),
      "a non-empty list of paths or specs, e.g. ['out/saes.safetensors']"),
@@ -84,7 +84,8 @@ def evaluate(model, samples, batch_size, downstream, log_every=10):
             print(f"  batch {i}/{n} | ce_increase {m['ce_increase']:.4f} | kl {m['kl']:.4f}", flush=True)
     metrics, counts = e2esae.evaluate(model, data.in_batches(samples, batch_size),
                                       e2esae.loss_kwargs(model.config, downstream), progress=progress)
-    return {k: v for k, v in metrics.items() if k != "loss" and not k.startswith("alive/") and k != "eval_tokens"}, counts
+    kept = {k: v for k, v in metrics.items() if k not in ("loss", "eval_tokens") and not k.startswith("alive/")}
+    return kept, counts
 
 
 def evaluate_checkpoint(spec, c, samples_of):
@@ -159,10 +160,12 @@ def main(argv):
     print(f"\nevery metric: {c.out_json}")
     if c.plot_dir and rows:
         n_tokens = rows[0]["n_tokens"]
-        report.plot_pareto(rows, os.path.join(c.plot_dir, "pareto.png"), title=f"{rows[0]['dataset']}, {n_tokens:,} tokens")
+        report.plot_pareto(rows, os.path.join(c.plot_dir, "pareto.png"),
+                           title=f"{rows[0]['dataset']}, {n_tokens:,} tokens")
         print(f"plots: {c.plot_dir}/")
     if failed:
-        sys.exit(f"{len(failed)} of {len(c.checkpoints)} checkpoints failed: " + "; ".join(f["checkpoint"] for f in failed))
+        names = "; ".join(f["checkpoint"] for f in failed)
+        sys.exit(f"{len(failed)} of {len(c.checkpoints)} checkpoints failed: {names}")
 
 
 if __name__ == "__main__":

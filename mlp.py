@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from configurator import ConfigError, check_settings, check_writable, configure, print_config
+from configurator import ConfigError, check_settings, check_writable, configure, defaults, print_config
 from e2esae import SAE, explained_variance, sparsity_loss
 from runs import get_lr, write_json
 
@@ -71,7 +71,7 @@ out_dir = "out-mlp"
 seed = 0
 # -----------------------------------------------------------------------------
 
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
+DEFAULTS = defaults(globals())
 DIGITS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits", "digits.csv.gz")
 TEST_EVERY = 5  # image i is held out when i % 5 == 0: 360 test images, 1,437 training images
 

@@ -59,6 +59,13 @@ def print_table(rows, file=None):
 # ---- plots (matplotlib, an optional dependency) ----
 
 TYPE_STYLE = {"local": ("o", "tab:blue"), "e2e": ("s", "tab:orange"), "e2e+ds": ("^", "tab:green")}
+OTHER_STYLES = [("D", "tab:purple"), ("v", "tab:red"), ("P", "tab:brown"), ("X", "tab:pink")]
+
+
+def type_style(kind, kinds):
+    """(marker, colour) of a training type: the paper's three fixed, any other (fine-tunes) by its place in kinds."""
+    others = sorted(k for k in kinds if k not in TYPE_STYLE)
+    return TYPE_STYLE.get(kind) or OTHER_STYLES[others.index(kind) % len(OTHER_STYLES)]
 
 
 def plot_frequency_histogram(freqs, path, title=""):
@@ -108,7 +115,7 @@ def plot_pareto(results, path, title="", y="ce_increase", per="token"):
     for (kind, activation, pos, faint), rows in sorted(groups.items(), key=lambda g: (g[0][3], rank(g[0][0]),
                                                                                        str(g[0][1:3]))):
         rows = sorted(rows, key=lambda r: r["l0"])
-        marker, colour = TYPE_STYLE.get(kind, ("x", "tab:gray"))
+        marker, colour = type_style(kind, {g[0] for g in groups})
         label = kind + (f", {activation}" if len(activations) > 1 else "") + (f" ({pos})" if pos else "")
         style = ["-", "--", ":", "-."][(positions.index(str(pos)) if pos else activations.index(activation)) % 4]
         for ax, x in zip(axes, ("l0", "alive")):

@@ -11,8 +11,8 @@ each evaluated on the same held-out tokens; and how that comparison moves with t
     python reproduce.py --local_coeffs="[1, 3]"  # any setting below overridden
 
 The paper's claim: at equal CE-loss increase, e2e SAEs need far fewer active dictionary elements per token (L0)
-and fewer alive elements than local SAEs (GPT-2 small, layer 6: L0 27.5 against 69.4, 0.40x; Braun et al. 2024, Table 1). Every run of a
-grid point has the same token budget and, but for the loss, the same settings (train.py's defaults: the
+and fewer alive elements than local SAEs (GPT-2 small, layer 6: L0 27.5 against 69.4, 0.40x; Braun et al. 2024).
+Every run of a grid point has the same token budget and, but for the loss, the same settings (train.py's defaults: the
 paper's recipe scaled down). A grid point is a model (a train_gpt.py config: '' is the embedded default's
 model, each other is trained once and cached) and an SAE budget in tokens.
 
@@ -21,11 +21,12 @@ for TopK and BatchTopK the number k of active elements, which fixes L0 exactly, 
 equal L0 with no interpolation. Runs are train.py subprocesses into out_root/<model>/<tokens>/<run>, where <run>
 is <type>_<coeff> for the paper's ReLU SAEs and <activation>_<type>_<value> (k<k> for a k sweep) for the others,
 with a hash of `train_args` appended when there are any. A run's stored config must be the one the sweep asks
-for, or it is refused (never reported as this sweep's); a finished run is skipped, an interrupted one resumed; Ctrl-C is passed on to the running train.py, which saves its checkpoint before this
-script stops. Each finished run is evaluated once (eval.py's evaluate) on eval_n_samples held-out samples and
-the figures are kept beside its checkpoint (eval.json). The comparison at matched CE increase reads L0 (and
-alive elements) off each type's curve, log-log interpolated between neighbouring runs, at points spread over
-the CE-increase range both curves cover; the ratio is their geometric mean.
+for, or it is refused (never reported as this sweep's); a finished run is skipped, an interrupted one resumed;
+Ctrl-C is passed on to the running train.py, which saves its checkpoint before this script stops. Each finished
+run is evaluated once on eval_n_samples held-out samples and the figures are kept beside its checkpoint
+(eval.json). The comparison at matched CE increase reads L0 (and alive elements) off each type's curve, log-log
+interpolated between neighbouring runs, at points spread over the CE-increase range both curves cover; the
+ratio is their geometric mean.
 """
 
 import csv
@@ -41,7 +42,7 @@ import sys
 import time
 from types import SimpleNamespace
 
-from configurator import ConfigError, configure
+from configurator import ConfigError, configure, defaults
 from runs import write_atomic, write_json
 
 # -----------------------------------------------------------------------------
@@ -57,6 +58,7 @@ e2e_ds_coeffs = [1.0, 3.0, 10.0, 30.0]  # kl_coeff = 0.5, in_to_orig_coeff below
 in_to_orig_coeff = 1.0
 train_args = []  # more train.py settings for every run, e.g. ["--lr=1e-3", "--dict_size_to_input_ratio=32"]
 compare = []  # results CSVs of other sweeps on the same model and budget, drawn beside this one's Pareto curves
+finetune_fractions = []  # per local run, one more that fine-tunes end to end for this last share of the budget
 n_ctx = 128
 eval_n_samples = 160  # held-out samples for every run: 160 x 128 = 20,480 tokens
 device = ""  # '' = train.py's default (cuda if available)
@@ -66,7 +68,7 @@ results_dir = "results"
 name = "small_scale"  # results/<name>.csv etc.; a grid of several points also writes <name>_ratio.csv and plots
 # -----------------------------------------------------------------------------
 
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
+DEFAULTS = defaults(globals())
 PAPER_L0_RATIO = 27.5 / 69.4  # GPT-2 small, layer 6, similar CE increase (REFERENCE.md)
 SMALL_SCALE_COLUMNS = ["type", "sparsity_coeff", "l0", "ce_increase", "alive", "kl", "ce_orig", "ce_sae",
                        "explained_variance", "explained_variance_downstream", "activation", "k", "train_seconds"]
@@ -91,14 +93,14 @@ def positions(c, config_file):
 PLANNED = ("small_model_config", "sae_positions", "n_ctx", "sparsity_coeff", "n_samples", "eval_n_samples",
            "eval_every_n_samples", "save_every_n_samples", "out_dir", "kl_coeff", "out_to_in_coeff",
            "in_to_orig_coeff", "in_to_orig_positions", "activation", "k", "device", "resume", "overwrite",
-           "init_from", "dataset")
+           "init_from", "dataset", "kl_rescale", "finetune_fraction")
 
 
 def run_name(c, kind, value):
     """The run's folder: <type>_<coeff> for ReLU sparsity sweeps (the layout of the committed results), else
     <activation>_<type>_<value>; a hash of train_args appended when there are any."""
     label = f"{value:g}" if c.sweep == "sparsity_coeff" else f"k{value}"
-    name = f"{kind.replace('+', '_')}_{label}"
+    name = f"{kind.replace('+', '_').replace(' ', '').replace('%', 'pct')}_{label}"
     if c.activation != "relu":
         name = f"{c.activation}_{name}"
     if c.train_args:
@@ -106,9 +108,16 @@ def run_name(c, kind, value):
     return name
 
 
+def finetune_type(fraction):
+    return f"local+ft {fraction:.0%}"
+
+
 def plan(c):
-    """Every run of the grid: dicts with model, sae_tokens, type, the swept value, out_dir and train.py's argv."""
+    """Every run of the grid: dicts with model, sae_tokens, type, the swept value, out_dir and train.py's argv. A
+    fine-tune run (finetune_fractions) trains locally, then for its last share of the steps with KL + MSE, the KL
+    rescaled to the MSE's size (Karvonen 2025's recipe), at each of the local sweep's values."""
     sweeps = {"local": c.local_coeffs, "e2e": c.e2e_coeffs, "e2e+ds": c.e2e_ds_coeffs}
+    sweeps |= {finetune_type(f): c.local_coeffs for f in c.finetune_fractions}
     runs = []
     for tokens in sorted(c.sae_tokens):  # the cheap budgets first: a first look at every model early
         n_samples = tokens // c.n_ctx
@@ -117,14 +126,17 @@ def plan(c):
             loss = {"local": dict(kl_coeff=0.0, out_to_in_coeff=1.0),
                     "e2e": dict(kl_coeff=1.0),
                     "e2e+ds": dict(kl_coeff=0.5, in_to_orig_coeff=c.in_to_orig_coeff, in_to_orig_positions=downstream)}
-            for kind in c.types:
+            loss |= {finetune_type(f): dict(kl_coeff=1.0, out_to_in_coeff=1.0, kl_rescale=True, finetune_fraction=f)
+                     for f in c.finetune_fractions}
+            for kind in [*c.types, *(finetune_type(f) for f in c.finetune_fractions)]:
                 for value in sweeps[kind]:
                     out_dir = os.path.join(c.out_root, model_name(config_file), str(tokens), run_name(c, kind, value))
                     swept = (dict(sparsity_coeff=float(value)) if c.sweep == "sparsity_coeff"
                              else dict(sparsity_coeff=0.0, k=int(value)))
                     settings = dict(small_model_config=config_file, sae_positions=[position], n_ctx=c.n_ctx,
-                                    n_samples=n_samples, eval_n_samples=c.eval_n_samples, eval_every_n_samples=n_samples,
-                                    save_every_n_samples=max(n_samples // 8, 1), out_dir=out_dir, **swept, **loss[kind],
+                                    n_samples=n_samples, eval_n_samples=c.eval_n_samples,
+                                    eval_every_n_samples=n_samples, save_every_n_samples=max(n_samples // 8, 1),
+                                    out_dir=out_dir, **swept, **loss[kind],
                                     **({"activation": c.activation} if c.activation != "relu" else {}),
                                     **({"device": c.device} if c.device else {}))
                     argv = [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}" for k, v in settings.items()]
@@ -157,7 +169,8 @@ def progress(out_dir):
     import torch
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     cfg = ckpt["config"]
-    return ckpt["step"], cfg["n_samples"] // ckpt.get("global_batch", cfg["batch_size"] * cfg["gradient_accumulation_steps"])
+    global_batch = ckpt.get("global_batch", cfg["batch_size"] * cfg["gradient_accumulation_steps"])
+    return ckpt["step"], cfg["n_samples"] // global_batch
 
 
 def train_run(run):
@@ -245,7 +258,8 @@ def matched(rows, kind, against="local", n_points=5, ce_range=None):
     for t in targets:
         a = {k: interpolate([(r["ce_increase"], r[k]) for r in curves[against]], t) for k in ("l0", "alive")}
         b = {k: interpolate([(r["ce_increase"], r[k]) for r in curves[kind]], t) for k in ("l0", "alive")}
-        out["points"].append(dict(ce_increase=t, **{f"{against}_{k}": a[k] for k in a}, **{f"{kind}_{k}": b[k] for k in b}))
+        out["points"].append(dict(ce_increase=t, **{f"{against}_{k}": a[k] for k in a},
+                                  **{f"{kind}_{k}": b[k] for k in b}))
     for k in ("l0", "alive"):
         logs = [math.log(p[f"{kind}_{k}"] / p[f"{against}_{k}"]) for p in out["points"]]
         out[f"{k}_ratio"] = math.exp(sum(logs) / len(logs))
@@ -259,8 +273,9 @@ def report_matched(rows, kinds):
             print(f"  {kind} vs local: their CE-increase ranges do not overlap; widen the sweeps")
             continue
         for p in m["points"]:
-            print(f"  CE increase {p['ce_increase']:.4f}: local L0 {p['local_l0']:6.1f}, {kind} L0 {p[kind + '_l0']:6.1f} "
-                  f"({p[kind + '_l0'] / p['local_l0']:.2f}x); alive {p['local_alive']:6.0f} vs {p[kind + '_alive']:6.0f}")
+            l0, alive = p[kind + "_l0"], p[kind + "_alive"]
+            print(f"  CE increase {p['ce_increase']:.4f}: local L0 {p['local_l0']:6.1f}, {kind} L0 {l0:6.1f} "
+                  f"({l0 / p['local_l0']:.2f}x); alive {p['local_alive']:6.0f} vs {alive:6.0f}")
         print(f"  {kind} / local over CE increase {m['ce_lo']:.4f}..{m['ce_hi']:.4f}: L0 {m['l0_ratio']:.2f}x, "
               f"alive {m['alive_ratio']:.2f}x (the paper, layer 6: L0 {PAPER_L0_RATIO:.2f}x)")
 
@@ -414,17 +429,22 @@ def check(c):
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        raise ConfigError(f"cannot write to results_dir={c.results_dir!r} or out_root={c.out_root!r} ({e})")
+        raise ConfigError(f"cannot write to results_dir={c.results_dir!r} or out_root={c.out_root!r} ({e})") from None
 
 
 def check_sweep(c):
     """The activation, what is swept, its values, and train_args that leave the plan's own settings alone."""
     if c.activation not in ("relu", "topk", "batchtopk", "jumprelu"):
         raise ConfigError(f"activation must be 'relu', 'topk', 'batchtopk' or 'jumprelu', got {c.activation!r}")
+    if any(not 0 < f < 1 for f in c.finetune_fractions):
+        raise ConfigError(f"finetune_fractions are shares of the budget, in (0, 1), got {c.finetune_fractions}")
+    if c.finetune_fractions and "local" not in c.types:
+        raise ConfigError("finetune_fractions compare fine-tunes with local runs: types must include 'local'")
     if c.sweep not in ("sparsity_coeff", "k") or (c.sweep == "k") != (c.activation in ("topk", "batchtopk")):
         raise ConfigError(f"sweep={c.sweep!r} with activation={c.activation!r}: topk and batchtopk sweep 'k' (their "
                           "sparsity is k), relu and jumprelu sweep 'sparsity_coeff'")
-    for key in ("local_coeffs", "e2e_coeffs", "e2e_ds_coeffs"):
+    lists = {"local": "local_coeffs", "e2e": "e2e_coeffs", "e2e+ds": "e2e_ds_coeffs"}
+    for key in [lists[t] for t in c.types if t in lists]:
         values = getattr(c, key)
         if c.sweep == "k" and any(not isinstance(v, int) or v < 1 for v in values):
             raise ConfigError(f"{key} sets k for each run here (sweep='k'): whole numbers >= 1, got {values}")
@@ -542,6 +562,32 @@ def report_equal_k(rows):
         print(f"  k={k:<4} " + " | ".join(cells) + ratio)
 
 
+def report_finetune(rows, fractions):
+    """Per setting: how much each fine-tune cuts local's CE increase (Karvonen's measure), what share of the gap
+    between local and full e2e it closes, and what it cost in training time."""
+    print("\nthe short end-to-end fine-tune (local, then KL + MSE for the last share of the same budget):")
+    for value in sorted({r["k"] or r["sparsity_coeff"] for r in rows if r["type"] == "local"}):
+        at = {r["type"]: r for r in rows if (r["k"] or r["sparsity_coeff"]) == value and r["type"] != "e2e+ds"}
+        local, e2e = at.get("local"), at.get("e2e")
+        if local is None:
+            continue
+        line = [f"  {'k' if local['k'] else 'lambda'}={value:g}: local CE +{local['ce_increase']:.4f} "
+                f"({local['train_seconds'] or 0:.0f} s)"]
+        for f in fractions:
+            ft = at.get(finetune_type(f))
+            if ft is None:
+                continue
+            cut = 1 - ft["ce_increase"] / local["ce_increase"]
+            closed = ((local["ce_increase"] - ft["ce_increase"]) / (local["ce_increase"] - e2e["ce_increase"])
+                      if e2e and local["ce_increase"] != e2e["ce_increase"] else None)
+            line.append(f"{finetune_type(f)} +{ft['ce_increase']:.4f} (cut {cut:.0%}"
+                        + (f", {closed:.0%} of the gap to e2e" if closed is not None else "")
+                        + f"; {ft['train_seconds'] or 0:.0f} s)")
+        if e2e:
+            line.append(f"e2e +{e2e['ce_increase']:.4f} ({e2e['train_seconds'] or 0:.0f} s)")
+        print(" | ".join(line))
+
+
 def read_compare(paths):
     """Rows of earlier sweeps' CSVs, to draw beside this one's (numbers as numbers; a missing activation is relu)."""
     rows = []
@@ -592,6 +638,8 @@ def main(argv):
         print(f"{r['model']:<24} {r['sae_tokens']:>10,} {r['type']:<7} {r['sparsity_coeff']:>6g} {r['k'] or '-':>4} "
               f"{r['l0']:>7.1f} {r['alive']:>6} {r['ce_increase']:>8.4f} {r['explained_variance']:>6.3f}")
     ratio_rows = ratios(rows, c, [k for k in c.types if k != "local"])
+    if c.finetune_fractions:
+        report_finetune(rows, c.finetune_fractions)
     written = write_results(rows, ratio_rows, c, grid=len(c.models) > 1 or len(c.sae_tokens) > 1)
     print(f"\nwrote {', '.join(written)} in {(time.time() - t0) / 60:.1f} min")
 

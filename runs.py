@@ -110,13 +110,15 @@ class OutDirLock:
                     owner = owner or {}
                     raise LockedError(f"{self.out_dir} is in use by another run: process {owner.get('pid')} on "
                                       f"{owner.get('host')}, started {owner.get('started')}. Wait for it to finish, "
-                                      f"or choose another out_dir (if no such run exists, delete {self.path})") from None
+                                      f"or choose another out_dir (if no such run exists, delete {self.path})"
+                                      ) from None
                 print(f"note: {self.path} was left by process {(owner or {}).get('pid', '?')}, which is no longer "
                       "running: taking the folder over")
                 os.remove(self.path)
                 continue
             with os.fdopen(fd, "w") as f:
-                json.dump(dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S")), f)
+                started = time.strftime("%Y-%m-%d %H:%M:%S")
+                json.dump(dict(pid=os.getpid(), host=socket.gethostname(), started=started), f)
             self.held = True
             atexit.register(self.release)
             return

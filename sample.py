@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
-from configurator import ConfigError, check_settings, configure, print_config
+from configurator import ConfigError, check_settings, configure, defaults, print_config
 from interop import checkpoint_kind, load_checkpoint
 from model import gpt2_tokenizer
 
@@ -28,7 +28,7 @@ seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 # -----------------------------------------------------------------------------
 
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
+DEFAULTS = defaults(globals())
 
 
 SETTINGS = [  # (key, test, what the value must be): checked before anything is loaded

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 import data
 import runs
-from configurator import ConfigError, check_settings, check_writable, configure, print_config
+from configurator import ConfigError, check_settings, check_writable, configure, defaults, print_config
 from e2esae import DeadElements, FeatureCounts, SAETransformer, compute_loss, evaluate, training_type
 from runs import get_lr
 from train_gpt import load_gpt
@@ -92,7 +92,7 @@ compile = False  # torch.compile the GPT's blocks (pays off on a GPU for long ru
 peak_flops = 989e12  # for MFU: an H100's dense bf16 peak
 # -----------------------------------------------------------------------------
 
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
+DEFAULTS = defaults(globals())
 LOSS_KEYS = ("sparsity_coeff", "p_norm", "kl_coeff", "in_to_orig_coeff", "in_to_orig_positions", "out_to_in_coeff",
              "out_to_orig_coeff", "aux_k_coeff", "kl_rescale")
 # settings that change how a run is watched, where it is written or on what hardware, not the SAEs it trains
@@ -103,7 +103,8 @@ positive, non_negative, names = (lambda v: v > 0), (lambda v: v >= 0), (lambda v
 SETTINGS = [  # (key, test, what the value must be): every range, checked before anything else happens
     ("sae_positions", lambda v: bool(v) and names(v), "a non-empty list of names like ['blocks.6.hook_resid_pre']"),
     ("dict_size_to_input_ratio", positive, "positive (n_dict = ratio x the model's width)"),
-    ("activation", lambda v: v in ("relu", "topk", "batchtopk", "jumprelu"), "'relu', 'topk', 'batchtopk' or 'jumprelu'"),
+    ("activation", lambda v: v in ("relu", "topk", "batchtopk", "jumprelu"),
+     "'relu', 'topk', 'batchtopk' or 'jumprelu'"),
     ("k", non_negative, ">= 0 (the active codes per token of topk and batchtopk)"),
     *[(k, positive, "positive") for k in ("jumprelu_bandwidth", "dead_window_tokens")],
     ("jumprelu_init_threshold", non_negative, ">= 0"),
@@ -194,7 +195,8 @@ def schedule(c, world_size):
     if n_steps == 0:
         raise ConfigError(f"n_samples={c.n_samples} is less than one step of {global_batch} samples")
     if c.eval_n_samples < world_size:
-        raise ConfigError(f"eval_n_samples={c.eval_n_samples} gives some of the {world_size} processes nothing to evaluate")
+        raise ConfigError(f"eval_n_samples={c.eval_n_samples} gives some of the {world_size} processes nothing to "
+                          "evaluate")
     return global_batch, n_steps, math.ceil(c.warmup_samples / global_batch)
 
 
@@ -224,7 +226,8 @@ def load_heldout(c, rank, world_size, log):
         raise ConfigError(str(e)) from None
     n_eval = len(eval_samples) * world_size
     log(f"data: {c.dataset!r}, held out: {rule[1]}; evaluating on {n_eval} samples"
-        + (f" (eval_n_samples={c.eval_n_samples}: the held-out part holds no more)" if n_eval < c.eval_n_samples else "")
+        + (f" (eval_n_samples={c.eval_n_samples}: the held-out part holds no more)"
+           if n_eval < c.eval_n_samples else "")
         + (f", {len(eval_samples)} on each of {world_size} processes" if world_size > 1 else ""))
     return data.in_batches(eval_samples, c.batch_size)
 
@@ -283,10 +286,10 @@ def load_pretrained(c, gpt, n_dict, log):
         for p in source.sae_positions:
             sae = source.sae(p)
             if sae.n_dict != n_dict:
-                raise ConfigError(f"pretrained_sae_paths: {spec} has an SAE of {sae.n_dict:,} elements x {sae.d_in} at "
-                                  f"{p}; this run's SAEs are {n_dict:,} x {gpt.config.n_embd} (dict_size_to_input_ratio="
-                                  f"{c.dict_size_to_input_ratio:g}): set dict_size_to_input_ratio="
-                                  f"{sae.n_dict / gpt.config.n_embd:g}")
+                raise ConfigError(f"pretrained_sae_paths: {spec} has an SAE of {sae.n_dict:,} elements x {sae.d_in} "
+                                  f"at {p}; this run's SAEs are {n_dict:,} x {gpt.config.n_embd} "
+                                  f"(dict_size_to_input_ratio={c.dict_size_to_input_ratio:g}): set "
+                                  f"dict_size_to_input_ratio={sae.n_dict / gpt.config.n_embd:g}")
             if p in found:
                 raise ConfigError(f"pretrained_sae_paths: two checkpoints have an SAE at {p}")
             sae.source = spec
@@ -317,9 +320,9 @@ def check_resumable(path, config, global_batch):
                           f"--pretrained_sae_paths=['{os.path.dirname(path)}'] --retrain_saes=True --out_dir=...")
     saved_batch = ckpt.get("global_batch", saved["batch_size"] * saved["gradient_accumulation_steps"])
     if saved_batch != global_batch:
-        raise ConfigError(f"{path} was trained with a global batch of {saved_batch} samples, this run has {global_batch} "
-                          "(batch_size x gradient_accumulation_steps x processes): resume with the same global batch, "
-                          "so that the data and the schedule continue where they stopped")
+        raise ConfigError(f"{path} was trained with a global batch of {saved_batch} samples, this run has "
+                          f"{global_batch} (batch_size x gradient_accumulation_steps x processes): resume with the "
+                          "same global batch, so that the data and the schedule continue where they stopped")
     return ckpt
 
 
@@ -576,7 +579,9 @@ def train_step(model, optimizer, scaler, batches, c, lr, kwargs, autocast, sums,
             sums[k] = sums.get(k, 0.0) + v.float() / c.gradient_accumulation_steps
     params = [p for p in model.saes.parameters() if p.requires_grad]
     if world_size > 1:  # average the SAE gradients (and BatchTopK's running thresholds) over the processes
-        for t in [p.grad for p in params if p.grad is not None] + [b for b in model.saes.buffers() if b.is_floating_point()]:
+        shared = [p.grad for p in params if p.grad is not None]
+        shared += [b for b in model.saes.buffers() if b.is_floating_point()]
+        for t in shared:
             dist.all_reduce(t)
             t /= world_size
         for counts in (fired.counts.values() if fired is not None else ()):
@@ -586,9 +591,10 @@ def train_step(model, optimizer, scaler, batches, c, lr, kwargs, autocast, sums,
     finite = torch.isfinite(loss) if scaler.is_enabled() else torch.isfinite(loss) & torch.isfinite(grad_norm)
     if not finite.item():  # fp16's inf gradients are the GradScaler's to skip; a non-finite loss is divergence
         optimizer.zero_grad(set_to_none=True)
-        raise Diverged(f"at step {step + 1} the loss is {loss.item():.4g} and the gradient norm {grad_norm.item():.4g}: "
-                       f"training diverged, and that step was not applied. Try a lower learning rate (lr={c.lr:g} now; "
-                       f"e.g. --lr={c.lr / 10:g}) or a smaller max_grad_norm (now {c.max_grad_norm:g}) in a new run")
+        raise Diverged(f"at step {step + 1} the loss is {loss.item():.4g} and the gradient norm "
+                       f"{grad_norm.item():.4g}: training diverged, and that step was not applied. Try a lower "
+                       f"learning rate (lr={c.lr:g} now; e.g. --lr={c.lr / 10:g}) or a smaller max_grad_norm (now "
+                       f"{c.max_grad_norm:g}) in a new run")
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -617,7 +623,8 @@ def log_line(step, figures, positions, lr, dt, tokens_per_s, mfu):
     downstream = [v for k, v in figures.items() if k.startswith("in_to_orig/")]
     line += [f"in_to_orig {sum(downstream):.4f}"] if downstream else []
     line += ["l0 " + "/".join(f"{figures['l0/' + p]:.1f}" for p in positions)]
-    line += ["dead " + "/".join(f"{figures['dead/' + p]:.0f}" for p in positions)] if "dead/" + positions[0] in figures else []
+    if "dead/" + positions[0] in figures:
+        line += ["dead " + "/".join(f"{figures['dead/' + p]:.0f}" for p in positions)]
     line += [f"lr {lr:.1e}", f"norm {figures['grad_norm']:.2f}", f"{dt * 1000:.0f} ms", f"{tokens_per_s:,.0f} tok/s"]
     line += [f"mfu {mfu:.1f}%"] if mfu is not None else []
     return " | ".join(line)
@@ -661,7 +668,8 @@ def print_summary(m, model, c, path):
     print(f"\nheld-out results ({m['eval_tokens']:,} tokens of {c.dataset!r}, model {path}):")
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
-    print(f"\nthe SAEs: {os.path.join(c.out_dir, 'saes.safetensors')} (python eval.py --checkpoints=\"['{c.out_dir}']\")")
+    saes = os.path.join(c.out_dir, "saes.safetensors")
+    print(f"\nthe SAEs: {saes} (python eval.py --checkpoints=\"['{c.out_dir}']\")")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from configurator import ConfigError, check_settings, check_writable, configure, print_config
+from configurator import ConfigError, check_settings, check_writable, configure, defaults, print_config
 from data import DataError, count_samples, heldout_rule, heldout_samples, token_samples
 from model import GPT, GPTConfig, save_pretrained
 from runs import get_lr
@@ -63,7 +63,7 @@ seed = 0
 device = "auto"  # 'auto' picks cuda when available, else cpu
 # -----------------------------------------------------------------------------
 
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
+DEFAULTS = defaults(globals())
 positive = lambda v: v > 0
 SETTINGS = [  # (key, test, what the value must be): checked before any work
     ("n_ctx", lambda v: v >= 2, "at least 2 (a window's tokens predict the next ones)"),
@@ -158,7 +158,8 @@ def resolve_settings(out_dir, overrides):
     c = {**DEFAULTS, **overrides, "out_dir": out_dir}
     check_settings(c, SETTINGS)
     if c["n_embd"] % c["n_head"]:
-        raise ConfigError(f"n_embd={c['n_embd']} must be a multiple of n_head={c['n_head']} (the heads split the width)")
+        raise ConfigError(f"n_embd={c['n_embd']} must be a multiple of n_head={c['n_head']} (the heads split the "
+                          "width)")
     check_writable(out_dir, "out_dir")
     return c
 
@@ -173,7 +174,8 @@ def training_tokens(c):
     if len(tokens) <= c["n_ctx"] or not heldout:
         part = "training" if len(tokens) <= c["n_ctx"] else "held-out"
         raise ConfigError(f"the {part} part of dataset {c['dataset']!r} is too short for one window of n_ctx="
-                          f"{c['n_ctx']} tokens (held out: {heldout_rule(c['dataset'])[1]}): more text or a smaller n_ctx")
+                          f"{c['n_ctx']} tokens (held out: {heldout_rule(c['dataset'])[1]}): more text or a smaller "
+                          "n_ctx")
     return tokens
 
 

@@ -1,4 +1,5 @@
-# End-to-end + downstream SAE at GPT-2 small's blocks.10.hook_resid_pre: sparsity + KL + MSE at every later hook_resid_pre.
+# End-to-end + downstream SAE at GPT-2 small's blocks.10.hook_resid_pre: sparsity + KL + MSE at every later
+# hook_resid_pre.
 # The paper's run at similar CE increase: L0 70.2, 25k alive elements, CE increase 0.144.
 # python train.py config/e2e_ds_layer10.py
 sae_positions = ["blocks.10.hook_resid_pre"]

@@ -1,11 +1,12 @@
-# End-to-end + downstream SAE at GPT-2 small's blocks.6.hook_resid_pre: sparsity + KL + MSE at every later hook_resid_pre.
+# End-to-end + downstream SAE at GPT-2 small's blocks.6.hook_resid_pre: sparsity + KL + MSE at every later
+# hook_resid_pre.
 # The paper's run at similar CE increase: L0 36.8, 15k alive elements, CE increase 0.124.
 # python train.py config/e2e_ds_layer6.py
 sae_positions = ["blocks.6.hook_resid_pre"]
 sparsity_coeff = 50.0
 kl_coeff = 0.5
 in_to_orig_coeff = 2.5  # split evenly: 2.5 / 5 = 0.5 per position
-in_to_orig_positions = ["blocks.7.hook_resid_pre", "blocks.8.hook_resid_pre", "blocks.9.hook_resid_pre", "blocks.10.hook_resid_pre", "blocks.11.hook_resid_pre"]
+in_to_orig_positions = [f"blocks.{i}.hook_resid_pre" for i in range(7, 12)]  # blocks.7 ... blocks.11
 init_from = "gpt2"  # GPT-2 small, OpenAI's weights from the Hugging Face hub
 dataset = "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"  # OpenWebText, pre-tokenised
 n_ctx = 1024

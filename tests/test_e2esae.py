@@ -80,7 +80,8 @@ def test_explained_variance_per_token(shape):
     ln = lambda z: (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + 1e-5)
     tl, pl = ln(t), ln(pr)
     expected_ln = 1 - ((pl - tl) ** 2).sum(-1) / ((tl - tl.mean(0)) ** 2).sum(-1)
-    torch.testing.assert_close(explained_variance(pred, target, layer_norm=True).double(), expected_ln, rtol=1e-4, atol=1e-5)
+    ev_ln = explained_variance(pred, target, layer_norm=True).double()
+    torch.testing.assert_close(ev_ln, expected_ln, rtol=1e-4, atol=1e-5)
 
 
 def test_output_metrics():
@@ -159,8 +160,9 @@ def test_e2e_with_downstream_matches_the_formulas(model, p_norm):
     expected += 0.5 * kl
     torch.testing.assert_close(m["kl"].double(), kl, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-7)
-    for key in ("ce_orig", "ce_sae", "ce_increase", "top1_acc_orig", "top1_acc_sae", "top1_consistency", "stat_distance",
-                "explained_variance_ln/blocks.1.hook_resid_pre", "in_to_orig_explained_variance/blocks.2.hook_resid_pre"):
+    for key in ("ce_orig", "ce_sae", "ce_increase", "top1_acc_orig", "top1_acc_sae", "top1_consistency",
+                "stat_distance", "explained_variance_ln/blocks.1.hook_resid_pre",
+                "in_to_orig_explained_variance/blocks.2.hook_resid_pre"):
         assert key in m and m[key].dim() == 0
     torch.testing.assert_close(m["ce_orig"], cross_entropy(logits_orig, idx))
 
@@ -197,7 +199,8 @@ def test_merged_unembedding_rows_are_exact(full_metrics):
     assert torch.equal(merged.merged.bias.exp().round().sum(), torch.tensor(float(V)))
     idx = tokens(seed=5)
     idx[0, 3:7] = torch.tensor([40, 77, 5, 12])  # targets inside both merged rows
-    coeffs = dict(sparsity_coeff=0.7, kl_coeff=0.5, in_to_orig_coeff=1.0, in_to_orig_positions=["blocks.3.hook_resid_pre"])
+    coeffs = dict(sparsity_coeff=0.7, kl_coeff=0.5, in_to_orig_coeff=1.0,
+                  in_to_orig_positions=["blocks.3.hook_resid_pre"])
     results = []
     for model in (merged, full):
         model.zero_grad()
@@ -238,9 +241,12 @@ def identity_sae(sae):
     """Weights with which the SAE reconstructs exactly: c = x + 100 on d_in codes, x_hat = c - 100."""
     d = sae.d_in
     with torch.no_grad():
-        sae.encoder.weight.zero_(); sae.encoder.bias.fill_(-1.0)
-        sae.encoder.weight[:d].copy_(torch.eye(d)); sae.encoder.bias[:d].fill_(100.0)
-        sae.decoder.weight[:, :d].copy_(torch.eye(d)); sae.decoder.bias.fill_(-100.0)
+        sae.encoder.weight.zero_()
+        sae.encoder.bias.fill_(-1.0)
+        sae.encoder.weight[:d].copy_(torch.eye(d))
+        sae.encoder.bias[:d].fill_(100.0)
+        sae.decoder.weight[:, :d].copy_(torch.eye(d))
+        sae.decoder.bias.fill_(-100.0)
 
 
 def test_a_perfect_sae_changes_nothing(model):
@@ -324,7 +330,8 @@ def test_bad_inputs_raise(model):
         with pytest.raises(ValueError, match="nothing asks the SAEs to reconstruct anything"):
             compute_loss(model, idx, sparsity_coeff=sparsity)
     with pytest.raises(ValueError, match=r"unknown residual position 'blocks\.9\.hook_resid_pre'"):
-        compute_loss(model, idx, sparsity_coeff=1.0, in_to_orig_coeff=1.0, in_to_orig_positions=["blocks.9.hook_resid_pre"])
+        compute_loss(model, idx, sparsity_coeff=1.0, in_to_orig_coeff=1.0,
+                     in_to_orig_positions=["blocks.9.hook_resid_pre"])
     for p in ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"):  # before the first SAE, and at it: always 0
         with pytest.raises(ValueError, match="is not after the first SAE.*the term is always 0"):
             compute_loss(model, idx, sparsity_coeff=1.0, in_to_orig_coeff=1.0, in_to_orig_positions=[p])

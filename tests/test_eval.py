@@ -42,10 +42,11 @@ def setup(tmp_path_factory):
     ref = root / "ref"
     os.makedirs(ref)
     sae = SAE(32, 64)
-    torch.save({f"blocks-1-hook_resid_pre.{k.replace('encoder.', 'encoder.0.')}": v for k, v in sae.state_dict().items()},
-               str(ref / "samples_100.pt"))
+    state = {f"blocks-1-hook_resid_pre.{k.replace('encoder.', 'encoder.0.')}": v for k, v in sae.state_dict().items()}
+    torch.save(state, str(ref / "samples_100.pt"))
     (ref / "final_config.yaml").write_text(yaml.safe_dump({
-        "tlens_model_name": "gpt2-small", "saes": {"sae_positions": ["blocks.1.hook_resid_pre"], "dict_size_to_input_ratio": 2.0},
+        "tlens_model_name": "gpt2-small",
+        "saes": {"sae_positions": ["blocks.1.hook_resid_pre"], "dict_size_to_input_ratio": 2.0},
         "loss": {"sparsity": {"coeff": 10.0, "p_norm": 1.0}, "logits_kl": {"coeff": 0.5}, "out_to_in": None,
                  "in_to_orig": {"hook_positions": ["blocks.2.hook_resid_pre"], "total_coeff": 2.5}}}))
     save_saelens(SAE(32, 48), str(root / "saelens"), "blocks.2.hook_resid_pre")
@@ -68,7 +69,8 @@ def test_eval_prints_one_table_and_writes_every_metric(setup):
     table = [[cell.strip() for cell in line.split("|")] for line in lines if " | " in line]
     assert table[0][:7] == ["checkpoint", "position", "type", "activation", "lambda", "L0", "alive"]
     assert [row[:5] for row in table[1:]] == [  # 2 + 1 + 1 SAEs, one table
-        [specs[0], "blocks.0.hook_resid_pre", "e2e", "relu", "2"], [specs[0], "blocks.1.hook_resid_pre", "e2e", "relu", "2"],
+        [specs[0], "blocks.0.hook_resid_pre", "e2e", "relu", "2"],
+        [specs[0], "blocks.1.hook_resid_pre", "e2e", "relu", "2"],
         [specs[1], "blocks.1.hook_resid_pre", "e2e+ds", "relu", "10"],
         [specs[2], "blocks.2.hook_resid_pre", "unknown", "relu", "-"]]
 

@@ -168,13 +168,14 @@ def test_foreign_saelens_sae_with_unnormalised_decoder_imports_exactly(tmp_path)
     and one all-zero dictionary element: the imported SAE reconstructs exactly what SAELens computes."""
     g = torch.Generator().manual_seed(5)
     w = {"W_enc": torch.randn(32, 48, generator=g) * 0.3, "b_enc": torch.randn(48, generator=g) * 0.1,
-         "W_dec": torch.randn(48, 32, generator=g) * torch.rand(48, 1, generator=g) * 5, "b_dec": torch.randn(32, generator=g)}
+         "W_dec": torch.randn(48, 32, generator=g) * torch.rand(48, 1, generator=g) * 5,
+         "b_dec": torch.randn(32, generator=g)}
     w["W_dec"][7] = 0.0
     os.makedirs(tmp_path / "foreign")
     save_file(w, str(tmp_path / "foreign" / "sae_weights.safetensors"))
-    cfg = dict(architecture="standard", d_in=32, d_sae=48, dtype="torch.float32", device="cuda", model_name="gpt2-small",
-               hook_point="blocks.2.hook_resid_pre", hook_point_layer=2, activation_fn_str="relu",
-               apply_b_dec_to_input=True, normalize_activations=False, context_size=128)
+    cfg = dict(architecture="standard", d_in=32, d_sae=48, dtype="torch.float32", device="cuda",
+               model_name="gpt2-small", hook_point="blocks.2.hook_resid_pre", hook_point_layer=2,
+               activation_fn_str="relu", apply_b_dec_to_input=True, normalize_activations=False, context_size=128)
     (tmp_path / "foreign" / "cfg.json").write_text(json.dumps(cfg))
     sae = load_saelens(str(tmp_path / "foreign"))
     assert sae.hook_name == "blocks.2.hook_resid_pre"
@@ -237,6 +238,7 @@ def test_load_wandb_offline_says_what_was_tried(tmp_path):
                     f"load_wandb('sparsify/gpt2/tvj2owza', cache_dir={str(tmp_path / 'cache')!r})",
                     tmp_path)
     assert r.returncode != 0
-    assert "could not download final_config.yaml and the newest samples_{N}.pt of the wandb run sparsify/gpt2/tvj2owza" in r.stderr
+    assert ("could not download final_config.yaml and the newest samples_{N}.pt of the wandb run "
+            "sparsify/gpt2/tvj2owza") in r.stderr
     assert "wandb.Api().run('sparsify/gpt2/tvj2owza').files()" in r.stderr
     assert "SAETransformer.from_local_path(" in r.stderr

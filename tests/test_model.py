@@ -10,7 +10,8 @@ from conftest import ROOT, SMALL_CONFIGS, save_random_hf_gpt2
 from model import GPT, GPTConfig, gpt2_tokenizer, save_pretrained
 
 
-@pytest.fixture(scope="module", params=range(len(SMALL_CONFIGS)), ids=lambda i: "{n_layer}L-{n_embd}d".format(**SMALL_CONFIGS[i]))
+@pytest.fixture(scope="module", params=range(len(SMALL_CONFIGS)),
+                ids=lambda i: "{n_layer}L-{n_embd}d".format(**SMALL_CONFIGS[i]))
 def pair(request, tmp_path_factory):
     d = str(tmp_path_factory.mktemp("hf"))
     hf = save_random_hf_gpt2(d, **SMALL_CONFIGS[request.param], seed=request.param)
@@ -49,7 +50,8 @@ def test_residual_positions_match_hidden_states(pair):
         torch.testing.assert_close(seen[f"blocks.{i}.hook_resid_pre"], hidden[i], atol=1e-5, rtol=0)
         if i < L - 1:  # HF's last hidden state has ln_f applied
             torch.testing.assert_close(seen[f"blocks.{i}.hook_resid_post"], hidden[i + 1], atol=1e-5, rtol=0)
-    torch.testing.assert_close(gpt.transformer.ln_f(seen[f"blocks.{L - 1}.hook_resid_post"]), hidden[L], atol=1e-5, rtol=0)
+    final = gpt.transformer.ln_f(seen[f"blocks.{L - 1}.hook_resid_post"])
+    torch.testing.assert_close(final, hidden[L], atol=1e-5, rtol=0)
 
 
 def test_running_blocks_in_two_ranges_equals_one_run(pair):
@@ -179,5 +181,7 @@ def test_missing_file_unknown_name_and_wrong_shape(tmp_path, hf_gpt2_dir):
     sd[key] = torch.zeros(64, 200)
     save_file(sd, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(open(os.path.join(src, "config.json")).read())
-    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'transformer\.h\.0\.mlp\.c_fc\.weight' has shape \(200, 64\), expected \(256, 64\)"):
+    message = (r"model\.safetensors: tensor 'transformer\.h\.0\.mlp\.c_fc\.weight' has shape \(200, 64\), "
+               r"expected \(256, 64\)")
+    with pytest.raises(ValueError, match=message):
         GPT.from_pretrained(str(tmp_path))

@@ -35,7 +35,8 @@ def test_plan_places_each_model_at_its_middle_and_shares_runs():
     runs = reproduce.plan(c)
     assert len(runs) == 2 * 4 * 8  # models x budgets x (4 local + 4 e2e)
     positions = {r["model"]: r["position"] for r in runs}
-    assert positions == {"gpt_shakespeare": "blocks.2.hook_resid_pre", "gpt_shakespeare_6x256": "blocks.3.hook_resid_pre"}
+    assert positions == {"gpt_shakespeare": "blocks.2.hook_resid_pre",
+                         "gpt_shakespeare_6x256": "blocks.3.hook_resid_pre"}
     first = runs[0]
     assert first["out_dir"] == "out/scaling/gpt_shakespeare/65536/local_1"  # the cheapest budget first
     assert "--n_samples=512" in first["argv"] and "--kl_coeff=0.0" in first["argv"]

@@ -64,8 +64,8 @@ def test_a_short_run_trains_and_logs_to_wandb(gpt_dir, text_dir, tmp_path):
     loss = [float(re.search(r"loss ([\d.]+)", s).group(1)) for s in steps]
     l0 = [float(re.search(r"l0 ([\d.]+)", s).group(1)) for s in steps]
     assert len(steps) == 12 and loss[-1] < loss[0] and l0[-1] < l0[0]
-    assert re.search(r"^step 24 \| loss [\d.]+ \| kl [\d.]+ \| l0 [\d.]+ \| lr 1\.0e-03 \| norm [\d.]+ \| \d+ ms \| [\d,]+ tok/s$",
-                     steps[-1], re.M), steps[-1]
+    line = r"^step 24 \| loss [\d.]+ \| kl [\d.]+ \| l0 [\d.]+ \| lr 1\.0e-03 \| norm [\d.]+ \| \d+ ms \| [\d,]+ tok/s$"
+    assert re.search(line, steps[-1], re.M), steps[-1]
     assert out.stdout.count("eval | ce_orig") == 2
     for row in ("CE loss increase", "KL(original || spliced)", "L0 at blocks.1.hook_resid_pre",
                 "alive features at blocks.1.hook_resid_pre", "explained variance at blocks.1.hook_resid_pre"):
@@ -96,7 +96,8 @@ def wandb_offline_log(path):
         if kind in (1, 4):  # a whole record, or the last piece of one
             records.append(wandb_internal_pb2.Record.FromString(chunks))
             chunks = b""
-    keys = {"/".join([i.key] if i.key else i.nested_key) for r in records if r.HasField("history") for i in r.history.item}
+    keys = {"/".join([i.key] if i.key else i.nested_key)
+            for r in records if r.HasField("history") for i in r.history.item}
     files = {f.path for r in records if r.HasField("files") for f in r.files.files}
     return keys, files
 
@@ -105,7 +106,8 @@ def test_torchrun_two_processes_equals_one(gpt_dir, text_dir, tmp_path):
     one = run(args(gpt_dir, text_dir, tmp_path / "one", batch_size=4, n_samples=32))
     assert one.returncode == 0, one.stderr[-3000:]
     two = run(args(gpt_dir, text_dir, tmp_path / "two", batch_size=2, n_samples=32),
-              launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "train.py"))
+              launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                        "train.py"))
     assert two.returncode == 0, two.stderr[-3000:]
     assert "(2 per micro-step x 1 accumulation x 2 processes)" in two.stdout
     a, b = sae_weights(tmp_path / "one"), sae_weights(tmp_path / "two")
@@ -119,8 +121,8 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(gpt_dir, text_dir, tmp
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     argv = args(gpt_dir, text_dir, tmp_path / "cut", **settings)
-    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in proc.stdout:
         if line.startswith("step 3 |"):
             proc.send_signal(signal.SIGINT)
@@ -155,7 +157,8 @@ def test_damaged_or_incompatible_checkpoint_is_refused_and_kept(gpt_dir, text_di
 
 @pytest.mark.parametrize("extra, message", [
     (["--sparsity_coef=1.0"], "unknown key 'sparsity_coef' in --sparsity_coef=1.0; did you mean 'sparsity_coeff'?"),
-    (["--n_samples=many"], f"n_samples expects int (default {train.DEFAULTS['n_samples']}), but --n_samples=many gives str 'many'"),
+    (["--n_samples=many"],
+     f"n_samples expects int (default {train.DEFAULTS['n_samples']}), but --n_samples=many gives str 'many'"),
     (["--sae_positions=blocks.1.hook_resid_pre"], "sae_positions expects list"),
     (["config/does_not_exist.py"], "config file config/does_not_exist.py does not exist"),
     (["--dtype=float8"], "dtype must be 'float32', 'bfloat16' or 'float16'"),
@@ -182,7 +185,8 @@ def test_config_files_override_in_order(tmp_path):
     cfg = tmp_path / "c.py"
     cfg.write_text("import math\nlr = 1\nbatch_size = 3  # a comment\n_private = 'ignored'\n")
     from configurator import configure
-    c = configure(train.DEFAULTS, [str(cfg), "--batch_size=5", "--device=cuda:1", "--sae_positions=['blocks.0.hook_resid_pre']"])
+    c = configure(train.DEFAULTS, [str(cfg), "--batch_size=5", "--device=cuda:1",
+                                   "--sae_positions=['blocks.0.hook_resid_pre']"])
     assert c["lr"] == 1.0 and isinstance(c["lr"], float) and c["batch_size"] == 5 and c["device"] == "cuda:1"
     assert c["sae_positions"] == ["blocks.0.hook_resid_pre"]
 
@@ -213,7 +217,8 @@ def test_data_stream(text_dir):
     files = sorted(glob.glob(os.path.join(text_dir, "*.txt")))
     expected = {"train": [], "eval": []}
     for i, f in enumerate(files):
-        expected["eval" if i % 20 == 19 else "train"] += enc.encode_ordinary(open(f, encoding="utf-8").read()) + [enc.eot_token]
+        tokens = enc.encode_ordinary(open(f, encoding="utf-8").read()) + [enc.eot_token]
+        expected["eval" if i % 20 == 19 else "train"] += tokens
     for split in ("train", "eval"):
         samples = list(data.token_samples(text_dir, 50, split, repeat=False))
         assert all(s.shape == (50,) for s in samples)
@@ -239,7 +244,8 @@ def test_the_embedded_default_trains_its_model_once_then_reuses_it(tmp_path):
     tiny = tmp_path / "tiny_gpt.py"
     tiny.write_text("n_layer = 3\nn_head = 2\nn_embd = 32\nn_steps = 4\nbatch_size = 4\neval_n_samples = 8\n")
     argv = [f"--small_model_config={tiny}", "--n_samples=16", "--batch_size=4", "--eval_every_n_samples=16",
-            "--save_every_n_samples=16", "--eval_n_samples=8", "--dict_size_to_input_ratio=2.0", f"--out_dir={tmp_path / 'out'}"]
+            "--save_every_n_samples=16", "--eval_n_samples=8", "--dict_size_to_input_ratio=2.0",
+            f"--out_dir={tmp_path / 'out'}"]
     env = {"E2ESAE_CACHE": str(tmp_path / "cache")}
     first = run(argv, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -252,7 +258,8 @@ def test_the_embedded_default_trains_its_model_once_then_reuses_it(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "no cached small model" not in second.stdout and weights.stat().st_mtime_ns == stamp
     for out in (first.stdout, second.stdout):
-        for row in ("CE loss of the model", "CE loss with the SAEs spliced in", "CE loss increase", "KL(original || spliced)",
+        for row in ("CE loss of the model", "CE loss with the SAEs spliced in", "CE loss increase",
+                    "KL(original || spliced)",
                     "L0 at blocks.2.hook_resid_pre", "alive features at blocks.2.hook_resid_pre",
                     "explained variance at blocks.2.hook_resid_pre", "CE loss of a unigram model",
                     "model's advantage over unigram", "advantage kept with the SAEs"):
