@@ -69,7 +69,7 @@ name = "small_scale"  # results/<name>.csv etc.; a grid of several points also w
 # -----------------------------------------------------------------------------
 
 DEFAULTS = defaults(globals())
-PAPER_L0_RATIO = 27.5 / 69.4  # GPT-2 small, layer 6, similar CE increase (REFERENCE.md)
+PAPER_L0_RATIO = 27.5 / 69.4  # GPT-2 small, layer 6, runs of similar CE increase (Braun et al. 2024)
 SMALL_SCALE_COLUMNS = ["type", "sparsity_coeff", "l0", "ce_increase", "alive", "kl", "ce_orig", "ce_sae",
                        "explained_variance", "explained_variance_downstream", "activation", "k", "train_seconds"]
 SCALING_COLUMNS = ["model", "model_ce", "sae_tokens", "type", "sparsity_coeff", "l0", "ce_increase", "alive", "kl",

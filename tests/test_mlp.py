@@ -1,4 +1,4 @@
-"""mlp.py: the shipped digits, the loss against REFERENCE.md's formulas written out here, a frozen MLP, whole runs."""
+"""mlp.py: the shipped digits, the loss against e2esae.py's formulas written out here, a frozen MLP, whole runs."""
 import copy
 import json
 import os
