@@ -64,6 +64,10 @@ class Activation(nn.Module):
 
     fused = None  # keyword arguments of kernels.sae_forward when it computes this activation fused, else None
 
+    def settings(self):
+        """What rebuilds it besides its name (make_activation's arguments); saved with every checkpoint."""
+        return {}
+
     def penalty(self, c, pre, p_norm):
         """The sparsity term of each token, before the mean over tokens and the division by d_in."""
         return torch.linalg.vector_norm(c, ord=p_norm, dim=-1, dtype=torch.float32)
@@ -91,6 +95,9 @@ class TopK(Activation):
     def forward(self, pre):
         top = pre.topk(self.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, top.indices, F.relu(top.values))
+
+    def settings(self):
+        return {"k": self.k}
 
     def extra_repr(self):
         return f"k={self.k}"
@@ -120,6 +127,9 @@ class BatchTopK(Activation):
             if kept.numel():
                 self.threshold.lerp_(kept.min().float(), self.momentum)
         return c
+
+    def settings(self):
+        return {"k": self.k}
 
     def extra_repr(self):
         return f"k={self.k}"
@@ -180,6 +190,9 @@ class JumpReLU(Activation):
     def penalty(self, c, pre, p_norm):
         return _StepFunction.apply(pre, self.threshold.to(pre.dtype), self.bandwidth).sum(-1, dtype=torch.float32)
 
+    def settings(self):
+        return {"bandwidth": self.bandwidth}
+
     def extra_repr(self):
         return f"bandwidth={self.bandwidth:g}"
 
@@ -229,9 +242,7 @@ class SAE(nn.Module):
     @property
     def settings(self):
         """What rebuilds this SAE's shape and activation: SAE(d_in, n_dict, **settings)."""
-        a = self.activation
-        return {"activation": a.name, **({"k": a.k} if a.name in NEEDS_K else {}),
-                **({"bandwidth": a.bandwidth} if a.name == "jumprelu" else {})}
+        return {"activation": self.activation.name, **self.activation.settings()}
 
     def encode(self, x):
         return self.activation(self.encoder(x))
