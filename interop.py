@@ -143,7 +143,8 @@ def load_saelens(path_or_repo, folder=None):
         W_dec = W_dec * scale[:, None]
     norms = W_dec.norm(dim=1)  # (d_sae,)
     W_dec[norms == 0, 0] = 1.0  # an all-zero element never contributes: keep its code at 0, give it a unit vector
-    if ours == "topk" and not cfg.get("rescale_acts_by_decoder_norm") and not torch.allclose(norms, torch.ones_like(norms)):
+    unit = torch.allclose(norms, torch.ones_like(norms))
+    if ours == "topk" and not cfg.get("rescale_acts_by_decoder_norm") and not unit:
         raise ValueError(f"{cfg_path}: a topk SAE whose decoder rows are not unit-norm and that selects on the raw "
                          "pre-activations (rescale_acts_by_decoder_norm false) has no exact equivalent here")
     sae = SAE(W_enc.shape[0], W_enc.shape[1], activation=ours, k=cfg.get("k", 100) if ours == "topk" else None)
@@ -279,8 +280,8 @@ def from_local_path(checkpoint_dir=None, checkpoint_file=None, config_file=None,
 def load_e2e_sae_hub(repo, name, gpt=None):
     """The reference library's SAE published on the hub as name.pt beside name.yaml (the paper's SAEs:
     `load_e2e_sae_hub("apollo-research/e2e-saes-gpt2", "e2e_similar_ce_layer_6")`)."""
-    weights, config = _hub_files(repo, [f"{name}.pt", f"{name}.yaml"],
-                                 f"SAETransformer.from_local_path(checkpoint_file='{name}.pt', config_file='{name}.yaml')")
+    local = f"SAETransformer.from_local_path(checkpoint_file='{name}.pt', config_file='{name}.yaml')"
+    weights, config = _hub_files(repo, [f"{name}.pt", f"{name}.yaml"], local)
     return _read_e2e_sae(weights, config, gpt)
 
 
@@ -295,7 +296,8 @@ def from_wandb(run_path, gpt=None, cache_dir=None):
         config = next((f for f in files if os.path.basename(f.name) == "final_config.yaml"), None)
         samples = [f for f in files if os.path.basename(f.name).startswith("samples_") and f.name.endswith(".pt")]
         if config is None or not samples:
-            raise FileNotFoundError(f"the run has no final_config.yaml or no samples_{{N}}.pt: {[f.name for f in files]}")
+            raise FileNotFoundError("the run has no final_config.yaml or no samples_{N}.pt: "
+                                    f"{[f.name for f in files]}")
         newest = max(samples, key=lambda f: int(os.path.basename(f.name)[8:-3]))
         for f in (config, newest):
             with f.download(root=cache, replace=True) as local:
@@ -376,7 +378,9 @@ def load_checkpoint(spec, init_from="", gpt=None):
     if kind in ("saelens-hub", "e2e_sae-hub"):
         parts = where.split("/")
         repo, name = "/".join(parts[:2]), "/".join(parts[2:])
-        return saelens_model(load_saelens(repo, name), gpt) if kind == "saelens-hub" else load_e2e_sae_hub(repo, name, gpt)
+        if kind == "saelens-hub":
+            return saelens_model(load_saelens(repo, name), gpt)
+        return load_e2e_sae_hub(repo, name, gpt)
     if kind == "saelens":
         return saelens_model(load_saelens(where), gpt)
     if kind == "e2e_sae":
