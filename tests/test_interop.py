@@ -38,17 +38,31 @@ def randomise(sae, seed):
     return sae
 
 
+# the settings each activation is tested with, and the architecture SAELens gets it as
+SETTINGS = {"relu": {}, "topk": {"k": 5}, "batchtopk": {"k": 5}, "jumprelu": {}}
+ARCHITECTURE = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
+
+
+def trained_like(sae, seed):
+    """randomise, and thresholds as training leaves them: BatchTopK's estimated over training-mode batches,
+    JumpReLU's one per element. Returned in inference mode."""
+    randomise(sae, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        if sae.activation.name == "batchtopk":
+            sae.train()
+            for _ in range(200):
+                sae(torch.randn(16, sae.d_in, generator=g))
+            assert sae.activation.threshold > 0
+        if sae.activation.name == "jumprelu":
+            sae.activation.threshold.copy_(torch.rand(sae.n_dict, generator=g))
+    return sae.eval()
+
+
 def ref_sae(x, W_enc, b_enc, W_dec, b_dec):
     """The SAE as the reference library computes it, from its raw tensors (W_enc (n, d), W_dec (d, n))."""
     c = torch.relu(x @ W_enc.T + b_enc)
     return c @ (W_dec / W_dec.norm(dim=0, keepdim=True)).T + b_dec
-
-
-def saelens_forward(x, w, apply_b_dec_to_input):
-    """SAELens's standard SAE: relu((x - b_dec?) @ W_enc + b_enc) @ W_dec + b_dec, with no normalisation."""
-    x_in = x - w["b_dec"] if apply_b_dec_to_input else x
-    c = torch.relu(x_in @ w["W_enc"] + w["b_enc"])
-    return c @ w["W_dec"] + w["b_dec"], c
 
 
 # ---- the reference library's checkpoints ----
@@ -127,59 +141,110 @@ def test_reference_checkpoint_errors(tmp_path):
 
 # ---- SAELens ----
 
-def test_saelens_export_has_the_files_keys_shapes_and_fields_saelens_reads(tmp_path):
-    sae = randomise(SAE(32, 64), 3)
-    save_saelens(sae, str(tmp_path / "sl"), "blocks.1.hook_resid_pre", model_name="gpt2", context_size=64,
-                     dataset_path="shakespeare")
+def saelens_forward(x, w, cfg):
+    """SAELens's inference SAEs (its saes/*.py) computed from the tensors and cfg.json of a directory:
+
+        pre   = (x - b_dec if apply_b_dec_to_input) W_enc + b_enc
+        c     = ReLU(pre)                      standard
+                ReLU(pre) [pre > threshold]    jumprelu
+                ReLU(TopK(pre'))               topk; pre' = pre ||W_dec_j|| with rescale_acts_by_decoder_norm,
+                                               which then decodes c_j / ||W_dec_j||
+        x_hat = c W_dec + b_dec                no normalisation of W_dec
+
+    Returns (x_hat, c)."""
+    x_in = x - w["b_dec"] if cfg.get("apply_b_dec_to_input", True) else x
+    pre = x_in @ w["W_enc"] + w["b_enc"]  # (..., d_sae)
+    norms = w["W_dec"].norm(dim=1)
+    rescale = cfg["architecture"] == "topk" and cfg.get("rescale_acts_by_decoder_norm", False)
+    if rescale:
+        pre = pre * norms
+    if cfg["architecture"] == "standard":
+        c = torch.relu(pre)
+    elif cfg["architecture"] == "jumprelu":
+        c = torch.relu(pre) * (pre > w["threshold"])
+    else:
+        top = pre.topk(cfg["k"], dim=-1)
+        c = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+    return (c / norms if rescale else c) @ w["W_dec"] + w["b_dec"], c
+
+
+def load_saelens_settings(activation):
+    """What an export reads back as: BatchTopK was written as the JumpReLU it is at inference."""
+    return {"relu": {"activation": "relu"}, "topk": {"activation": "topk", "k": 5}}.get(
+        activation, {"activation": "jumprelu", "bandwidth": 0.001})
+
+
+@pytest.mark.parametrize("activation", list(SETTINGS))
+def test_saelens_export_has_saelens_files_and_reads_back(tmp_path, activation):
+    sae = trained_like(SAE(32, 64, activation=activation, **SETTINGS[activation]), 3)
+    save_saelens(sae, str(tmp_path / "sl"), POS, model_name="gpt2", context_size=64, dataset_path="shakespeare")
     assert sorted(os.listdir(tmp_path / "sl")) == ["cfg.json", "sae_weights.safetensors"]
     w = load_file(str(tmp_path / "sl" / "sae_weights.safetensors"))
-    assert {k: tuple(v.shape) for k, v in w.items()} == {"W_enc": (32, 64), "b_enc": (64,), "W_dec": (64, 32),
-                                                          "b_dec": (32,)}
+    shapes = {"W_enc": (32, 64), "b_enc": (64,), "W_dec": (64, 32), "b_dec": (32,)}
+    if activation in ("jumprelu", "batchtopk"):
+        shapes["threshold"] = (64,)
+        torch.testing.assert_close(w["threshold"], sae.activation.threshold.detach().expand(64))
+    assert {k: tuple(v.shape) for k, v in w.items()} == shapes
     assert all(v.dtype == torch.float32 for v in w.values())
     torch.testing.assert_close(w["W_dec"].norm(dim=1), torch.ones(64))  # the normalised dictionary
     cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
-    expected = dict(architecture="standard", d_in=32, d_sae=64, apply_b_dec_to_input=False, hook_name=POS,
-                    model_name="gpt2", hook_layer=1, activation_fn="relu", activation_fn_str="relu",
+    expected = dict(architecture=ARCHITECTURE[activation], d_in=32, d_sae=64, apply_b_dec_to_input=False,
+                    hook_name=POS, model_name="gpt2", hook_layer=1, activation_fn="relu", activation_fn_str="relu",
                     normalize_activations="none", dtype="float32", device="cpu", context_size=64,
                     dataset_path="shakespeare", prepend_bos=False, finetuning_scaling_factor=False)
+    if activation == "topk":
+        expected.update(k=5, rescale_acts_by_decoder_norm=False)
     assert {k: cfg.get(k) for k in expected} == expected
+    assert activation == "topk" or "k" not in cfg
     assert cfg["metadata"]["hook_name"] == POS and cfg["metadata"]["model_name"] == "gpt2"
-    # what SAELens computes from these files is what our SAE computes
+
     x = torch.randn(3, 5, 32)
-    y, c = saelens_forward(x, w, apply_b_dec_to_input=False)
-    torch.testing.assert_close(y, sae(x)[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(c, sae(x)[1], rtol=1e-5, atol=1e-5)
-
-
-def test_saelens_round_trip(tmp_path):
-    sae = randomise(SAE(32, 64), 4)
-    save_saelens(sae, str(tmp_path / "sl"), POS)
-    back = load_saelens(str(tmp_path / "sl"))
-    assert back.hook_name == POS and (back.d_in, back.n_dict) == (32, 64)
-    x = torch.randn(4, 32)
-    for a, b in zip(back(x), sae(x)):
+    x_hat, c = sae(x)
+    if activation != "relu":  # the threshold (or the selection) zeroes codes ReLU would keep
+        assert ((c == 0) & (sae.encoder(x) > 0)).any()
+    y, c_theirs = saelens_forward(x, w, cfg)  # what SAELens computes from these files
+    torch.testing.assert_close(y, x_hat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c_theirs, c, rtol=1e-5, atol=1e-5)
+    back = load_saelens(str(tmp_path / "sl")).eval()
+    assert back.hook_name == POS and back.settings == load_saelens_settings(activation)
+    for a, b in zip(back(x), (x_hat, c)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    # local directory given as repo-style parent + folder
-    assert load_saelens(str(tmp_path), "sl").hook_name == POS
 
 
-def test_foreign_saelens_sae_with_unnormalised_decoder_imports_exactly(tmp_path):
+@pytest.mark.parametrize("activation", list(SETTINGS))
+def test_saelens_export_encodes_and_decodes_in_saelens_itself(tmp_path, activation):
+    """sae_lens is a test dependency (requirements-test.txt), not a dependency of the project."""
+    sae_lens = pytest.importorskip("sae_lens")
+    sae = trained_like(SAE(32, 64, activation=activation, **SETTINGS[activation]), 6)
+    save_saelens(sae, str(tmp_path / "sl"), POS)
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sl"))
+    assert theirs.cfg.architecture() == ARCHITECTURE[activation]
+    x = torch.randn(3, 7, 32)
+    x_hat, c = sae(x)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), c, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs.decode(c), x_hat, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs(x), x_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_foreign_saelens_standard_sae_in_an_old_layout_imports_exactly(tmp_path):
     """An old-style cfg.json (hook_point, activation_fn_str), W_dec rows of any norm, b_dec subtracted from the input,
     and one all-zero dictionary element: the imported SAE reconstructs exactly what SAELens computes."""
     g = torch.Generator().manual_seed(5)
     w = {"W_enc": torch.randn(32, 48, generator=g) * 0.3, "b_enc": torch.randn(48, generator=g) * 0.1,
-         "W_dec": torch.randn(48, 32, generator=g) * torch.rand(48, 1, generator=g) * 5, "b_dec": torch.randn(32, generator=g)}
+         "W_dec": torch.randn(48, 32, generator=g) * torch.rand(48, 1, generator=g) * 5,
+         "b_dec": torch.randn(32, generator=g)}
     w["W_dec"][7] = 0.0
     os.makedirs(tmp_path / "foreign")
     save_file(w, str(tmp_path / "foreign" / "sae_weights.safetensors"))
-    cfg = dict(architecture="standard", d_in=32, d_sae=48, dtype="torch.float32", device="cuda", model_name="gpt2-small",
-               hook_point="blocks.2.hook_resid_pre", hook_point_layer=2, activation_fn_str="relu",
-               apply_b_dec_to_input=True, normalize_activations=False, context_size=128)
+    cfg = dict(architecture="standard", d_in=32, d_sae=48, dtype="torch.float32", device="cuda",
+               model_name="gpt2-small", hook_point="blocks.2.hook_resid_pre", hook_point_layer=2,
+               activation_fn_str="relu", apply_b_dec_to_input=True, normalize_activations=False, context_size=128)
     (tmp_path / "foreign" / "cfg.json").write_text(json.dumps(cfg))
     sae = load_saelens(str(tmp_path / "foreign"))
     assert sae.hook_name == "blocks.2.hook_resid_pre"
     x = torch.randn(6, 32) * 3
-    y, c = saelens_forward(x, w, apply_b_dec_to_input=True)
+    y, c = saelens_forward(x, w, cfg)
     ours_y, ours_c = sae(x)
     torch.testing.assert_close(ours_y, y, rtol=1e-4, atol=1e-4)
     live = torch.ones(48, dtype=torch.bool)
@@ -203,14 +268,16 @@ def test_saelens_rejects_what_it_cannot_represent(tmp_path):
         load_saelens(str(tmp_path / "nowhere" / "deeper"))
 
 
-def test_saelens_export_loads_in_saelens_itself(tmp_path):
-    """Only where sae_lens is installed (it is not a dependency of this project)."""
-    sae_lens = pytest.importorskip("sae_lens")
-    sae = randomise(SAE(32, 64), 6)
-    save_saelens(sae, str(tmp_path / "sl"), POS)
-    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sl"))
-    x = torch.randn(5, 32)
-    torch.testing.assert_close(theirs(x), sae(x)[0], rtol=1e-5, atol=1e-5)
+def test_saelens_methods_on_the_class(tmp_path):
+    """SAE.from_saelens and sae.save_saelens: the names interop.py gives e2esae.SAE when it is imported."""
+    import e2esae
+    sae = trained_like(e2esae.SAE(32, 64, activation="topk", k=5), 9)
+    sae.save_saelens(str(tmp_path / "sl"), POS)
+    back = e2esae.SAE.from_saelens(str(tmp_path), "sl").eval()
+    assert back.settings == sae.settings and back.hook_name == POS
+    x = torch.randn(4, 32)
+    for a, b in zip(back(x), sae(x)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 # ---- the remote loaders, offline ----
@@ -237,6 +304,7 @@ def test_load_wandb_offline_says_what_was_tried(tmp_path):
                     f"load_wandb('sparsify/gpt2/tvj2owza', cache_dir={str(tmp_path / 'cache')!r})",
                     tmp_path)
     assert r.returncode != 0
-    assert "could not download final_config.yaml and the newest samples_{N}.pt of the wandb run sparsify/gpt2/tvj2owza" in r.stderr
+    assert ("could not download final_config.yaml and the newest samples_{N}.pt of the wandb run "
+            "sparsify/gpt2/tvj2owza") in r.stderr
     assert "wandb.Api().run('sparsify/gpt2/tvj2owza').files()" in r.stderr
     assert "SAETransformer.from_local_path(" in r.stderr
