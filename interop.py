@@ -153,8 +153,8 @@ def load_saelens(path_or_repo, folder=None):
         sae.encoder.bias.copy_(b_enc * norms)
         sae.decoder.weight.copy_((W_dec / W_dec.norm(dim=1, keepdim=True)).T)
         sae.decoder.bias.copy_(b_dec)
-        if ours == "jumprelu":
-            sae.activation.threshold.copy_(w["threshold"] * norms)
+        if ours == "jumprelu":  # SAELens computes ReLU(pre) [pre > theta]: a negative theta acts as 0
+            sae.activation.threshold.copy_(w["threshold"].clamp(min=0) * norms)
     sae.hook_name = cfg.get("hook_name") or cfg.get("hook_point") or meta.get("hook_name")
     if not sae.hook_name:
         raise ValueError(f"{cfg_path} names no position: neither hook_name (at the top or under metadata) nor "

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file, save_file
 
@@ -225,6 +226,82 @@ def test_saelens_export_encodes_and_decodes_in_saelens_itself(tmp_path, activati
         torch.testing.assert_close(theirs.encode(x), c, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(theirs.decode(c), x_hat, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(theirs(x), x_hat, rtol=1e-5, atol=1e-5)
+
+
+def write_saelens_dir(directory, w, **fields):
+    """A directory as SAELens 6 writes one (SAE.save_model): the hook and model under metadata."""
+    os.makedirs(directory)
+    save_file(w, os.path.join(directory, "sae_weights.safetensors"))
+    cfg = dict(d_in=w["W_enc"].shape[0], d_sae=w["W_enc"].shape[1], dtype="float32", device="cpu",
+               apply_b_dec_to_input=True, normalize_activations="none", reshape_activations="none",
+               metadata={"sae_lens_version": "6.54.12", "sae_lens_training_version": "6.54.12", "hook_name": POS,
+                         "model_name": "gpt2"}, **fields)
+    with open(os.path.join(directory, "cfg.json"), "w") as f:
+        json.dump(cfg, f)
+    return cfg
+
+
+FOREIGN = {"jumprelu": dict(architecture="jumprelu"),
+           "topk_rescaled": dict(architecture="topk", k=6, rescale_acts_by_decoder_norm=True),
+           "topk_raw": dict(architecture="topk", k=6, rescale_acts_by_decoder_norm=False)}
+
+
+def write_foreign(directory, kind, seed=11):
+    """A SAELens SAE trained elsewhere: decoder rows of norms from 0.1 to 5, b_dec subtracted from the input; a
+    JumpReLU's thresholds per element, four of them negative (SAELens's ReLU makes those act as 0)."""
+    g = torch.Generator().manual_seed(seed)
+    w = {"W_enc": torch.randn(32, 48, generator=g) * 0.3, "b_enc": torch.randn(48, generator=g) * 0.1,
+         "W_dec": F.normalize(torch.randn(48, 32, generator=g), dim=1)
+         * (0.1 + 4.9 * torch.rand(48, 1, generator=g)),
+         "b_dec": torch.randn(32, generator=g) * 0.5}
+    if FOREIGN[kind]["architecture"] == "jumprelu":
+        w["threshold"] = torch.rand(48, generator=g)
+        w["threshold"][:4] = -0.5
+    return w, write_saelens_dir(directory, w, **FOREIGN[kind])
+
+
+def test_foreign_saelens_jumprelu_with_unnormalised_decoder_imports_exactly(tmp_path):
+    w, cfg = write_foreign(str(tmp_path / "j"), "jumprelu")
+    sae = load_saelens(str(tmp_path / "j")).eval()
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) * 3
+    y, c = saelens_forward(x, w, cfg)
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    assert ((c == 0) & (pre > 0)).any()  # positive thresholds that matter
+    assert ((pre[:, :4] > -0.5) & (pre[:, :4] < 0)).any()  # and negative ones, below which SAELens's ReLU still cuts
+    ours_y, ours_c = sae(x)
+    torch.testing.assert_close(ours_y, y, rtol=1e-4, atol=1e-4)
+    # the same elements fire; each code is SAELens's times its element's norm, our dictionary being unit-norm
+    torch.testing.assert_close(ours_c, c * w["W_dec"].norm(dim=1), rtol=1e-4, atol=1e-4)
+
+
+def test_foreign_saelens_topk_rescaled_by_decoder_norm_imports_exactly(tmp_path):
+    w, cfg = write_foreign(str(tmp_path / "t"), "topk_rescaled")
+    sae = load_saelens(str(tmp_path / "t")).eval()
+    assert sae.settings == {"activation": "topk", "k": 6}
+    x = torch.randn(6, 32) * 3
+    y, c = saelens_forward(x, w, cfg)
+    ours_y, ours_c = sae(x)
+    torch.testing.assert_close(ours_y, y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours_c, c, rtol=1e-4, atol=1e-4)
+
+
+def test_foreign_saelens_topk_selecting_on_unnormalised_rows_is_refused(tmp_path):
+    write_foreign(str(tmp_path / "t"), "topk_raw")
+    with pytest.raises(ValueError, match="not unit-norm .*rescale_acts_by_decoder_norm false.* no exact equivalent"):
+        load_saelens(str(tmp_path / "t"))
+
+
+@pytest.mark.parametrize("kind", list(FOREIGN))
+def test_the_foreign_files_compute_in_saelens_as_saelens_forward_says(tmp_path, kind):
+    """The foreign files above are SAELens's, and saelens_forward is what SAELens computes from them."""
+    sae_lens = pytest.importorskip("sae_lens")
+    w, cfg = write_foreign(str(tmp_path / kind), kind)
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / kind))
+    x = torch.randn(6, 32) * 3
+    y, c = saelens_forward(x, w, cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), c, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs(x), y, rtol=1e-5, atol=1e-5)
 
 
 def test_foreign_saelens_standard_sae_in_an_old_layout_imports_exactly(tmp_path):
