@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file, save_file
 
-from e2esae import SAE
+from e2esae import SAE, SAETransformer
 from interop import load_e2e_sae, load_saelens, save_saelens
 from model import GPT, GPTConfig
 
@@ -355,6 +355,43 @@ def test_saelens_methods_on_the_class(tmp_path):
     x = torch.randn(4, 32)
     for a, b in zip(back(x), sae(x)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ---- this project's checkpoints ----
+
+@pytest.mark.parametrize("activation", list(SETTINGS))
+def test_checkpoint_keeps_the_activation(tmp_path, activation):
+    gpt = small_gpt()
+    model = SAETransformer(gpt, [POS], 2.0, activation=activation, **SETTINGS[activation])
+    trained_like(model.sae(POS), 7)
+    model.eval()
+    model.save(str(tmp_path / "saes.safetensors"), config={"sparsity_coeff": 0.5})
+    back = SAETransformer.from_checkpoint(str(tmp_path / "saes.safetensors"), gpt=gpt).eval()
+    bandwidth = {"bandwidth": 0.001} if activation == "jumprelu" else {}
+    assert back.sae(POS).settings == model.sae(POS).settings == {"activation": activation, **SETTINGS[activation],
+                                                                  **bandwidth}
+    if activation in ("jumprelu", "batchtopk"):
+        assert torch.equal(back.sae(POS).activation.threshold, model.sae(POS).activation.threshold)
+    idx = tokens()
+    assert torch.equal(back(idx), model(idx))
+    assert back.config == {"sparsity_coeff": 0.5}
+
+
+def test_checkpoint_from_before_the_variants_loads_as_relu(tmp_path):
+    """Written as the previous version did: the metadata has sae_positions, dict_size_to_input_ratio and config."""
+    sae = randomise(SAE(32, 64), 8)
+    w = {"encoder.weight": sae.encoder.weight, "encoder.bias": sae.encoder.bias,
+         "decoder.weight": sae.decoder.weight, "decoder.bias": sae.decoder.bias}
+    save_file({f"blocks-1-hook_resid_pre.{k}": v.detach().clone() for k, v in w.items()},
+              str(tmp_path / "saes.safetensors"),
+              metadata={"sae_positions": json.dumps([POS]), "dict_size_to_input_ratio": json.dumps(2.0),
+                        "config": json.dumps({"kl_coeff": 1.0})})
+    model = SAETransformer.from_checkpoint(str(tmp_path / "saes.safetensors"), gpt=small_gpt())
+    assert model.sae(POS).settings == {"activation": "relu"}
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(model.sae(POS)(x)[0], ref_sae(x, *(t.detach() for t in w.values())),
+                               rtol=1e-5, atol=1e-5)
+    assert model.config == {"kl_coeff": 1.0}
 
 
 # ---- the remote loaders, offline ----
