@@ -89,11 +89,10 @@ def _hub_files(repo, names, local_hint):
         from huggingface_hub import hf_hub_download
         return [hf_hub_download(repo, n) for n in names]
     except Exception as e:
-        include = os.path.dirname(names[0]) + "/*" if "/" in names[0] else " ".join(names)
         raise RuntimeError(
             f"could not fetch {' and '.join(names)} from the Hugging Face repo {repo} ({type(e).__name__}: {e}). "
-            f"Offline, download them elsewhere (`hf download {repo} --include '{include}'`), copy them here and "
-            f"load the local copy: {local_hint}") from e
+            f"Offline, download them elsewhere (`hf download {repo} {' '.join(names)} --local-dir .`), copy them "
+            f"here and load the local copy: {local_hint}") from e
 
 
 def _saelens_files(path_or_repo, folder):

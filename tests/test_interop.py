@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from e2esae import SAE, SAETransformer
-from interop import load_e2e_sae, load_saelens, save_saelens
+from interop import checkpoint_kind, load_checkpoint, load_e2e_sae, load_saelens, save_saelens
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,6 +138,84 @@ def test_reference_checkpoint_errors(tmp_path):
     config_path.write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match="pass the model as gpt="):
         load_e2e_sae(str(tmp_path / "run"))
+
+
+def test_from_local_path_checkpoint_dir_uses_the_newest_samples(tmp_path):
+    """The reference library's SAETransformer.from_local_path(checkpoint_dir=...), given a Path as its users do."""
+    raw = write_reference_run(str(tmp_path / "run"), [POS], E2E_DS_LOSS)
+    model = SAETransformer.from_local_path(checkpoint_dir=tmp_path / "run", gpt=small_gpt())
+    for k, v in raw[2000].items():  # samples_2000.pt, not samples_500.pt (the larger N, not the later name)
+        torch.testing.assert_close(model.saes.state_dict()[k.replace(".encoder.0.", ".encoder.")], v, rtol=0, atol=0)
+    assert model.config["kl_coeff"] == 0.5 and model.config["in_to_orig_coeff"] == 2.5
+
+
+HUB_REPO, HUB_NAME, HUB_POS = "apollo-research/e2e-saes-gpt2", "e2e_similar_ce_layer_6", "blocks.6.hook_resid_pre"
+
+
+def deep_gpt():
+    """A random GPT with a block 6, where the hub's layer-6 SAEs sit."""
+    torch.manual_seed(1)
+    return GPT(GPTConfig(n_layer=8, n_embd=32, n_head=4, vocab_size=50257, block_size=64)).eval()
+
+
+def write_hub_pair(directory):
+    """The hub's layout (apollo-research/e2e-saes-gpt2): name.pt, the reference's state dict of the one SAE, beside
+    name.yaml, its whole training config (an e2e run: no in_to_orig or out_to_orig term, written as null)."""
+    os.makedirs(directory)
+    config = {"wandb_project": "gpt2-e2e", "wandb_run_name": None, "seed": 0, "tlens_model_name": "gpt2",
+              "tlens_model_path": None, "n_samples": 400_000, "batch_size": 8, "effective_batch_size": 16,
+              "lr": 5e-4, "lr_schedule": "cosine", "warmup_samples": 20_000, "max_grad_norm": 10.0,
+              "loss": {"sparsity": {"p_norm": 1.0, "coeff": 0.8}, "in_to_orig": None, "out_to_orig": None,
+                       "out_to_in": {"coeff": 0.0}, "logits_kl": {"coeff": 1.0}},
+              "train_data": {"dataset_name": "apollo-research/Skylion007-openwebtext-tokenizer-gpt2",
+                             "is_tokenized": True, "tokenizer_name": "gpt2", "streaming": True, "split": "train",
+                             "n_ctx": 1024, "column_name": "input_ids"},
+              "saes": {"retrain_saes": False, "pretrained_sae_paths": None, "sae_positions": [HUB_POS],
+                       "dict_size_to_input_ratio": 2.0}}
+    with open(os.path.join(directory, f"{HUB_NAME}.yaml"), "w") as f:
+        yaml.safe_dump(config, f)
+    sae = randomise(SAE(32, 64), 12)
+    raw = {"blocks-6-hook_resid_pre.encoder.0.weight": sae.encoder.weight.detach().clone(),
+           "blocks-6-hook_resid_pre.encoder.0.bias": sae.encoder.bias.detach().clone(),
+           "blocks-6-hook_resid_pre.decoder.weight": sae.decoder.weight.detach().clone(),
+           "blocks-6-hook_resid_pre.decoder.bias": sae.decoder.bias.detach().clone()}
+    torch.save(raw, os.path.join(directory, f"{HUB_NAME}.pt"))
+    return {k.split(".", 1)[1]: v for k, v in raw.items()}
+
+
+def test_the_hubs_pair_loads_with_from_local_path_and_load_checkpoint(tmp_path):
+    w = write_hub_pair(str(tmp_path / "hub"))
+    pt, config = tmp_path / "hub" / f"{HUB_NAME}.pt", tmp_path / "hub" / f"{HUB_NAME}.yaml"
+    gpt, idx = deep_gpt(), tokens()
+    expected = gpt(idx, edits={HUB_POS: lambda s: ref_sae(s, w["encoder.0.weight"], w["encoder.0.bias"],
+                                                        w["decoder.weight"], w["decoder.bias"])})
+    model = SAETransformer.from_local_path(checkpoint_file=pt, config_file=config, gpt=gpt)
+    assert model.sae_positions == [HUB_POS] and model.gpt is gpt
+    torch.testing.assert_close(model(idx), expected, rtol=1e-5, atol=1e-5)
+    assert model.config["sparsity_coeff"] == 0.8 and model.config["p_norm"] == 1.0 and model.config["kl_coeff"] == 1.0
+    assert model.config["in_to_orig_coeff"] == 0.0 and model.config["in_to_orig_positions"] == []
+    assert model.config["out_to_in_coeff"] == 0.0 and model.config["out_to_orig_coeff"] == 0.0
+    assert model.config["dataset"] == "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"
+    assert model.config["init_from"] == "gpt2"
+    # the same pair as a checkpoint spec: the .pt, its config found beside it
+    assert checkpoint_kind(str(pt)) == ("e2e_sae", str(pt))
+    torch.testing.assert_close(load_checkpoint(str(pt), gpt=gpt)(idx), expected, rtol=1e-5, atol=1e-5)
+    assert checkpoint_kind(f"e2e_sae:{HUB_REPO}/{HUB_NAME}") == ("e2e_sae-hub", f"{HUB_REPO}/{HUB_NAME}")
+    with pytest.raises(ValueError, match="a e2e_sae: spec is e2e_sae:owner/repo/name"):
+        checkpoint_kind(f"e2e_sae:{HUB_REPO}")
+
+
+def test_from_local_path_refuses_incomplete_calls(tmp_path):
+    with pytest.raises(ValueError, match="checkpoint_file and config_file together .*config_file=None"):
+        SAETransformer.from_local_path(checkpoint_file="e2e_similar_ce_layer_6.pt")
+    with pytest.raises(ValueError, match="checkpoint_file and config_file together .*checkpoint_file=None"):
+        SAETransformer.from_local_path(config_file="e2e_similar_ce_layer_6.yaml")
+    with pytest.raises(ValueError, match="needs checkpoint_dir .* or checkpoint_file and config_file"):
+        SAETransformer.from_local_path()
+    with pytest.raises(FileNotFoundError, match="checkpoint_dir .*nowhere is not a directory"):
+        SAETransformer.from_local_path(checkpoint_dir=tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt not found"):
+        SAETransformer.from_local_path(checkpoint_file=tmp_path / "missing.pt", config_file=tmp_path / "x.yaml")
 
 
 # ---- SAELens ----
@@ -411,6 +489,8 @@ def test_load_saelens_hub_offline_says_what_was_tried(tmp_path):
     assert r.returncode != 0
     assert "could not fetch 6-res_sce-ajt/cfg.json and 6-res_sce-ajt/sae_weights.safetensors" in r.stderr
     assert "neuronpedia/gpt2-small__res_sce-ajt" in r.stderr and "load_saelens('path/to/6-res_sce-ajt')" in r.stderr
+    assert ("`hf download neuronpedia/gpt2-small__res_sce-ajt 6-res_sce-ajt/cfg.json "
+            "6-res_sce-ajt/sae_weights.safetensors --local-dir .`") in r.stderr
 
 
 def test_load_wandb_offline_says_what_was_tried(tmp_path):
@@ -422,3 +502,20 @@ def test_load_wandb_offline_says_what_was_tried(tmp_path):
             "sparsify/gpt2/tvj2owza") in r.stderr
     assert "wandb.Api().run('sparsify/gpt2/tvj2owza').files()" in r.stderr
     assert "SAETransformer.from_local_path(" in r.stderr
+
+
+def test_from_wandb_on_the_class_offline_says_what_was_tried(tmp_path):
+    """The reference library's name, SAETransformer.from_wandb, once interop is imported."""
+    r = run_offline("import interop\nfrom e2esae import SAETransformer\n"
+                    "SAETransformer.from_wandb('sparsify/gpt2/tvj2owza')", tmp_path)
+    assert r.returncode != 0
+    assert "of the wandb run sparsify/gpt2/tvj2owza" in r.stderr
+    assert "wandb.Api().run('sparsify/gpt2/tvj2owza').files()" in r.stderr
+
+
+def test_e2e_sae_hub_spec_offline_says_what_was_tried(tmp_path):
+    r = run_offline(f"from interop import load_checkpoint\nload_checkpoint('e2e_sae:{HUB_REPO}/{HUB_NAME}')", tmp_path)
+    assert r.returncode != 0
+    assert f"could not fetch {HUB_NAME}.pt and {HUB_NAME}.yaml from the Hugging Face repo {HUB_REPO}" in r.stderr
+    assert f"`hf download {HUB_REPO} {HUB_NAME}.pt {HUB_NAME}.yaml --local-dir .`" in r.stderr
+    assert f"SAETransformer.from_local_path(checkpoint_file='{HUB_NAME}.pt', config_file='{HUB_NAME}.yaml')" in r.stderr
