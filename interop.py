@@ -97,13 +97,17 @@ def _hub_files(repo, names, local_hint):
 
 def _saelens_files(path_or_repo, folder):
     """Local paths of cfg.json and sae_weights.safetensors: in a directory, or downloaded from a hub repo."""
-    local = os.path.join(path_or_repo, folder or "")
+    local = os.path.join(path_or_repo, folder) if folder else path_or_repo
     if os.path.isdir(local):
         return (os.path.join(local, n) for n in ("cfg.json", "sae_weights.safetensors"))
-    looks_local = path_or_repo.startswith((".", "/", "~")) or os.path.isdir(path_or_repo.split("/")[0])
-    if path_or_repo.count("/") != 1 or os.path.exists(path_or_repo) or looks_local:
-        raise FileNotFoundError(f"{local} is not a directory (cfg.json + sae_weights.safetensors) and "
-                                f"{path_or_repo!r} is not a Hugging Face repo id (owner/name)")
+    top = path_or_repo.split("/")[0]
+    looks_local = path_or_repo.startswith((".", "/", "~")) or os.path.exists(path_or_repo) or os.path.isdir(top)
+    if path_or_repo.count("/") != 1 or looks_local:
+        why = "is not a directory" if os.path.exists(local) else "does not exist"
+        if os.path.isdir(top) and not os.path.exists(local):  # a typo under a folder that exists: say so, not the hub
+            why += f" (read as a local path, since {top}/ exists here: check its spelling)"
+        raise FileNotFoundError(f"no SAELens SAE at {local}: it {why}. SAELens's format is a directory holding "
+                                "cfg.json and sae_weights.safetensors; a Hugging Face repo is given as owner/name")
     prefix = f"{folder.strip('/')}/" if folder else ""
     return _hub_files(path_or_repo, [prefix + n for n in ("cfg.json", "sae_weights.safetensors")],
                       f"load_saelens('path/to/{folder or 'folder'}')")
@@ -355,8 +359,9 @@ def checkpoint_kind(spec):
         if spec.endswith(".pt") and os.path.isfile(config_beside(spec)):
             return "e2e_sae", spec
         if spec.endswith(".pt"):
+            named = os.path.splitext(os.path.basename(spec))[0] + ".yaml"
             raise ValueError(f"checkpoint {spec!r} is a .pt file without its config: the reference library's state "
-                             f"dicts need {os.path.basename(config_beside(spec))} or final_config.yaml beside them")
+                             f"dicts need {named} or final_config.yaml beside them")
     if not os.path.exists(spec):
         raise ValueError(f"checkpoint {spec!r} does not exist (a local path; remote checkpoints are written "
                          "wandb:entity/project/run, saelens:owner/repo/folder or e2e_sae:owner/repo/name)")

@@ -1,5 +1,7 @@
-"""Reading and writing other libraries' formats: e2e_sae's checkpoints, SAELens's directories, and the remote
-loaders' offline failures. The files are written here exactly as those libraries lay them out."""
+"""interop.py: every checkpoint format. The reference library's (its run directories, the hub's name.pt + name.yaml
+and its loading API), SAELens's for every activation (checked against sae_lens itself where it is installed), this
+project's own, the messages for the specs users get wrong, and the remote loaders' offline failures. The files are
+written here exactly as those libraries lay them out."""
 import json
 import os
 import subprocess
@@ -419,7 +421,7 @@ def test_saelens_rejects_what_it_cannot_represent(tmp_path):
     (tmp_path / "sl" / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="a jumprelu SAE without its threshold"):
         load_saelens(str(tmp_path / "sl"))
-    with pytest.raises(FileNotFoundError, match="not a directory"):
+    with pytest.raises(FileNotFoundError, match="no SAELens SAE at .*deeper: it does not exist"):
         load_saelens(str(tmp_path / "nowhere" / "deeper"))
 
 
@@ -470,6 +472,48 @@ def test_checkpoint_from_before_the_variants_loads_as_relu(tmp_path):
     torch.testing.assert_close(model.sae(POS)(x)[0], ref_sae(x, *(t.detach() for t in w.values())),
                                rtol=1e-5, atol=1e-5)
     assert model.config == {"kl_coeff": 1.0}
+
+
+# ---- checkpoint specs: what a user gets wrong, and what the messages say ----
+
+def test_checkpoint_kind_explains_a_pt_without_what_goes_with_it(tmp_path):
+    os.makedirs(tmp_path / "out")
+    torch.save({}, tmp_path / "out" / "ckpt.pt")
+    with pytest.raises(ValueError) as e:  # train.py's resumable checkpoint alone: its SAEs are not in it
+        checkpoint_kind(str(tmp_path / "out" / "ckpt.pt"))
+    assert "train.py's ckpt.pt without the saes.safetensors" in str(e.value)
+    assert "reference" not in str(e.value) and ".yaml" not in str(e.value)
+    torch.save({}, tmp_path / "layer_6.pt")
+    with pytest.raises(ValueError, match=r"\.pt file without its config: .* need layer_6\.yaml or final_config\.yaml"):
+        checkpoint_kind(str(tmp_path / "layer_6.pt"))
+
+
+def test_load_saelens_typo_under_an_existing_folder_is_a_missing_directory(tmp_path, monkeypatch):
+    save_saelens(SAE(8, 16), str(tmp_path / "saes" / "layer_1"), POS)
+    monkeypatch.chdir(tmp_path)
+    for path, folder in (("saes/layer1", None), ("saes", "layer1")):  # the first could be a repo id, owner/name
+        with pytest.raises(FileNotFoundError) as e:
+            load_saelens(path, folder)
+        assert "no SAELens SAE at saes/layer1: it does not exist" in str(e.value)
+        assert "since saes/ exists here: check its spelling" in str(e.value)
+
+
+def test_saelens_cfg_without_hook_name_says_to_add_it(tmp_path):
+    w, cfg = write_foreign(str(tmp_path / "j"), "jumprelu")
+    del cfg["metadata"]["hook_name"]
+    (tmp_path / "j" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match='names no position.*Add "hook_name": "blocks.6.hook_resid_pre"'):
+        load_saelens(str(tmp_path / "j"))
+
+
+def test_a_model_of_another_width_is_refused_naming_both(tmp_path):
+    SAETransformer(small_gpt(), [POS], 2.0).save(str(tmp_path / "saes.safetensors"))  # SAEs 32 wide
+    save_saelens(randomise(SAE(32, 64), 13), str(tmp_path / "sl"), POS)
+    write_reference_run(str(tmp_path / "run"), [POS], E2E_DS_LOSS)
+    wide = GPT(GPTConfig(n_layer=3, n_embd=48, n_head=4, vocab_size=50257, block_size=64))
+    for spec in ("saes.safetensors", "sl", "run"):
+        with pytest.raises(ValueError, match="width 32.* the model is 48 wide: .* the model it was trained on"):
+            load_checkpoint(str(tmp_path / spec), gpt=wide)
 
 
 # ---- the remote loaders, offline ----
