@@ -89,22 +89,25 @@ def _hub_files(repo, names, local_hint):
         from huggingface_hub import hf_hub_download
         return [hf_hub_download(repo, n) for n in names]
     except Exception as e:
-        include = os.path.dirname(names[0]) + "/*" if "/" in names[0] else " ".join(names)
         raise RuntimeError(
             f"could not fetch {' and '.join(names)} from the Hugging Face repo {repo} ({type(e).__name__}: {e}). "
-            f"Offline, download them elsewhere (`hf download {repo} --include '{include}'`), copy them here and "
-            f"load the local copy: {local_hint}") from e
+            f"Offline, download them elsewhere (`hf download {repo} {' '.join(names)} --local-dir .`), copy them "
+            f"here and load the local copy: {local_hint}") from e
 
 
 def _saelens_files(path_or_repo, folder):
     """Local paths of cfg.json and sae_weights.safetensors: in a directory, or downloaded from a hub repo."""
-    local = os.path.join(path_or_repo, folder or "")
+    local = os.path.join(path_or_repo, folder) if folder else path_or_repo
     if os.path.isdir(local):
         return (os.path.join(local, n) for n in ("cfg.json", "sae_weights.safetensors"))
-    looks_local = path_or_repo.startswith((".", "/", "~")) or os.path.isdir(path_or_repo.split("/")[0])
-    if path_or_repo.count("/") != 1 or os.path.exists(path_or_repo) or looks_local:
-        raise FileNotFoundError(f"{local} is not a directory (cfg.json + sae_weights.safetensors) and "
-                                f"{path_or_repo!r} is not a Hugging Face repo id (owner/name)")
+    top = path_or_repo.split("/")[0]
+    looks_local = path_or_repo.startswith((".", "/", "~")) or os.path.exists(path_or_repo) or os.path.isdir(top)
+    if path_or_repo.count("/") != 1 or looks_local:
+        why = "is not a directory" if os.path.exists(local) else "does not exist"
+        if os.path.isdir(top) and not os.path.exists(local):  # a typo under a folder that exists: say so, not the hub
+            why += f" (read as a local path, since {top}/ exists here: check its spelling)"
+        raise FileNotFoundError(f"no SAELens SAE at {local}: it {why}. SAELens's format is a directory holding "
+                                "cfg.json and sae_weights.safetensors; a Hugging Face repo is given as owner/name")
     prefix = f"{folder.strip('/')}/" if folder else ""
     return _hub_files(path_or_repo, [prefix + n for n in ("cfg.json", "sae_weights.safetensors")],
                       f"load_saelens('path/to/{folder or 'folder'}')")
@@ -153,8 +156,8 @@ def load_saelens(path_or_repo, folder=None):
         sae.encoder.bias.copy_(b_enc * norms)
         sae.decoder.weight.copy_((W_dec / W_dec.norm(dim=1, keepdim=True)).T)
         sae.decoder.bias.copy_(b_dec)
-        if ours == "jumprelu":
-            sae.activation.threshold.copy_(w["threshold"] * norms)
+        if ours == "jumprelu":  # SAELens computes ReLU(pre) [pre > theta]: a negative theta acts as 0
+            sae.activation.threshold.copy_(w["threshold"].clamp(min=0) * norms)
     sae.hook_name = cfg.get("hook_name") or cfg.get("hook_point") or meta.get("hook_name")
     if not sae.hook_name:
         raise ValueError(f"{cfg_path} names no position: neither hook_name (at the top or under metadata) nor "
@@ -356,8 +359,9 @@ def checkpoint_kind(spec):
         if spec.endswith(".pt") and os.path.isfile(config_beside(spec)):
             return "e2e_sae", spec
         if spec.endswith(".pt"):
+            named = os.path.splitext(os.path.basename(spec))[0] + ".yaml"
             raise ValueError(f"checkpoint {spec!r} is a .pt file without its config: the reference library's state "
-                             f"dicts need {os.path.basename(config_beside(spec))} or final_config.yaml beside them")
+                             f"dicts need {named} or final_config.yaml beside them")
     if not os.path.exists(spec):
         raise ValueError(f"checkpoint {spec!r} does not exist (a local path; remote checkpoints are written "
                          "wandb:entity/project/run, saelens:owner/repo/folder or e2e_sae:owner/repo/name)")
