@@ -68,6 +68,9 @@ class Activation(nn.Module):
         """What rebuilds it besides its name (make_activation's arguments); saved with every checkpoint."""
         return {}
 
+    def project_(self):
+        """Put learned parameters back where they belong, after an optimiser step (nothing to do for most)."""
+
     def penalty(self, c, pre, p_norm):
         """The sparsity term of each token, before the mean over tokens and the division by d_in."""
         return torch.linalg.vector_norm(c, ord=p_norm, dim=-1, dtype=torch.float32)
@@ -181,10 +184,13 @@ class JumpReLU(Activation):
         self.bandwidth = bandwidth
         self.threshold = nn.Parameter(torch.full((n_dict,), float(init_threshold)))
 
+    def project_(self):
+        with torch.no_grad():
+            self.threshold.clamp_(min=0.0)  # a projection after each Adam step, not a clamp in the graph
+
     def forward(self, pre):
         if self.training:
-            with torch.no_grad():
-                self.threshold.clamp_(min=0.0)  # a projection after each Adam step, not a clamp in the graph
+            self.project_()  # for training loops that do not call it after their step
         return _JumpReLUFunction.apply(pre, self.threshold.to(pre.dtype), self.bandwidth)
 
     def penalty(self, c, pre, p_norm):

@@ -598,6 +598,8 @@ def train_step(model, optimizer, scaler, batches, c, lr, kwargs, autocast, sums,
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    for sae in model.saes.values():
+        sae.activation.project_()  # JumpReLU's thresholds back to >= 0: what is saved is what SAELens computes
     sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.float()
     if dead is not None:
         if world_size > 1:

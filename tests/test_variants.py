@@ -99,9 +99,13 @@ def test_jumprelu_thresholds_stay_non_negative_in_training():
     act = make_activation("jumprelu", 4)
     with torch.no_grad():
         act.threshold.copy_(torch.tensor([-0.5, 0.1, -1e-3, 2.0]))
-    act.train()
-    act(torch.randn(3, 4))
+    act.project_()  # what train.py does after each step
     assert torch.equal(act.threshold.detach(), torch.tensor([0.0, 0.1, 0.0, 2.0]))
+    with torch.no_grad():
+        act.threshold[0] = -1.0
+    act.train()
+    act(torch.randn(3, 4))  # a training forward projects too, for loops that do not
+    assert act.threshold[0].item() == 0.0
 
 
 @pytest.mark.parametrize("activation, k, message", [
