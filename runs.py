@@ -9,8 +9,8 @@ What every training script shares about a run: its learning-rate schedule, its f
 
 A write goes to a temporary file beside its target (named after this process, so two processes never share one)
 and is renamed over the target only once it is complete. If writing fails (a full disk, a folder made read-only),
-the temporary file is removed and one SaveError says which file could not be written and why; the target, if it
-existed, is left as it was.
+the temporary file is removed and one SaveError says which file could not be written and why, and that the target,
+if it existed, is left as it was.
 """
 
 import atexit
@@ -37,19 +37,23 @@ class SaveError(OSError):
 
 def write_atomic(path, write):
     """Call write(f) on a temporary binary file beside `path`, then rename it to `path`. (Written through a Python
-    file object, a full disk is an OSError naming its cause, not a library's own error.)"""
+    file object, a full disk is an OSError naming its cause, not a library's own error.) Whatever stops the write,
+    an error of `write` itself or Ctrl-C included, the temporary file is removed."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         try:
             os.remove(tmp)
         except OSError:
             pass
-        raise SaveError(f"could not write {path}: {e.strerror or e}") from None
+        if not isinstance(e, OSError):
+            raise  # not the disk's fault: the caller's own error, with nothing left behind
+        kept = f"; {path} is kept as it was" if os.path.exists(path) else ""
+        raise SaveError(f"could not write {path}: {e.strerror or e}{kept}") from None
 
 
 def write_json(path, obj, indent=2):
