@@ -149,16 +149,19 @@ def plan(c):
 
 def stored_mismatch(run):
     """The settings in which a run's checkpoint differs from what the plan asks of it ({} if none, or if there
-    is no checkpoint): a run is identified by every setting that changes the SAE it trains."""
+    is no checkpoint): a run is identified by every setting that changes the SAE it trains. Both sides as train.py
+    resolves them (topk's own defaults applied); a setting a checkpoint does not record is one that did not exist
+    when it was trained, so it ran with the default (as train.py reads it when resuming)."""
     path = os.path.join(run["out_dir"], "ckpt.pt")
     if not os.path.isfile(path):
         return {}
     import torch
 
     import train
-    asked = configure(train.DEFAULTS, run["argv"])
-    stored = torch.load(path, map_location="cpu", weights_only=False)["config"]
-    return {k: (stored.get(k), v) for k, v in asked.items() if k not in train.NOT_THE_RUN and stored.get(k) != v}
+    asked = train.settings(run["argv"])[0]
+    saved = torch.load(path, map_location="cpu", weights_only=False)["config"]
+    stored = {k: saved.get(k, v) for k, v in train.DEFAULTS.items()}
+    return {k: (stored[k], v) for k, v in asked.items() if k not in train.NOT_THE_RUN and stored[k] != v}
 
 
 def progress(out_dir):
