@@ -210,12 +210,15 @@ def train_run(run):
 
 
 def evaluate_run(run, samples, device):
-    """eval.py's figures for a finished run, computed once and kept in out_dir/eval.json."""
+    """eval.py's figures for a finished run, computed once and kept in out_dir/eval.json: reused only while they
+    are of these weights and of as many held-out samples of as many tokens (eval_n_samples and n_ctx)."""
     path = os.path.join(run["out_dir"], "eval.json")
     weights = os.path.join(run["out_dir"], "saes.safetensors")
     if os.path.isfile(path) and os.path.getmtime(path) >= os.path.getmtime(weights):
         with open(path) as f:
-            return json.load(f)
+            kept = json.load(f)
+        if (kept.get("n_ctx"), kept.get("eval_samples")) == (samples[0].shape[0], len(samples)):
+            return kept
     import data
     import e2esae
     from interop import load_checkpoint
