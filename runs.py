@@ -111,11 +111,10 @@ class OutDirLock:
                 owner = self._owner()
                 being_written = owner is None and time.time() - os.path.getmtime(self.path) < 5
                 if being_written or (owner is not None and self._running(owner)):
-                    owner = owner or {}
-                    raise LockedError(f"{self.out_dir} is in use by another run: process {owner.get('pid')} on "
-                                      f"{owner.get('host')}, started {owner.get('started')}. Wait for it to finish, "
-                                      f"or choose another out_dir (if no such run exists, delete {self.path})"
-                                      ) from None
+                    who = (f"process {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
+                           if owner else "a process that is taking it at this moment (its lock is still empty)")
+                    raise LockedError(f"{self.out_dir} is in use by another run: {who}. Wait for it to finish, or "
+                                      f"choose another out_dir (if no such run exists, delete {self.path})") from None
                 print(f"note: {self.path} was left by process {(owner or {}).get('pid', '?')}, which is no longer "
                       "running: taking the folder over")
                 os.remove(self.path)
