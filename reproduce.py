@@ -24,9 +24,9 @@ with a hash of `train_args` appended when there are any. A run's stored config m
 for, or it is refused (never reported as this sweep's); a finished run is skipped, an interrupted one resumed;
 Ctrl-C is passed on to the running train.py, which saves its checkpoint before this script stops. Each finished
 run is evaluated once on eval_n_samples held-out samples and the figures are kept beside its checkpoint
-(eval.json). The comparison at matched CE increase reads L0 (and alive elements) off each type's curve, log-log
-interpolated between neighbouring runs, at points spread over the CE-increase range both curves cover; the
-ratio is their geometric mean.
+(eval.json), reused while its weights, eval_n_samples and n_ctx are the same. The comparison at matched CE
+increase reads L0 (and alive elements) off each type's curve, log-log interpolated between neighbouring runs, at
+points spread over the CE-increase range both curves cover; the ratio is their geometric mean.
 """
 
 import csv
