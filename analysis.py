@@ -223,7 +223,10 @@ def analyse_checkpoint(spec, c, samples, enc):
     """Evaluate one checkpoint and describe each of its SAEs. Returns (records, dictionaries): per SAE a dict for
     the JSON's `saes` (its figures, alive elements, nearest-neighbour similarities and chosen elements) and its
     alive dictionary (d_in, n_alive), kept to compare across checkpoints."""
-    model = load_checkpoint(spec, c.init_from).to(c.device).eval()
+    try:
+        model = load_checkpoint(spec, c.init_from).to(c.device).eval()
+    except (OSError, ValueError) as e:  # e.g. a model of another width than the SAE: the message says which
+        raise ConfigError(f"{spec}: {e}") from None
     broken = e2esae.nonfinite_parameters(model.saes)
     if broken:
         raise ConfigError(f"{spec}: its SAE weights are not finite ({', '.join(broken[:4])}): the run diverged, so "

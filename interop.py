@@ -95,14 +95,19 @@ def _hub_files(repo, names, local_hint):
             f"here and load the local copy: {local_hint}") from e
 
 
+def _looks_local(path):
+    """Whether a name is a local path rather than a hub repo (owner/name/...): it starts with '.', '/' or '~', or its
+    first part is a folder here."""
+    return path.startswith((".", "/", "~")) or os.path.isdir(path.split("/")[0])
+
+
 def _saelens_files(path_or_repo, folder):
     """Local paths of cfg.json and sae_weights.safetensors: in a directory, or downloaded from a hub repo."""
     local = os.path.join(path_or_repo, folder) if folder else path_or_repo
     if os.path.isdir(local):
         return (os.path.join(local, n) for n in ("cfg.json", "sae_weights.safetensors"))
     top = path_or_repo.split("/")[0]
-    looks_local = path_or_repo.startswith((".", "/", "~")) or os.path.exists(path_or_repo) or os.path.isdir(top)
-    if path_or_repo.count("/") != 1 or looks_local:
+    if path_or_repo.count("/") != 1 or os.path.exists(path_or_repo) or _looks_local(path_or_repo):
         why = "is not a directory" if os.path.exists(local) else "does not exist"
         if os.path.isdir(top) and not os.path.exists(local):  # a typo under a folder that exists: say so, not the hub
             why += f" (read as a local path, since {top}/ exists here: check its spelling)"
@@ -325,6 +330,12 @@ SAE.save_saelens = save_saelens
 
 # ---- any checkpoint spec ----
 
+def _lone_ckpt(path):
+    return (f"checkpoint {path!r} is train.py's ckpt.pt without the saes.safetensors written beside it (the SAEs the "
+            "scripts read): point at an out_dir that holds both; a run stopped part-way writes it again when it is "
+            "resumed (train.py --resume=True)")
+
+
 def checkpoint_kind(spec):
     """(kind, where) for a checkpoint spec (see the docstring), found without loading it, so that every spec is
     checked before any is evaluated. kind: 'ours' (where: the .safetensors), 'e2e_sae', 'saelens',
@@ -334,6 +345,9 @@ def checkpoint_kind(spec):
             where = spec[len(prefix):]
             if kind == "saelens-hub" and os.path.isdir(where):
                 return "saelens", where
+            if kind != "wandb" and _looks_local(where) and not os.path.exists(where):  # a typo, not a hub problem
+                raise ValueError(f"checkpoint {spec!r}: {where} does not exist (a local path; a hub checkpoint is "
+                                 f"written {prefix}owner/repo/folder)")
             if kind != "wandb" and where.count("/") < 2:
                 raise ValueError(f"checkpoint {spec!r}: a {prefix} spec is {prefix}owner/repo/name")
             return kind, where
@@ -345,6 +359,8 @@ def checkpoint_kind(spec):
             return "e2e_sae", spec
         if os.path.isfile(inside("cfg.json")):
             return "saelens", spec
+        if os.path.isfile(inside("ckpt.pt")):
+            raise ValueError(_lone_ckpt(inside("ckpt.pt")))
         raise ValueError(f"checkpoint {spec!r} is a directory without saes.safetensors (train.py), "
                          "final_config.yaml (e2e_sae) or cfg.json (SAELens)")
     if os.path.isfile(spec):
@@ -354,8 +370,7 @@ def checkpoint_kind(spec):
             beside = os.path.join(os.path.dirname(spec), "saes.safetensors")
             if os.path.isfile(beside):
                 return "ours", beside
-            raise ValueError(f"checkpoint {spec!r} is train.py's ckpt.pt without the saes.safetensors it is written "
-                             "with: point at the run's out_dir with both, or resume the run to write it")
+            raise ValueError(_lone_ckpt(spec))
         if spec.endswith(".pt") and os.path.isfile(config_beside(spec)):
             return "e2e_sae", spec
         if spec.endswith(".pt"):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import kernels
 from configurator import ConfigError, check_settings, check_writable, configure, defaults, print_config
-from e2esae import SAE, explained_variance, sparsity_loss
+from e2esae import SAE, explained_variance, nonfinite_parameters, sparsity_loss
 from runs import get_lr, write_json
 
 # -----------------------------------------------------------------------------
@@ -193,9 +193,17 @@ def loss_coeffs(c, kind):
                            in_to_orig_coeff=c.in_to_orig_coeff)}[kind]
 
 
+class Diverged(SystemExit):
+    """A loss or gradient that is not finite: training stops before that step is applied, with the message."""
+
+    def __init__(self, message):
+        super().__init__(f"Diverged: {message}")
+
+
 def train_sae(mlp, pixels, coeffs, c, name="sae"):
     """An SAE at hidden layer c.sae_layer, trained on the pixels' activations with loss coefficients `coeffs`.
-    Every SAE starts from the same initial weights and sees the same batches, whatever its type."""
+    Every SAE starts from the same initial weights and sees the same batches, whatever its type. A loss or
+    gradient that is not finite stops the script (Diverged): a NaN SAE would pass for a dead dictionary."""
     d_in = mlp.layers[c.sae_layer].out_features
     torch.manual_seed(c.seed)
     sae = SAE(d_in, int(d_in * c.dict_size_to_input_ratio))
@@ -210,6 +218,11 @@ def train_sae(mlp, pixels, coeffs, c, name="sae"):
         loss, terms = sae_loss(spliced_run(mlp, sae, c.sae_layer, pixels[batch]), **coeffs, p_norm=c.p_norm)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grads = [p.grad for p in sae.parameters() if p.grad is not None]
+        if not (torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)):  # checked before the step
+            raise Diverged(f"the {name} SAE at step {step + 1}: the loss is {loss.item():.4g}, so training diverged "
+                           f"(that step was not applied). Try a lower learning rate (lr={c.lr:g} now; e.g. "
+                           f"--lr={c.lr / 10:g})")
         optimizer.step()
         for k, v in {"loss": loss.detach(), **terms}.items():
             window[k] = window.get(k, 0.0) + v.item()
@@ -220,12 +233,17 @@ def train_sae(mlp, pixels, coeffs, c, name="sae"):
                   f"out_to_in {m['out_to_in']:.4f} | in_to_orig {m['in_to_orig']:.4f} | l0 {m['l0']:.1f} | "
                   f"lr {lr:.1e} | {(time.time() - t0) * 1000 / n:.1f} ms")
             window, t0 = {}, time.time()
+    if nonfinite_parameters(sae):  # a last step that overflowed the weights themselves
+        raise Diverged(f"the {name} SAE's weights are not finite after its last step: try a lower learning rate "
+                       f"(lr={c.lr:g} now; e.g. --lr={c.lr / 10:g})")
     return sae
 
 
 # ---- the script ----
 
 TRAINING_TYPES = ("local", "e2e", "e2e+ds")
+RECONSTRUCTION_KEYS = {"local": ["out_to_in_coeff"], "e2e": ["kl_coeff"],  # each type's terms besides sparsity
+                       "e2e+ds": ["e2e_ds_kl_coeff", "in_to_orig_coeff"]}
 
 
 positive = lambda v: v > 0
@@ -254,8 +272,10 @@ def check(c):
     if int(c.hidden_sizes[c.sae_layer] * c.dict_size_to_input_ratio) < 1:
         raise ConfigError(f"dict_size_to_input_ratio={c.dict_size_to_input_ratio} leaves no dictionary element")
     for kind in c.training_types:
-        if not any(loss_coeffs(c, kind).values()):
-            raise ConfigError(f"every loss coefficient of {kind} is 0: there is nothing to train")
+        keys = RECONSTRUCTION_KEYS[kind]
+        if not any(getattr(c, k) for k in keys):
+            raise ConfigError(f"{kind}: {' and '.join(f'{k}=0' for k in keys)} leaves only the sparsity term, so "
+                              f"nothing asks the SAE to reconstruct anything: set {' or '.join(keys)}")
     if c.sweep:  # the sweep's JSON and plot go there: a folder that cannot take them must not cost the sweep
         check_writable(c.out_dir, "out_dir")
     if "e2e+ds" in c.training_types and c.in_to_orig_coeff > 0 and c.sae_layer == len(c.hidden_sizes) - 1:

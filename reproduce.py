@@ -24,9 +24,9 @@ with a hash of `train_args` appended when there are any. A run's stored config m
 for, or it is refused (never reported as this sweep's); a finished run is skipped, an interrupted one resumed;
 Ctrl-C is passed on to the running train.py, which saves its checkpoint before this script stops. Each finished
 run is evaluated once on eval_n_samples held-out samples and the figures are kept beside its checkpoint
-(eval.json). The comparison at matched CE increase reads L0 (and alive elements) off each type's curve, log-log
-interpolated between neighbouring runs, at points spread over the CE-increase range both curves cover; the
-ratio is their geometric mean.
+(eval.json), reused while its weights, eval_n_samples and n_ctx are the same. The comparison at matched CE
+increase reads L0 (and alive elements) off each type's curve, log-log interpolated between neighbouring runs, at
+points spread over the CE-increase range both curves cover; the ratio is their geometric mean.
 """
 
 import csv
@@ -149,16 +149,19 @@ def plan(c):
 
 def stored_mismatch(run):
     """The settings in which a run's checkpoint differs from what the plan asks of it ({} if none, or if there
-    is no checkpoint): a run is identified by every setting that changes the SAE it trains."""
+    is no checkpoint): a run is identified by every setting that changes the SAE it trains. Both sides as train.py
+    resolves them (topk's own defaults applied); a setting a checkpoint does not record is one that did not exist
+    when it was trained, so it ran with the default (as train.py reads it when resuming)."""
     path = os.path.join(run["out_dir"], "ckpt.pt")
     if not os.path.isfile(path):
         return {}
     import torch
 
     import train
-    asked = configure(train.DEFAULTS, run["argv"])
-    stored = torch.load(path, map_location="cpu", weights_only=False)["config"]
-    return {k: (stored.get(k), v) for k, v in asked.items() if k not in train.NOT_THE_RUN and stored.get(k) != v}
+    asked = train.settings(run["argv"])[0]
+    saved = torch.load(path, map_location="cpu", weights_only=False)["config"]
+    stored = {k: saved.get(k, v) for k, v in train.DEFAULTS.items()}
+    return {k: (stored[k], v) for k, v in asked.items() if k not in train.NOT_THE_RUN and stored[k] != v}
 
 
 def progress(out_dir):
@@ -207,12 +210,15 @@ def train_run(run):
 
 
 def evaluate_run(run, samples, device):
-    """eval.py's figures for a finished run, computed once and kept in out_dir/eval.json."""
+    """eval.py's figures for a finished run, computed once and kept in out_dir/eval.json: reused only while they
+    are of these weights and of as many held-out samples of as many tokens (eval_n_samples and n_ctx)."""
     path = os.path.join(run["out_dir"], "eval.json")
     weights = os.path.join(run["out_dir"], "saes.safetensors")
     if os.path.isfile(path) and os.path.getmtime(path) >= os.path.getmtime(weights):
         with open(path) as f:
-            return json.load(f)
+            kept = json.load(f)
+        if (kept.get("n_ctx"), kept.get("eval_samples")) == (samples[0].shape[0], len(samples)):
+            return kept
     import data
     import e2esae
     from interop import load_checkpoint

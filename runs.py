@@ -9,8 +9,8 @@ What every training script shares about a run: its learning-rate schedule, its f
 
 A write goes to a temporary file beside its target (named after this process, so two processes never share one)
 and is renamed over the target only once it is complete. If writing fails (a full disk, a folder made read-only),
-the temporary file is removed and one SaveError says which file could not be written and why; the target, if it
-existed, is left as it was.
+the temporary file is removed and one SaveError says which file could not be written and why, and that the target,
+if it existed, is left as it was.
 """
 
 import atexit
@@ -37,19 +37,23 @@ class SaveError(OSError):
 
 def write_atomic(path, write):
     """Call write(f) on a temporary binary file beside `path`, then rename it to `path`. (Written through a Python
-    file object, a full disk is an OSError naming its cause, not a library's own error.)"""
+    file object, a full disk is an OSError naming its cause, not a library's own error.) Whatever stops the write,
+    an error of `write` itself or Ctrl-C included, the temporary file is removed."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         try:
             os.remove(tmp)
         except OSError:
             pass
-        raise SaveError(f"could not write {path}: {e.strerror or e}") from None
+        if not isinstance(e, OSError):
+            raise  # not the disk's fault: the caller's own error, with nothing left behind
+        kept = f"; {path} is kept as it was" if os.path.exists(path) else ""
+        raise SaveError(f"could not write {path}: {e.strerror or e}{kept}") from None
 
 
 def write_json(path, obj, indent=2):
@@ -107,11 +111,10 @@ class OutDirLock:
                 owner = self._owner()
                 being_written = owner is None and time.time() - os.path.getmtime(self.path) < 5
                 if being_written or (owner is not None and self._running(owner)):
-                    owner = owner or {}
-                    raise LockedError(f"{self.out_dir} is in use by another run: process {owner.get('pid')} on "
-                                      f"{owner.get('host')}, started {owner.get('started')}. Wait for it to finish, "
-                                      f"or choose another out_dir (if no such run exists, delete {self.path})"
-                                      ) from None
+                    who = (f"process {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
+                           if owner else "a process that is taking it at this moment (its lock is still empty)")
+                    raise LockedError(f"{self.out_dir} is in use by another run: {who}. Wait for it to finish, or "
+                                      f"choose another out_dir (if no such run exists, delete {self.path})") from None
                 print(f"note: {self.path} was left by process {(owner or {}).get('pid', '?')}, which is no longer "
                       "running: taking the folder over")
                 os.remove(self.path)

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import torch
 
 from configurator import ConfigError, check_settings, configure, defaults, print_config
+from e2esae import nonfinite_parameters
 from interop import checkpoint_kind, load_checkpoint
 from model import gpt2_tokenizer
 
@@ -52,6 +53,10 @@ def main(argv):
         model = load_checkpoint(c.checkpoint, c.init_from).to(c.device).eval()
     except (OSError, ValueError) as e:
         raise ConfigError(f"checkpoint {c.checkpoint!r}: {e}") from None
+    broken = nonfinite_parameters(model.saes)
+    if broken:
+        raise ConfigError(f"checkpoint {c.checkpoint!r}: its SAE weights are not finite ({', '.join(broken[:4])}): "
+                          "the run diverged, so there is nothing to sample from; retrain it with a lower lr")
     enc = gpt2_tokenizer()
     idx = torch.tensor([enc.encode(c.prompt, allowed_special={"<|endoftext|>"})], device=c.device)  # (1, T)
     if idx.shape[1] == 0:

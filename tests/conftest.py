@@ -1,4 +1,4 @@
-"""Shared fixtures: small random GPT-2s saved in Hugging Face's format, and a little real text."""
+"""Shared fixtures: small random GPT-2s saved in Hugging Face's format or ours, and a little real text."""
 import os
 import sys
 
@@ -31,3 +31,37 @@ def hf_gpt2_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("gpt2_small")
     hf = save_random_hf_gpt2(str(d), **SMALL_CONFIGS[0])
     return str(d), hf
+
+
+@pytest.fixture(scope="module")
+def gpt_dir(tmp_path_factory):
+    """A 2-layer, 32-wide random GPT-2 in this project's format: the model the whole-run tests train SAEs on."""
+    from model import GPT, GPTConfig, save_pretrained
+    d = str(tmp_path_factory.mktemp("gpt"))
+    torch.manual_seed(0)
+    save_pretrained(GPT(GPTConfig(n_layer=2, n_embd=32, n_head=4, block_size=64)), d)
+    return d
+
+
+def play_text(i, chars):
+    import data
+    plays = data.shakespeare_files()
+    return open(plays[i], encoding="utf-8").read()[:chars]
+
+
+@pytest.fixture(scope="module")
+def one_file(tmp_path_factory):
+    """One text file, the way people bring their own data (nanoGPT's input.txt): ~5,000 tokens."""
+    path = tmp_path_factory.mktemp("one") / "my_corpus.txt"
+    path.write_text(play_text(0, 20_000), encoding="utf-8")
+    return str(path)
+
+
+def args(gpt_dir, dataset, out_dir, **overrides):
+    """train.py's command line for a run of 12 steps on gpt_dir's model (a checkpoint and an evaluation every 6)."""
+    settings = dict(init_from=gpt_dir, dataset=dataset, sae_positions=["blocks.1.hook_resid_pre"],
+                    dict_size_to_input_ratio=4.0, n_ctx=32, n_samples=48, batch_size=4, lr=1e-2, warmup_samples=8,
+                    eval_every_n_samples=24, eval_n_samples=8, save_every_n_samples=24, log_every_n_steps=4,
+                    out_dir=str(out_dir), device="cpu")
+    settings.update(overrides)
+    return [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}" for k, v in settings.items()]

@@ -130,7 +130,7 @@ def test_a_sweep_writes_the_pareto_plot_and_every_row(tmp_path, capsys):
     (["--hidden_sizes=[]"], "hidden_sizes must be a non-empty list"),
     (["--n_steps=0"], "n_steps must be positive"),
     (["--e2e_sparsity_coeff=-1"], "e2e_sparsity_coeff must be >= 0"),
-    (["--out_to_in_coeff=0", "--local_sparsity_coeff=0"], "every loss coefficient of local is 0"),
+    (["--out_to_in_coeff=0", "--local_sparsity_coeff=0"], "local: out_to_in_coeff=0 leaves only the sparsity term"),
     (["--sweep=True", "--sweep_factors=[]"], "sweep_factors must be a non-empty list"),
     (["--sparsity_coeff=1"], "unknown key 'sparsity_coeff'"),
     (["--n_steps=1.5"], "n_steps expects int"),

@@ -13,29 +13,8 @@ import data
 import train
 import train_gpt
 from configurator import ConfigError
-from conftest import ROOT
-from model import GPT, GPTConfig, gpt2_tokenizer, save_pretrained
-
-
-@pytest.fixture(scope="module")
-def gpt_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("gpt"))
-    torch.manual_seed(0)
-    save_pretrained(GPT(GPTConfig(n_layer=2, n_embd=32, n_head=4, block_size=64)), d)
-    return d
-
-
-def play_text(i, chars):
-    plays = data.shakespeare_files()
-    return open(plays[i], encoding="utf-8").read()[:chars]
-
-
-@pytest.fixture(scope="module")
-def one_file(tmp_path_factory):
-    """One text file, the way people bring their own data (nanoGPT's input.txt): ~5,000 tokens."""
-    path = tmp_path_factory.mktemp("one") / "my_corpus.txt"
-    path.write_text(play_text(0, 20_000), encoding="utf-8")
-    return str(path)
+from conftest import ROOT, args, play_text
+from model import gpt2_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +23,6 @@ def two_files(tmp_path_factory):
     for i in range(2):
         (d / f"part{i}.txt").write_text(play_text(i + 1, 12_000), encoding="utf-8")
     return str(d)
-
-
-def args(gpt_dir, dataset, out_dir, **overrides):
-    settings = dict(init_from=gpt_dir, dataset=dataset, sae_positions=["blocks.1.hook_resid_pre"],
-                    dict_size_to_input_ratio=4.0, n_ctx=32, n_samples=48, batch_size=4, lr=1e-2, warmup_samples=8,
-                    eval_every_n_samples=24, eval_n_samples=8, save_every_n_samples=24, log_every_n_steps=4,
-                    out_dir=str(out_dir), device="cpu")
-    settings.update(overrides)
-    return [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}" for k, v in settings.items()]
 
 
 def run(argv, script="train.py", **kw):
