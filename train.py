@@ -135,6 +135,8 @@ def settings(argv):
     check_settings(config, SETTINGS)
     if config["resume"] and config["overwrite"]:
         raise ConfigError("resume=True and overwrite=True contradict each other: continue the run, or replace it")
+    if "dtype" not in given and not config["device"].startswith("cuda"):
+        config["dtype"] = "float32"  # the default dtype is the GPU's; a CPU run asked for none
     if config["dtype"] != "float32" and not config["device"].startswith("cuda"):
         raise ConfigError(f"dtype={config['dtype']!r} runs under CUDA autocast, and device={config['device']!r}: on a "
                           "CPU use dtype='float32'")
@@ -354,7 +356,7 @@ class Run:
         self.ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
         self.lock = runs.OutDirLock(c.out_dir) if master else None
         self.saved_step, self.step, self.in_step, self.state = None, 0, False, None
-        self.stop_requested, self.seconds, self.t_start = False, 0.0, time.time()
+        self.stop_requested, self.seconds, self.t_start, self.old_handlers = False, 0.0, time.time(), {}
 
     def __enter__(self):
         if self.lock:
@@ -362,8 +364,7 @@ class Run:
                 self.lock.acquire()
             except runs.LockedError as e:
                 raise ConfigError(str(e)) from None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._request_stop)
+        self.old_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _request_stop(self, signum, frame):
@@ -385,6 +386,8 @@ class Run:
             if "cuda_rng" in ckpt and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
             self.seconds, self.saved_step = ckpt.get("train_seconds", 0.0), ckpt["step"]
+            if not os.path.isfile(os.path.join(self.c.out_dir, "saes.safetensors")):
+                self.saved_step = None  # written again at the next save (a finished run, resumed: at the end)
         self.step, self.t_start = step, time.time()
 
     @contextmanager
@@ -415,17 +418,24 @@ class Run:
     def __exit__(self, kind, error, tb):
         try:
             if error is not None and self.state is not None and self.master:
-                if not self.in_step or isinstance(error, Diverged):
+                if (not self.in_step or isinstance(error, Diverged)) and not isinstance(error, runs.SaveError):
                     try:
                         self.save(self.step)
                     except runs.SaveError as e:
                         print(f"\n{e}", file=sys.stderr)
-                if self.saved_step is not None:
+                if self.saved_step is not None and isinstance(error, Diverged):
+                    print(f"\nthe checkpoint of step {self.saved_step} in {self.c.out_dir} holds the last finite "
+                          "weights: a resumed run would diverge again there. Start a new run with a lower lr, from "
+                          f"scratch or from these SAEs (--pretrained_sae_paths=['{self.c.out_dir}'] "
+                          "--retrain_saes=True)", file=sys.stderr)
+                elif self.saved_step is not None:
                     print(f"\n{kind.__name__} at step {self.step}: the checkpoint of step {self.saved_step} in "
                           f"{self.c.out_dir} is complete; continue from it with --resume=True", file=sys.stderr)
         finally:
             if self.lock:
                 self.lock.release()
+            for sig, handler in self.old_handlers.items():
+                signal.signal(sig, handler)
         if isinstance(error, KeyboardInterrupt):
             sys.exit(130)
         if isinstance(error, (Diverged, runs.SaveError)):
@@ -498,6 +508,7 @@ def main(argv):
             if eval_now:
                 eval_metrics = evaluate_and_log(model, eval_batches, c, autocast, ddp, wandb, step, log)
 
+        run.save(step)  # nothing new, unless a finished run was resumed without its saes.safetensors
         eval_metrics = eval_metrics or evaluate_and_log(model, eval_batches, c, autocast, ddp, wandb, step, log)
         if master:
             print_summary(eval_metrics, model, c, path)

@@ -222,8 +222,6 @@ def test_write_atomic_leaves_no_temporary_file_whatever_stops_it(tmp_path, error
     assert os.listdir(tmp_path) == ["ckpt.pt"] and target.read_bytes() == b"old"
 
 
-@pytest.mark.xfail(strict=True, reason="train.Run.__exit__ saves again after a SaveError: on a lasting full disk the "
-                                       "cause is said twice, on a passing one the kept checkpoint is replaced")
 def test_a_full_disk_stops_the_run_with_one_message_and_keeps_the_checkpoint(finished, gpt_dir, one_file, tmp_path,
                                                                              capsys):
     out = tmp_path / "out"
@@ -255,8 +253,6 @@ def test_a_setting_that_would_do_nothing_is_refused_before_any_work(overrides, m
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="train.settings refuses dtype's own default (bfloat16 where CUDA has it) "
-                                       "for device='cpu', so a CPU run on a GPU machine needs --dtype=float32 too")
 def test_a_cpu_run_on_a_gpu_machine_trains_in_float32_unasked(monkeypatch):
     monkeypatch.setitem(train.DEFAULTS, "dtype", "bfloat16")  # train.py's default where CUDA supports bfloat16
     assert train.settings(["--device=cpu"])[0]["dtype"] == "float32"
