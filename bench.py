@@ -7,10 +7,12 @@ what was allocated before it (inputs, weights), i.e. what the operation itself a
     python bench.py                           # on a GPU: everything, prints a table
     python bench.py --quick --out results.json
     python bench.py --device cpu --tiny       # a smoke test of this script through Triton's interpreter
+    python bench.py --data                    # the data path alone (data.py), on the CPU: no CUDA, no Triton
 
 `python gpu_check.py` runs this with --quick, after the kernel tests and a short training run (BENCHMARKS.md).
 
-No `datasets` or `wandb` needed; GPT-2 runs on random weights (speed does not depend on their values).
+No `datasets` or `wandb` needed; GPT-2 runs on random weights (speed does not depend on their values). --data
+needs `datasets` and pyarrow, and tokenises the embedded corpus into a temporary cache (yours is not touched).
 """
 import argparse
 import json
@@ -29,6 +31,7 @@ def parse_args(argv):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200: 989)")
     p.add_argument("--out", default=None, help="write every result to this JSON file")
+    p.add_argument("--data", action="store_true", help="benchmark the data path (data.py) instead, on the CPU")
     return p.parse_args(argv)
 
 
@@ -272,6 +275,145 @@ def bench_train_step(results, args, shape, torch, kernels):
                 row["mfu"] = flops_per_token * row["tokens_per_s"] / (args.peak_tflops * 1e12)
                 print(f"  {'':<22} {'':<26} {row['tokens_per_s']:,.0f} tok/s, mfu {100 * row['mfu']:.1f}%")
 
+# ---- the data path (--data): data.SampleStream's tokens/s in one process, on the CPU ----
+
+def time_stream(dataset, n_ctx, n_samples=None, skip=0, **kwargs):
+    """(tokens, seconds) of data.SampleStream(dataset, n_ctx, **kwargs) from its construction to its n_samples-th
+    sample after `skip` (or to its end: repeat=False)."""
+    from itertools import islice
+
+    import data
+    t0 = time.perf_counter()
+    stream = data.SampleStream(dataset, n_ctx, **kwargs).skip(skip)
+    n = sum(s.numel() for s in (stream if n_samples is None else islice(stream, n_samples)))
+    return n, time.perf_counter() - t0
+
+
+def write_rows(folder, column, rows, n_shards):
+    """rows as a hub-style parquet dataset: train-0000k-of-0000n.parquet, shard k holding rows k, k + n, ..."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(folder)
+    for k in range(n_shards):
+        path = os.path.join(folder, f"train-{k:05d}-of-{n_shards:05d}.parquet")
+        pq.write_table(pa.table({column: rows[k::n_shards]}), path)
+    return folder
+
+
+def bench_data(args):
+    """Every row of BENCHMARKS.md's Data section: the token cache, pre-tokenised and raw-text parquet streams at
+    1 and 8 ranks (rank 0), the cache's first build, resuming, and one long document."""
+    import tempfile
+
+    import numpy as np
+    import torch
+    torch.set_num_threads(1)
+    tmp = tempfile.mkdtemp(prefix="e2esae-bench-data-")
+    os.environ["E2ESAE_CACHE"] = os.path.join(tmp, "cache")  # a fresh cache: the first build is timed
+    import data
+    n_ctx, copies = 1024, 2 if args.quick else 8
+    data.tokenizer()  # loaded once per process: not part of any row
+    rows = []
+
+    def row(source, ranks, tokens, seconds, note=""):
+        ranks = f"{ranks} (rank 0)" if ranks != 1 else "1"
+        rows.append(dict(source=source, ranks=ranks, tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
+                         note=note))
+        print(f"  {source:<56} {ranks:<10} {tokens:>12,} tokens {seconds:8.3f} s {tokens / seconds:>13,.0f} tokens/s"
+              f"  {note}", flush=True)
+
+    t0 = time.perf_counter()
+    train = data.token_file("shakespeare", "train")  # tokenises both splits
+    n_built = len(train) + len(data.token_file("shakespeare", "eval"))
+    row("raw text: the token cache's first build ('shakespeare')", 1, n_built, time.perf_counter() - t0)
+    n = copies * 8 * (len(train) // n_ctx)  # samples: several epochs of the cached corpus
+    for ranks in (1, 8):
+        row("cached token file", ranks, *time_stream("shakespeare", n_ctx, n // ranks, rank=0, world_size=ranks))
+
+    ids = np.asarray(train, dtype=np.int64)
+    chunks = [ids[i:i + n_ctx].tolist() for i in range(0, len(ids) - n_ctx + 1, n_ctx)] * copies
+    texts = []  # the plays in documents of about 4,000 characters, cut at a newline
+    for play in data.documents("shakespeare", "train"):
+        while play:
+            cut = play.find("\n", 4000) + 1 or len(play)
+            texts, play = texts + [play[:cut]], play[cut:]
+    texts *= max(copies // 4, 1)
+    sources = [(f"pre-tokenised parquet stream, {k} shards", write_rows(f"{tmp}/ids{k}", "input_ids", chunks, k), k)
+               for k in (8, 7)]
+    sources += [(f"raw-text parquet stream, {k} shards", write_rows(f"{tmp}/text{k}", "text", texts, k), k)
+                for k in (8, 7)]
+    for name, folder, shards in sources:
+        data.heldout_rule(folder)  # opens the dataset once (datasets' start-up is not the stream's speed)
+        for ranks in (1, 8) if shards == 8 else (8,):
+            how = "" if ranks == 1 else ("its own shard" if shards % ranks == 0 else "every 8th row")
+            row(name, ranks, *time_stream(folder, n_ctx, rank=0, world_size=ranks, repeat=False), how)
+
+    def resume(dataset, state, **kwargs):  # seconds from a new stream to its first batch of 8 samples
+        t0 = time.perf_counter()
+        stream = data.SampleStream(dataset, n_ctx, **kwargs)
+        stream.load_state_dict(state)
+        next(data.batches(stream, 8))
+        return time.perf_counter() - t0
+
+    far = 400_000_000 // n_ctx  # resume 400M tokens in: arithmetic on the token file
+    for ranks in (1, 8):
+        seconds = resume("shakespeare", {"kind": "tokens", "samples": far // ranks}, rank=0, world_size=ranks)
+        row("resume: cached token file, 400M tokens in", ranks, 8 * n_ctx, seconds,
+            f"first batch after {1e3 * seconds:.1f} ms")
+    for name, folder, _ in (sources[0], sources[2]):
+        stream = data.SampleStream(folder, n_ctx)
+        done = sum(1 for _ in zip(range(len(chunks) * 9 // 10 if "pre" in name else 2000), stream))
+        seconds = resume(folder, stream.state_dict())
+        _, replay = time_stream(folder, n_ctx, 8, skip=done)
+        row(f"resume: {name.split(',')[0]}, {done * n_ctx / 1e6:.1f}M tokens in", 1, 8 * n_ctx, seconds,
+            f"first batch after {1e3 * seconds:.0f} ms; replaying instead: {replay:.2f} s")
+
+    plays = "\n".join(data.documents("shakespeare", "train"))
+    for chars in (700_000, 2_800_000):  # about 200k and 800k tokens
+        path = os.path.join(tmp, f"one_document_{chars}.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(plays[:chars])
+        t0 = time.perf_counter()
+        one = data.token_file(path, "train")
+        whole = len(one) + len(data.token_file(path, "eval"))
+        size = f"{whole / 1e3:,.0f}k"
+        row(f"one document of {size} tokens: first build", 1, whole, time.perf_counter() - t0)
+        row(f"one document of {size} tokens: cached token file", 1, *time_stream(path, n_ctx, repeat=False))
+        folder = write_rows(os.path.join(tmp, f"one_row_{chars}"), "input_ids", [np.asarray(one).tolist()], 1)
+        data.heldout_rule(folder)
+        row(f"one row of {len(one) / 1e3:,.0f}k tokens: pre-tokenised parquet stream", 1,
+            *time_stream(folder, n_ctx, repeat=False))
+    return rows
+
+
+def data_environment():
+    import datasets
+    import numpy
+    import pyarrow
+    import tiktoken
+    import torch
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return dict(python=platform.python_version(), torch=torch.__version__, numpy=numpy.__version__,
+                datasets=datasets.__version__, tiktoken=tiktoken.__version__, pyarrow=pyarrow.__version__,
+                cpu=cpu, cores=os.cpu_count(), load_before=os.getloadavg())
+
+
+def main_data(args):
+    env = data_environment()
+    print(json.dumps(env))
+    rows = bench_data(args)
+    env["load_after"] = os.getloadavg()
+    print(f"\nload average (1, 5, 15 min) before {env['load_before']}, after {env['load_after']}\n")
+    print("| source | ranks | tokens (rank 0) | s | tokens/s | |\n|---|---|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['source']} | {r['ranks']} | {r['tokens']:,} | {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['note']} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(env=env, results=rows), f, indent=1)
+        print(f"wrote {args.out}")
+
 
 # ---- report ----
 
@@ -319,6 +461,9 @@ def main(args):
 
 if __name__ == "__main__":
     args = parse_args(sys.argv[1:])
+    if args.data:  # no kernels, no Triton, no CUDA
+        main_data(args)
+        sys.exit()
     if args.device == "cpu":  # the kernels can only run interpreted; this must precede importing triton
         os.environ.setdefault("TRITON_INTERPRET", "1")
     main(args)
