@@ -224,25 +224,40 @@ def _local_documents(dataset, split):
 
 # ---- streamed sources: this rank's rows, from a saved position ----
 
-def _document(row, dataset, split, where):
-    """A row's document: its text (str) or its token ids (an int64 array); DataError for anything else."""
-    column = "input_ids" if "input_ids" in row else "text"
-    doc = row.get(column)
+ROWS_PER_READ = 16  # rows a stream reads at a time, as one arrow table: datasets' formatting of single rows is slow
+
+
+def _document(doc, column, keys, dataset, split, where):
+    """A row's document: its text (str) or its token ids (an int64 array); DataError for anything else. `keys` are
+    the row's columns where they are not known to include `column`."""
     if isinstance(doc, str):
-        return str(doc)  # (numpy's str_ under the numpy format)
-    if isinstance(doc, np.ndarray) and doc.ndim == 1 and (doc.dtype.kind in "iu" or doc.size == 0):
+        return doc
+    if isinstance(doc, np.ndarray) and doc.ndim == 1 and doc.dtype.kind in "iu":
         return doc.astype(np.int64, copy=False)
     if isinstance(doc, list) and all(isinstance(t, int) for t in doc[:8]):
         return np.asarray(doc, dtype=np.int64)
-    found = (f"its `{column}` is a {type(doc).__name__}, not text or token ids" if column in row else
-             f"neither an `input_ids` nor a `text` column, only {sorted(row)}")
+    found = (f"its `{column}` is a {type(doc).__name__}, not text or token ids" if keys is None or column in keys else
+             f"neither an `input_ids` nor a `text` column, only {sorted(keys)}")
     raise DataError(f"dataset {dataset!r}, document {where} of its {split} part: {found}")
 
 
+def _column_values(table):
+    """The values of an arrow table's one column: token ids as int arrays (slices of one array, not a Python list
+    per row), or Python values (text, and anything else, which _document names)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    column, kind = table.column(0).combine_chunks(), table.schema.types[0]
+    is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+    if is_list and pa.types.is_integer(kind.value_type) and column.null_count == 0 and len(column):
+        ends = np.cumsum(pc.list_value_length(column).to_numpy(zero_copy_only=False))
+        return np.split(column.flatten().to_numpy(zero_copy_only=False), ends[:-1])
+    return column.to_pylist()
+
+
 def _stream_rows(dataset, split, rank, world_size, position):
-    """Yield rank's documents of the split from `position` on, a dict: 'rows', the stream's state_dict to start
-    from (None: its start); 'index', the rows this rank has read, counted on here; 'stream', set here to the
-    IterableDataset being read, whose state_dict() is the position after the document yielded last."""
+    """Yield rank's documents of the split from `position` on, a dict that this keeps up to date: 'rows', the
+    stream's state_dict() before the rows read last (None: the stream's start); 'index', the rows of this rank
+    before those; 'in_batch', how many of those have been yielded (or passed over as held out)."""
     splits = _hub_splits(dataset)
     if "train" not in splits:
         raise DataError(f"dataset {dataset!r} has no 'train' split, only {sorted(splits)}: name its training files "
@@ -255,22 +270,35 @@ def _stream_rows(dataset, split, rank, world_size, position):
         if world_size > 1:
             from datasets.distributed import split_dataset_by_node
             source = split_dataset_by_node(source, rank, world_size, strategy="examples" if by_row else "auto")
-        columns = [c for c in ("input_ids", "text") if c in (source.features or {})][:1]
-        if columns:  # read that column alone, as numpy arrays (no Python list per row)
-            source = source.select_columns(columns).with_format("numpy")
+        column = next((c for c in ("input_ids", "text") if c in (source.features or {})), None)
+        if column:  # that column alone, ROWS_PER_READ rows at a time, as arrow tables
+            source = source.select_columns([column]).with_format("arrow")
         if position["rows"] is not None:
             source.load_state_dict(position["rows"])
-        position["stream"], rows = source, iter(source)
+        if column:
+            batches = ([(v, column, None) for v in _column_values(t)] for t in source.iter(batch_size=ROWS_PER_READ))
+        else:  # columns known only once read: row by row
+            batches = ([_dict_value(row)] for row in source)
+        state = source.state_dict
     else:  # a plain iterable of rows (tests stand one in for a stream): every W-th row, from the position on
-        position["stream"] = None
         rows = islice(source, rank + position["index"] * world_size, None, world_size)
-    for row in rows:
-        k = position["index"]
-        position["index"] = k + 1
-        i = rank + k * world_size
-        if rule == "documents" and (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) != (split == "eval"):
-            continue
-        yield _document(row, dataset, split, i if by_row else f"{k} of process {rank}'s part")
+        batches, state = ([_dict_value(row)] for row in rows), lambda: None
+    skip = position["in_batch"]
+    for batch in batches:
+        for j in range(skip, len(batch)):
+            position["in_batch"] = j + 1
+            k = position["index"] + j
+            i = rank + k * world_size
+            if rule == "documents" and (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) != (split == "eval"):
+                continue
+            yield _document(*batch[j], dataset, split, i if by_row else f"{k} of process {rank}'s part")
+        position.update(rows=state(), index=position["index"] + len(batch), in_batch=0)
+        skip = 0
+
+
+def _dict_value(row):
+    column = "input_ids" if "input_ids" in row else "text"
+    return row.get(column), column, row
 
 
 def documents(dataset, split):
@@ -279,7 +307,7 @@ def documents(dataset, split):
         for doc in _local_documents(dataset, split):
             yield _clean_markdown(doc) if dataset == "shakespeare" else doc
         return
-    for doc in _stream_rows(dataset, split, 0, 1, {"rows": None, "index": 0}):
+    for doc in _stream_rows(dataset, split, 0, 1, {"rows": None, "index": 0, "in_batch": 0}):
         yield doc if isinstance(doc, str) else doc.tolist()
 
 
@@ -438,10 +466,13 @@ class SampleStream:
         stream.load_state_dict(ckpt["data"])      # this rank's own, on resume
 
     States (small, picklable, torch.load(weights_only=True) loads them):
-        local text  {"kind": "tokens", "samples": k}: this rank has taken k samples (its next is r + k W)
-        datasets    {"kind": "stream", "samples": k, "epoch": e, "index": rows this rank has read this epoch,
-                     "rows": the datasets stream's state_dict() (None at an epoch's start), "buffer": a LongTensor
-                     of the current document's tokens not yet in a sample (under n_ctx, or the rest of a long one)}
+        local text  {"kind": "tokens", "samples": k, "world_size": W}: each rank has taken k samples (rank r's next
+                    is r + k W); it continues with another number of processes where k W divides among them
+        datasets    {"kind": "stream", "rank": r, "world_size": W, "samples": k, "epoch": e, "rows": the datasets
+                     stream's state_dict() before
+                     the rows it read last (None at an epoch's start), "index": this rank's rows before those,
+                     "in_batch": how many of those are used, "buffer": a LongTensor of the tokens of the current
+                     document not yet in a sample (under n_ctx, or the rest of a long one)}
     """
 
     def __init__(self, dataset, n_ctx, split="train", rank=0, world_size=1, repeat=True):
@@ -455,33 +486,42 @@ class SampleStream:
             self.n_samples = len(self.tokens) // n_ctx  # one epoch's samples, of all ranks together
         else:
             heldout_rule(dataset)  # opens the source: a missing dataset is named now
-        self.load_state_dict({"kind": self.kind, "samples": 0})
+        self.load_state_dict({"kind": self.kind, "samples": 0, "rank": rank, "world_size": world_size})
 
     def state_dict(self):
         if self.kind == "tokens":
-            return {"kind": "tokens", "samples": self.samples}
-        p = self.position
-        rows = p["stream"].state_dict() if p["stream"] is not None else p["rows"]
-        return {"kind": "stream", "samples": self.samples, "epoch": self.epoch, "index": p["index"], "rows": rows,
-                "buffer": torch.from_numpy(self.buffer[self.at:].copy())}
+            return {"kind": "tokens", "samples": self.samples, "world_size": self.world_size}
+        return {"kind": "stream", "rank": self.rank, "world_size": self.world_size, "samples": self.samples,
+                "epoch": self.epoch, **self.position, "buffer": torch.from_numpy(self.buffer[self.at:].copy())}
 
     def load_state_dict(self, state):
         if state.get("kind") != self.kind:
             raise DataError(f"a data state of kind {state.get('kind')!r} cannot continue dataset {self.dataset!r} "
                             f"(read as {self.kind!r}): resume with the dataset the checkpoint was trained on")
-        self.samples = state["samples"]
-        if self.kind == "tokens":
+        world_size = state.get("world_size", self.world_size)
+        if self.kind == "tokens":  # k samples on each of W ranks: k W of the stream, shared anew
+            if state["samples"] * world_size % self.world_size:
+                raise DataError(f"the data state holds {state['samples']} samples on each of {world_size} "
+                                f"processes, which {self.world_size} processes cannot share evenly: resume with "
+                                f"{world_size} processes")
+            self.samples = state["samples"] * world_size // self.world_size
             self.epoch = (self.rank + self.samples * self.world_size) // max(self.n_samples, 1)
             return
+        if (state.get("rank", self.rank), world_size) != (self.rank, self.world_size):
+            raise DataError(f"the data state of process {state.get('rank')} of {world_size} cannot continue the "
+                            f"stream of process {self.rank} of {self.world_size}: a streamed dataset resumes with "
+                            "the same number of processes, each with its own state")
+        self.samples = state["samples"]
         self.epoch = state.get("epoch", 0)
-        self.position = {"rows": state.get("rows"), "index": state.get("index", 0), "stream": None}
+        start = {"rows": None, "index": 0, "in_batch": 0}  # (an epoch's start)
+        self.position = {key: state.get(key, value) for key, value in start.items()}
         self.buffer, self.at = np.asarray(state.get("buffer", torch.zeros(0)), dtype=np.int64), 0
         self._samples = self._stream_samples()
 
     def skip(self, n):
         """Pass over this rank's next n samples: arithmetic for local text, re-reading them for a stream."""
         if self.kind == "tokens":
-            self.load_state_dict({"kind": "tokens", "samples": self.samples + n})
+            self.load_state_dict({"kind": "tokens", "samples": self.samples + n, "world_size": self.world_size})
         else:
             for _ in islice(self, n):
                 pass
@@ -525,7 +565,7 @@ class SampleStream:
                 return
             if self.samples == 0:  # another epoch would yield nothing either
                 raise self._too_short()
-            self.position = {"rows": None, "index": 0, "stream": None}
+            self.position = {"rows": None, "index": 0, "in_batch": 0}
             self.buffer, self.at = np.zeros(0, dtype=np.int64), 0  # an epoch starts with an empty buffer
             self._new_epoch(self.epoch + 1)
 

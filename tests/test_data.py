@@ -236,13 +236,18 @@ def test_a_local_stream_resumes_by_arithmetic(many_files, enc):
     stream = data.SampleStream(many_files, N_CTX, "train", rank=1, world_size=2)
     assert take(stream, 30) == expected[1:60:2]
     state = stream.state_dict()
-    assert state == {"kind": "tokens", "samples": 30}
+    assert state == {"kind": "tokens", "samples": 30, "world_size": 2}
     rest = take(stream, 50)
     again = data.SampleStream(many_files, N_CTX, "train", rank=1, world_size=2)
     again.load_state_dict(pickle.loads(pickle.dumps(state)))
     assert take(again, 50) == rest
+    four = data.SampleStream(many_files, N_CTX, "train", rank=3, world_size=4)  # the 60 samples taken, shared anew
+    four.load_state_dict(state)
+    assert take(four, 3) == expected[63:75:4]
+    with pytest.raises(data.DataError, match="cannot share evenly"):
+        data.SampleStream(many_files, N_CTX, world_size=7).load_state_dict(state)
     far = 400_000_000 // N_CTX  # 400M tokens in, over many epochs: one index
-    again.load_state_dict({"kind": "tokens", "samples": far})
+    again.load_state_dict({"kind": "tokens", "samples": far, "world_size": 2})
     j = 1 + 2 * far  # this rank's next sample in the stream of both ranks
     assert take(again, 2) == [expected[j % n], expected[(j + 2) % n]]
 
@@ -316,11 +321,17 @@ def test_local_datasets_in_the_hub_formats(tmp_path, enc):
     assert as_lists(data.token_samples(one_file, N_CTX, repeat=False)) == definition(
         [t for i, t in enumerate(texts[20:]) if i % 20 != 19], enc)
 
+    write_parquet(tmp_path / "broken" / "train-00000-of-00001.parquet", "input_ids", docs[:30] + [None] + docs[31:])
+    with pytest.raises(data.DataError, match="document 30 of its train part: its `input_ids` is a NoneType"):
+        list(data.token_samples(str(tmp_path / "broken"), N_CTX, repeat=False))
+
 
 @pytest.mark.parametrize("n_files, world_size, rank", [(3, 1, 0), (4, 2, 1), (3, 2, 0), (2, 2, 1)])
-def test_a_stream_resumes_where_it_was(tmp_path, n_files, world_size, rank):
-    """Cut anywhere (within a document, at an epoch's end), the state continues the stream exactly: saved with
-    torch.save and loaded with weights_only=True, as a checkpoint would be. Pre-tokenised rows, then raw text."""
+def test_a_stream_resumes_where_it_was(tmp_path, n_files, world_size, rank, monkeypatch):
+    """Cut anywhere (within a document, within the rows read at once, at an epoch's end), the state continues the
+    stream exactly: saved with torch.save and loaded with weights_only=True, as a checkpoint would be.
+    Pre-tokenised rows, then raw text."""
+    monkeypatch.setattr(data, "ROWS_PER_READ", 5)  # reads that straddle files
     folder, _ = tokenised_parquet(tmp_path, n_files, with_test=n_files != 2, docs_per_file=12)
     write_parquet(tmp_path / "text" / "train-00000-of-00001.parquet", "text", text_rows(30))
     for dataset in (folder, str(tmp_path / "text")):
@@ -399,4 +410,6 @@ def test_the_documents_rule_counts_rows_over_the_whole_stream(monkeypatch, enc):
     again = data.SampleStream("owner/rows", 4, rank=2, world_size=3)
     again.load_state_dict(stream.state_dict())
     assert first + take(again, 20) == take(data.SampleStream("owner/rows", 4, rank=2, world_size=3), 29)
+    with pytest.raises(data.DataError, match="resumes with the same number of processes"):
+        data.SampleStream("owner/rows", 4, rank=1, world_size=3).load_state_dict(stream.state_dict())
     data.heldout_rule.cache_clear()
