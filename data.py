@@ -35,16 +35,20 @@ How samples are read (`SampleStream`, which train.py checkpoints with its state_
                 added or deleted file makes a new one. Sample i is a slice of it: counting samples, sharding by
                 rank and resuming are arithmetic. Rank r of W takes samples r, r + W, r + 2W, ... (epoch after
                 epoch, as one stream); the state is one counter.
-    datasets    streamed, row by row. Each rank reads its own part of the rows through
+    datasets    streamed, 16 rows at a time. Each rank reads its own part of the rows through
                 datasets.distributed.split_dataset_by_node: whole shards (files; rank r takes shards r, r + W, ...)
                 when the number of shards is a multiple of W, otherwise every W-th row (rank r takes rows r, r + W,
-                ...: it reads them all but tokenises only its own). The documents rule always takes every W-th
+                ...: it decodes them all but tokenises only its own). The documents rule always takes every W-th
                 row, since its held-out rows are counted over the whole stream. Each rank cuts its own documents
                 into samples, so together the ranks see every document once per epoch. The state is the stream's
                 position (IterableDataset.state_dict()) and the tokens of the current document not yet used.
 
-Local files are read once up front (`check_source`): a file that is not UTF-8 text is named before any work
-starts; a folder is walked through symbolic links, each real file once.
+Evaluation (`heldout_samples`) reads the held-out part as one process does and gives rank r samples r, r + W, ...
+of its first n: the same samples for any number of processes.
+
+Local files are read once up front (`check_source`), or not at all when the token cache holds them as they are:
+a file that is not UTF-8 text is named before any work starts; a folder is walked through symbolic links, each
+real file once.
 """
 
 import glob
