@@ -306,10 +306,11 @@ def write_rows(folder, column, rows, n_shards):
     import pyarrow as pa
     import pyarrow.parquet as pq
     os.makedirs(folder)
+    rows = rows if isinstance(rows, pa.Array) else pa.array(rows)
     for k in range(n_shards):
         path = os.path.join(folder, f"train-{k:05d}-of-{n_shards:05d}.parquet")
-        pq.write_table(pa.table({column: rows[k::n_shards]}), path)
-    pq.write_table(pa.table({column: rows[:4]}), os.path.join(folder, "test-00000-of-00001.parquet"))
+        pq.write_table(pa.table({column: rows.take(pa.array(range(k, len(rows), n_shards)))}), path)
+    pq.write_table(pa.table({column: rows.slice(0, 4)}), os.path.join(folder, "test-00000-of-00001.parquet"))
     return folder
 
 
@@ -350,14 +351,15 @@ def bench_data(args):
         row("cached token file", ranks, best_of(repeats, lambda r=ranks: stream_tokens(
             "shakespeare", n_ctx, n // r, rank=0, world_size=r)))
 
-    ids = np.asarray(train, dtype=np.int64)
-    chunks = [ids[i:i + n_ctx].tolist() for i in range(0, len(ids) - n_ctx + 1, n_ctx)] * copies
+    import pyarrow as pa
+    ids = np.tile(np.asarray(train[:len(train) // n_ctx * n_ctx], dtype=np.int64), 2 * copies)
+    chunks = pa.ListArray.from_arrays(np.arange(0, len(ids) + 1, n_ctx, dtype=np.int32), ids)  # rows of n_ctx tokens
     texts = []  # the plays in documents of about 4,000 characters, cut at a newline
     for play in data.documents("shakespeare", "train"):
         while play:
             cut = play.find("\n", 4000) + 1 or len(play)
             texts, play = texts + [play[:cut]], play[cut:]
-    texts *= max(copies // 4, 1)
+    texts *= max(copies // 2, 1)
     sources = [(f"pre-tokenised parquet stream, {k} shards", write_rows(f"{tmp}/ids{k}", "input_ids", chunks, k), k)
                for k in (8, 7)]
     sources += [(f"raw-text parquet stream, {k} shards", write_rows(f"{tmp}/text{k}", "text", texts, k), k)
