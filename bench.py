@@ -7,10 +7,12 @@ what was allocated before it (inputs, weights), i.e. what the operation itself a
     python bench.py                           # on a GPU: everything, prints a table
     python bench.py --quick --out results.json
     python bench.py --device cpu --tiny       # a smoke test of this script through Triton's interpreter
+    python bench.py --data                    # the data path alone (data.py), on the CPU: no CUDA, no Triton
 
 `python gpu_check.py` runs this with --quick, after the kernel tests and a short training run (BENCHMARKS.md).
 
-No `datasets` or `wandb` needed; GPT-2 runs on random weights (speed does not depend on their values).
+No `datasets` or `wandb` needed; GPT-2 runs on random weights (speed does not depend on their values). --data
+needs `datasets` and pyarrow, and tokenises the embedded corpus into a temporary cache (yours is not touched).
 """
 import argparse
 import json
@@ -29,6 +31,7 @@ def parse_args(argv):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200: 989)")
     p.add_argument("--out", default=None, help="write every result to this JSON file")
+    p.add_argument("--data", action="store_true", help="benchmark the data path (data.py) instead, on the CPU")
     return p.parse_args(argv)
 
 
@@ -272,6 +275,169 @@ def bench_train_step(results, args, shape, torch, kernels):
                 row["mfu"] = flops_per_token * row["tokens_per_s"] / (args.peak_tflops * 1e12)
                 print(f"  {'':<22} {'':<26} {row['tokens_per_s']:,.0f} tok/s, mfu {100 * row['mfu']:.1f}%")
 
+# ---- the data path (--data): data.SampleStream's tokens/s in one process, on the CPU ----
+
+def best_of(repeats, fn):
+    """(tokens, wall seconds, CPU seconds) of the fastest of `repeats` calls of fn() -> tokens. The CPU time is
+    this process's (all its threads): on a machine that other jobs share, tokens per CPU-second is what one core
+    gives, while the wall clock also counts the time the process waited for a core."""
+    best = None
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        tokens = fn()
+        run = (tokens, time.perf_counter() - t0, time.process_time() - c0)
+        best = run if best is None or run[1] < best[1] else best
+    return best
+
+
+def stream_tokens(dataset, n_ctx, n_samples=None, skip=0, **kwargs):
+    """The tokens of data.SampleStream(dataset, n_ctx, **kwargs), from its construction to its n_samples-th
+    sample after `skip` (or to its end: repeat=False)."""
+    from itertools import islice
+
+    import data
+    stream = data.SampleStream(dataset, n_ctx, **kwargs).skip(skip)
+    return sum(s.numel() for s in (stream if n_samples is None else islice(stream, n_samples)))
+
+
+def write_rows(folder, column, rows, n_shards):
+    """rows as a hub-style parquet dataset: train-0000k-of-0000n.parquet, shard k holding rows k, k + n, ..., and
+    a test split of 4 rows (so the held-out rule is 'split', and whole shards can go to each rank)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(folder)
+    rows = rows if isinstance(rows, pa.Array) else pa.array(rows)
+    for k in range(n_shards):
+        path = os.path.join(folder, f"train-{k:05d}-of-{n_shards:05d}.parquet")
+        pq.write_table(pa.table({column: rows.take(pa.array(range(k, len(rows), n_shards)))}), path)
+    pq.write_table(pa.table({column: rows.slice(0, 4)}), os.path.join(folder, "test-00000-of-00001.parquet"))
+    return folder
+
+
+def bench_data(args):
+    """Every row of BENCHMARKS.md's Data section: the token cache, pre-tokenised and raw-text parquet streams at
+    1 and 8 ranks (rank 0), the cache's first build, resuming, and one long document. Each row is the fastest of
+    3 runs (1 under --quick)."""
+    import tempfile
+
+    import numpy as np
+    import torch
+    torch.set_num_threads(1)
+    tmp = tempfile.mkdtemp(prefix="e2esae-bench-data-")
+    os.environ["E2ESAE_CACHE"] = os.path.join(tmp, "cache")  # not yours: the first build is timed
+    import data
+    n_ctx, copies, repeats = 1024, 2 if args.quick else 8, 1 if args.quick else 3
+    data.tokenizer()  # loaded once per process: not part of any row
+    rows = []
+
+    def row(source, ranks, measured, note=""):
+        (tokens, wall, cpu), ranks = measured, f"{ranks} (rank 0)" if ranks != 1 else "1"
+        rows.append(dict(source=source, ranks=ranks, tokens=tokens, seconds=wall, cpu_seconds=cpu,
+                         tokens_per_s=tokens / wall, tokens_per_cpu_s=tokens / cpu, note=note))
+        print(f"  {source:<62} {ranks:<10} {tokens:>11,} tokens {wall:7.3f} s {tokens / wall:>12,.0f} tokens/s"
+              f" {tokens / cpu:>12,.0f} per CPU-s  {note}", flush=True)
+
+    def first_build(dataset):  # in a new cache folder, as a new process would
+        os.environ["E2ESAE_CACHE"] = tempfile.mkdtemp(dir=tmp)
+        data.check_source.cache_clear()
+        data.heldout_rule.cache_clear()
+        return sum(len(data.token_file(dataset, split)) for split in ("train", "eval"))
+
+    row("raw text: the token cache's first build ('shakespeare')", 1, best_of(repeats, lambda: first_build(
+        "shakespeare")))
+    train = data.token_file("shakespeare", "train")
+    n = copies * 8 * (len(train) // n_ctx)  # samples: several epochs of the cached corpus
+    for ranks in (1, 8):
+        row("cached token file", ranks, best_of(repeats, lambda r=ranks: stream_tokens(
+            "shakespeare", n_ctx, n // r, rank=0, world_size=r)))
+
+    import pyarrow as pa
+    ids = np.tile(np.asarray(train[:len(train) // n_ctx * n_ctx], dtype=np.int64), 2 * copies)
+    chunks = pa.ListArray.from_arrays(np.arange(0, len(ids) + 1, n_ctx, dtype=np.int32), ids)  # rows of n_ctx tokens
+    texts = []  # the plays in documents of about 4,000 characters, cut at a newline
+    for play in data.documents("shakespeare", "train"):
+        while play:
+            cut = play.find("\n", 4000) + 1 or len(play)
+            texts, play = texts + [play[:cut]], play[cut:]
+    texts *= max(copies // 2, 1)
+    sources = [(f"pre-tokenised parquet stream, {k} shards", write_rows(f"{tmp}/ids{k}", "input_ids", chunks, k), k)
+               for k in (8, 7)]
+    sources += [(f"raw-text parquet stream, {k} shards", write_rows(f"{tmp}/text{k}", "text", texts, k), k)
+                for k in (8, 7)]
+    for name, folder, shards in sources:
+        data.heldout_rule(folder)  # opens the dataset once (datasets' start-up is not the stream's speed)
+        for ranks in (1, 8) if shards == 8 else (8,):
+            how = "" if ranks == 1 else ("its own shard" if shards % ranks == 0 else "every 8th row")
+            row(name, ranks, best_of(repeats, lambda f=folder, r=ranks: stream_tokens(
+                f, n_ctx, rank=0, world_size=r, repeat=False)), how)
+
+    def resume(dataset, state, **kwargs):  # a new stream, from the state to its first batch of 8 samples
+        stream = data.SampleStream(dataset, n_ctx, **kwargs)
+        stream.load_state_dict(state)
+        return next(data.batches(stream, 8)).numel()
+
+    far = 400_000_000 // n_ctx  # resume 400M tokens in: arithmetic on the token file
+    for ranks in (1, 8):
+        state = {"kind": "tokens", "samples": far // ranks, "world_size": ranks}
+        measured = best_of(repeats, lambda s=state, r=ranks: resume("shakespeare", s, rank=0, world_size=r))
+        row("resume: cached token file, 400M tokens in", ranks, measured,
+            f"first batch after {1e3 * measured[1]:.1f} ms")
+    for name, folder, _ in (sources[0], sources[2]):
+        stream = data.SampleStream(folder, n_ctx)
+        done = sum(1 for _ in zip(range(len(chunks) * 9 // 10 if "pre" in name else 2000), stream))
+        state = stream.state_dict()
+        measured = best_of(repeats, lambda f=folder, s=state: resume(f, s))
+        _, replay, _ = best_of(1, lambda f=folder, d=done: stream_tokens(f, n_ctx, 8, skip=d))
+        row(f"resume: {name.split(',')[0]}, {done * n_ctx / 1e6:.1f}M tokens in", 1, measured,
+            f"first batch after {1e3 * measured[1]:.0f} ms; replaying instead: {replay:.2f} s")
+
+    plays = "\n".join(data.documents("shakespeare", "train"))
+    n_ctx = 128  # train.py's default: with short samples, the old quadratic cut was at its worst
+    for chars in (700_000, 2_800_000):  # about 200k and 800k tokens
+        path = os.path.join(tmp, f"one_document_{chars}.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(plays[:chars])
+        measured = best_of(repeats, lambda p=path: first_build(p))
+        size = f"{measured[0] / 1e3:,.0f}k"
+        row(f"one document of {size} tokens: first build", 1, measured)
+        row(f"one document of {size} tokens: cached token file, n_ctx 128", 1, best_of(
+            repeats, lambda p=path: stream_tokens(p, n_ctx, repeat=False)))
+        one = data.token_file(path, "train")
+        folder = write_rows(os.path.join(tmp, f"one_row_{chars}"), "input_ids", [np.asarray(one).tolist()], 1)
+        data.heldout_rule(folder)
+        row(f"one row of {len(one) / 1e3:,.0f}k tokens: pre-tokenised parquet stream, n_ctx 128", 1, best_of(
+            repeats, lambda f=folder: stream_tokens(f, n_ctx, repeat=False)))
+    return rows
+
+
+def data_environment():
+    import datasets
+    import numpy
+    import pyarrow
+    import tiktoken
+    import torch
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return dict(python=platform.python_version(), torch=torch.__version__, numpy=numpy.__version__,
+                datasets=datasets.__version__, tiktoken=tiktoken.__version__, pyarrow=pyarrow.__version__,
+                cpu=cpu, cores=os.cpu_count(), load_before=os.getloadavg())
+
+
+def main_data(args):
+    env = data_environment()
+    print(json.dumps(env))
+    rows = bench_data(args)
+    env["load_after"] = os.getloadavg()
+    print(f"\nload average (1, 5, 15 min) before {env['load_before']}, after {env['load_after']}\n")
+    print("| source | ranks | tokens (rank 0) | s | tokens/s | tokens per CPU-s | |\n|---|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['source']} | {r['ranks']} | {r['tokens']:,} | {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['tokens_per_cpu_s']:,.0f} | {r['note']} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(env=env, results=rows), f, indent=1)
+        print(f"wrote {args.out}")
+
 
 # ---- report ----
 
@@ -319,6 +485,9 @@ def main(args):
 
 if __name__ == "__main__":
     args = parse_args(sys.argv[1:])
+    if args.data:  # no kernels, no Triton, no CUDA
+        main_data(args)
+        sys.exit()
     if args.device == "cpu":  # the kernels can only run interpreted; this must precede importing triton
         os.environ.setdefault("TRITON_INTERPRET", "1")
     main(args)

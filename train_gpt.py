@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import ConfigError, check_settings, check_writable, configure, defaults, print_config
-from data import DataError, count_samples, heldout_rule, heldout_samples, token_samples
+from data import DataError, cache_root, count_samples, heldout_rule, heldout_samples, token_samples
 from model import GPT, GPTConfig, save_pretrained
 from runs import get_lr
 
@@ -86,8 +86,7 @@ def small_model_dir(**overrides):
     """Where a small model is cached: $E2ESAE_CACHE, else $XDG_CACHE_HOME/e2esae, else ~/.cache/e2esae; then
     gpt2-shakespeare for the defaults, or gpt2-shakespeare-{n_layer}x{n_embd}-{hash of the settings} for others
     (so each recipe has its own cache entry: a stronger model never shadows the default one)."""
-    root = os.environ.get("E2ESAE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "e2esae")
+    root = cache_root()
     c = {k: v for k, v in {**DEFAULTS, **overrides}.items() if k not in NOT_THE_MODEL}
     if all(v == DEFAULTS[k] for k, v in c.items()):
         return os.path.join(root, "gpt2-shakespeare")
