@@ -600,16 +600,18 @@ def count_samples(dataset, n_ctx, split, at_most):
 def heldout_samples(dataset, n_ctx, n, rank=0, world_size=1):
     """This rank's share of the first n held-out samples, in order: samples rank, rank + W, ... of them (all there
     are, if the held-out part holds fewer). What train.py, eval.py and every other script evaluate on. The same
-    samples for every W: the held-out stream is read whole, as by one process."""
-    first = n // world_size * world_size
-    samples = list(islice(SampleStream(dataset, n_ctx, "eval", repeat=False), rank, first, world_size))
-    if not samples:
-        raise DataError(f"the held-out part of dataset {dataset!r} holds fewer than {world_size} samples of n_ctx="
-                        f"{n_ctx} tokens (held out: {heldout_rule(dataset)[1]}): give more text or a smaller n_ctx"
-                        if world_size > 1 else
-                        f"the held-out part of dataset {dataset!r} holds fewer than n_ctx={n_ctx} tokens "
-                        f"(held out: {heldout_rule(dataset)[1]}): give more text or a smaller n_ctx")
-    return samples
+    samples for every W: the held-out stream is read whole, as by one process; every rank gets as many."""
+    available = count_samples(dataset, n_ctx, "eval", at_most=n)
+    if available < max(world_size, 1) or available == 0:
+        rule = heldout_rule(dataset)[1]
+        if world_size > 1:
+            raise DataError(f"the held-out part of dataset {dataset!r} holds {available} sample(s) of n_ctx={n_ctx} "
+                            f"tokens (held out: {rule}), fewer than the {world_size} processes: give more text, a "
+                            "smaller n_ctx, or fewer processes")
+        raise DataError(f"the held-out part of dataset {dataset!r} holds fewer than n_ctx={n_ctx} tokens "
+                        f"(held out: {rule}): give more text or a smaller n_ctx")
+    first = available // world_size * world_size
+    return list(islice(SampleStream(dataset, n_ctx, "eval", repeat=False), rank, first, world_size))
 
 
 def in_batches(samples, batch_size):

@@ -302,6 +302,26 @@ def load_pretrained(c, gpt, n_dict, log):
     return found
 
 
+def train_stream(c, rank, world_size, step, ckpt):
+    """This rank's training samples (data.SampleStream), where the checkpoint left them: a position in the token
+    file or the stream, never a replay (a checkpoint from before data states were saved is replayed)."""
+    try:
+        stream = data.SampleStream(c.dataset, c.n_ctx, "train", rank, world_size)
+        if ckpt is None:
+            return stream
+        states = ckpt.get("data")
+        if states is None:
+            return stream.skip(step * c.batch_size * c.gradient_accumulation_steps)  # samples this rank took
+        state = states[0] if states[0]["kind"] == "tokens" else states[rank]  # a token file's: one for all ranks
+        if state is None:
+            raise data.DataError(f"the checkpoint holds no data position for process {rank}: resume with the "
+                                 f"{len(states)} processes that saved it")
+        stream.load_state_dict(state)
+        return stream
+    except data.DataError as e:
+        raise ConfigError(str(e)) from None
+
+
 def check_resumable(path, config, global_batch):
     """The checkpoint to resume, read and checked against this run's settings before any model is built (the model
     may have to be trained first): it must be the same run. Returns it."""
@@ -357,6 +377,7 @@ class Run:
         self.lock = runs.OutDirLock(c.out_dir) if master else None
         self.saved_step, self.step, self.in_step, self.state = None, 0, False, None
         self.stop_requested, self.seconds, self.t_start, self.old_handlers = False, 0.0, time.time(), {}
+        self.stream, self.ddp = None, False
 
     def __enter__(self):
         if self.lock:
@@ -372,6 +393,19 @@ class Run:
             raise KeyboardInterrupt
         self.stop_requested = True
         self.log(f"\nsignal {signum}: stopping after this step and saving a checkpoint (Ctrl-C again: stop at once)")
+
+    def track_data(self, stream, ddp):
+        """The training stream, whose position every checkpoint records (under DDP each rank's, gathered)."""
+        self.stream, self.ddp = stream, ddp
+
+    def data_states(self):
+        """Every rank's stream position; all ranks call it together. An error on rank 0 alone saves its own."""
+        state = self.stream.state_dict()
+        if not self.ddp or state["kind"] == "tokens":  # a token file's position is the same for every rank
+            return [state]
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, state)
+        return states
 
     def track(self, model, optimizer, scaler, dead, global_batch, step, ckpt=None):
         """What save() writes; from `ckpt` (resume), the state it restores."""
@@ -397,16 +431,22 @@ class Run:
         yield
         self.in_step = False
 
-    def save(self, step):
-        """ckpt.pt (everything a resumed run needs) and saes.safetensors beside it (what eval.py reads), once a step."""
-        if not self.master or self.saved_step == step:
+    def save(self, step, gather=True):
+        """ckpt.pt (everything a resumed run needs) and saes.safetensors beside it (what eval.py reads), once a step.
+        Every rank calls it (to gather the data positions), except after an error (gather=False: rank 0's own)."""
+        if self.saved_step == step:
+            return
+        states = (self.data_states() if gather else [self.stream.state_dict()]) if self.stream is not None else None
+        if not self.master:
+            self.saved_step = step
             return
         s = self.state
         ckpt = {"saes": s["model"].saes.state_dict(), "optimizer": s["optimizer"].state_dict(),
                 "scaler": s["scaler"].state_dict(), "step": step, "global_batch": s["global_batch"],
                 "rng": torch.get_rng_state(), "config": self.config,
                 "train_seconds": self.seconds + time.time() - self.t_start,
-                "sources": {p: getattr(s["model"].sae(p), "source", "trained here") for p in s["model"].sae_positions}}
+                "sources": {p: getattr(s["model"].sae(p), "source", "trained here") for p in s["model"].sae_positions},
+                "data": states}
         if s["dead"] is not None:
             ckpt["dead"] = s["dead"].state_dict()
         if torch.cuda.is_available():
@@ -420,7 +460,7 @@ class Run:
             if error is not None and self.state is not None and self.master:
                 if (not self.in_step or isinstance(error, Diverged)) and not isinstance(error, runs.SaveError):
                     try:
-                        self.save(self.step)
+                        self.save(self.step, gather=False)
                     except runs.SaveError as e:
                         print(f"\n{e}", file=sys.stderr)
                 if self.saved_step is not None and isinstance(error, Diverged):
@@ -469,9 +509,9 @@ def main(argv):
         dead = DeadElements(model, c.dead_window_tokens) if c.aux_k_coeff > 0 else None
         step = ckpt["step"] if ckpt else 0
         run.track(model, optimizer, scaler, dead, global_batch, step, ckpt)
-        per_rank_done = step * c.batch_size * c.gradient_accumulation_steps  # samples this rank has consumed
-        train_batches = data.batches(data.token_samples(c.dataset, c.n_ctx, "train", rank, world_size,
-                                                        skip=per_rank_done), c.batch_size)
+        stream = train_stream(c, rank, world_size, step, ckpt)
+        run.track_data(stream, ddp)
+        train_batches = data.batches(stream, c.batch_size)
         if c.compile:
             for block in model.gpt.transformer.h:
                 block.compile()

@@ -4,6 +4,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 
@@ -44,6 +45,13 @@ def args(gpt_dir, text_dir, out_dir, **overrides):
                     out_dir=str(out_dir), sparsity_coeff=1.0, kl_coeff=1.0, device="cpu")
     settings.update(overrides)
     return [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}" for k, v in settings.items()]
+
+
+def free_port():
+    """A port no other process listens on now (a fixed one clashes with other runs on a shared machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(argv, launcher=(sys.executable, "train.py"), **kw):
@@ -106,8 +114,8 @@ def test_torchrun_two_processes_equals_one(gpt_dir, text_dir, tmp_path):
     one = run(args(gpt_dir, text_dir, tmp_path / "one", batch_size=4, n_samples=32))
     assert one.returncode == 0, one.stderr[-3000:]
     two = run(args(gpt_dir, text_dir, tmp_path / "two", batch_size=2, n_samples=32),
-              launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                        "train.py"))
+              launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", "train.py"))
     assert two.returncode == 0, two.stderr[-3000:]
     assert "(2 per micro-step x 1 accumulation x 2 processes)" in two.stdout
     a, b = sae_weights(tmp_path / "one"), sae_weights(tmp_path / "two")
