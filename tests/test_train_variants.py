@@ -4,6 +4,7 @@ SAEs kept fixed or trained further, and the fine-tune's two phases."""
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -163,3 +164,9 @@ def test_finetune_trains_locally_then_end_to_end(gpt_dir, text_dir, tmp_path, ca
     steps = [line for line in out.splitlines() if line.startswith("step ")]
     assert len(steps) == 16
     assert all(" kl " not in s for s in steps[:12]) and all(" kl " in s for s in steps[12:])
+
+
+def test_the_finetune_recipe_config_resolves():
+    config, notes = train.settings([os.path.join(ROOT, "config", "finetune_topk.py")])
+    assert (config["activation"], config["k"], config["sparsity_coeff"], config["kl_rescale"]) == ("topk", 16, 0.0, True)
+    assert train.local_steps(SimpleNamespace(**config), 128) == 115 and any("aux_k_coeff=0.03125" in n for n in notes)
