@@ -168,5 +168,6 @@ def test_finetune_trains_locally_then_end_to_end(gpt_dir, text_dir, tmp_path, ca
 
 def test_the_finetune_recipe_config_resolves():
     config, notes = train.settings([os.path.join(ROOT, "config", "finetune_topk.py")])
-    assert (config["activation"], config["k"], config["sparsity_coeff"], config["kl_rescale"]) == ("topk", 16, 0.0, True)
+    resolved = (config["activation"], config["k"], config["sparsity_coeff"], config["kl_rescale"])
+    assert resolved == ("topk", 16, 0.0, True)
     assert train.local_steps(SimpleNamespace(**config), 128) == 115 and any("aux_k_coeff=0.03125" in n for n in notes)
