@@ -33,14 +33,38 @@ def hf_gpt2_dir(tmp_path_factory):
     return str(d), hf
 
 
+def tiny_gpt(tmp_path_factory, n_layer=2, n_embd=32):
+    """A random GPT-2 of this shape (4 heads, 64 positions) saved in this project's format; its directory."""
+    from model import GPT, GPTConfig, save_pretrained
+    d = str(tmp_path_factory.mktemp(f"gpt_{n_layer}x{n_embd}"))
+    torch.manual_seed(0)
+    save_pretrained(GPT(GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=4, block_size=64)), d)
+    return d
+
+
 @pytest.fixture(scope="module")
 def gpt_dir(tmp_path_factory):
     """A 2-layer, 32-wide random GPT-2 in this project's format: the model the whole-run tests train SAEs on."""
-    from model import GPT, GPTConfig, save_pretrained
-    d = str(tmp_path_factory.mktemp("gpt"))
-    torch.manual_seed(0)
-    save_pretrained(GPT(GPTConfig(n_layer=2, n_embd=32, n_head=4, block_size=64)), d)
-    return d
+    return tiny_gpt(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def gpt3_dir(tmp_path_factory):
+    """The same, 3 layers deep: room for an SAE with a downstream position after it (e2e+ds)."""
+    return tiny_gpt(tmp_path_factory, n_layer=3)
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    """40 documents of real English: the first 3,000 characters of Shakespeare's plays, and more."""
+    import data
+    d = tmp_path_factory.mktemp("text")
+    plays = data.shakespeare_files()
+    for i in range(40):
+        text = open(plays[i % len(plays)], encoding="utf-8").read()
+        start = 3000 * (i // len(plays))
+        (d / f"doc{i:02d}.txt").write_text(text[start:start + 3000], encoding="utf-8")
+    return str(d)
 
 
 def play_text(i, chars):

@@ -27,10 +27,10 @@ import runs
 import sample
 import train
 from configurator import ConfigError, configure
-from conftest import ROOT, args
+from conftest import ROOT, args, tiny_gpt
 from e2esae import SAE, SAETransformer
 from interop import checkpoint_kind, load_checkpoint, load_saelens, save_saelens
-from model import GPT, GPTConfig, save_pretrained
+from model import GPT
 
 POSITION = "blocks.1.hook_resid_pre"  # where args() puts the SAE
 
@@ -46,10 +46,7 @@ def finished(gpt_dir, one_file, tmp_path_factory):
 @pytest.fixture(scope="module")
 def wide_gpt_dir(tmp_path_factory):
     """A model twice as wide as gpt_dir's: 64 against 32."""
-    d = str(tmp_path_factory.mktemp("wide_gpt"))
-    torch.manual_seed(0)
-    save_pretrained(GPT(GPTConfig(n_layer=2, n_embd=64, n_head=4, block_size=64)), d)
-    return d
+    return tiny_gpt(tmp_path_factory, n_embd=64)
 
 
 def all_finite(tensors):

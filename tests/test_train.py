@@ -15,27 +15,12 @@ import data
 import train
 from configurator import ConfigError
 from conftest import ROOT
-from model import GPT, GPTConfig, gpt2_tokenizer, save_pretrained
+from model import gpt2_tokenizer
 
 
 @pytest.fixture(scope="module")
-def gpt_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("gpt"))
-    torch.manual_seed(0)
-    save_pretrained(GPT(GPTConfig(n_layer=3, n_embd=32, n_head=4, block_size=64)), d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    """40 documents of real English: the first 3,000 characters of Shakespeare's plays, and more."""
-    d = tmp_path_factory.mktemp("text")
-    plays = data.shakespeare_files()
-    for i in range(40):
-        text = open(plays[i % len(plays)], encoding="utf-8").read()
-        start = 3000 * (i // len(plays))
-        (d / f"doc{i:02d}.txt").write_text(text[start:start + 3000], encoding="utf-8")
-    return str(d)
+def gpt_dir(gpt3_dir):
+    return gpt3_dir  # the 3-layer model (tests/conftest.py)
 
 
 def args(gpt_dir, text_dir, out_dir, **overrides):

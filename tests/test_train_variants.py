@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
 import train
 from configurator import ConfigError
 from conftest import ROOT
@@ -19,21 +18,8 @@ from model import GPT, GPTConfig, save_pretrained
 
 
 @pytest.fixture(scope="module")
-def gpt_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("gpt"))
-    torch.manual_seed(0)
-    save_pretrained(GPT(GPTConfig(n_layer=3, n_embd=32, n_head=4, block_size=64)), d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("text")
-    plays = data.shakespeare_files()
-    for i in range(40):
-        text = open(plays[i % len(plays)], encoding="utf-8").read()
-        (d / f"doc{i:02d}.txt").write_text(text[3000 * (i // len(plays)):][:3000], encoding="utf-8")
-    return str(d)
+def gpt_dir(gpt3_dir):
+    return gpt3_dir  # the 3-layer model (tests/conftest.py)
 
 
 def args(gpt_dir, text_dir, out_dir, **overrides):
