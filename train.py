@@ -457,7 +457,7 @@ class Run:
 
     def __exit__(self, kind, error, tb):
         try:
-            if error is not None and self.state is not None and self.master:
+            if error is not None and self.state is not None and self.master and not isinstance(error, SystemExit):
                 if (not self.in_step or isinstance(error, Diverged)) and not isinstance(error, runs.SaveError):
                     try:
                         self.save(self.step, gather=False)
@@ -524,6 +524,8 @@ def main(argv):
             if stop_everywhere(run.stop_requested, ddp, c.device):
                 run.save(step)
                 log(f"interrupted at step {step}: checkpoint saved in {c.out_dir}; continue with --resume=True")
+                if ddp:
+                    dist.destroy_process_group()
                 sys.exit(130)
             lr = get_lr(step, n_steps, warmup_steps, c.lr, c.min_lr_factor)
             with run.in_progress():
