@@ -177,7 +177,7 @@ def resolve_activation(config, given):
     return notes
 
 
-def loss_kwargs(c, step, n_steps):
+def loss_at(c, step, n_steps):
     """compute_loss's loss settings at this step: with finetune_fraction, the first steps are local (sparsity and
     out_to_in, at 1 where it is 0; no KL, no downstream term), the last share the configured loss."""
     kwargs = {k: getattr(c, k) for k in LOSS_KEYS}
@@ -265,7 +265,7 @@ def load_model(c, ddp, master, log):
         model.to(c.device).eval()  # eval: a dry run must not move BatchTopK's threshold
         with torch.no_grad():  # the loss's own checks, on one short sequence, in each phase of the run
             for step in {0, local_steps(c, 1)}:
-                compute_loss(model, torch.zeros(1, 2, dtype=torch.long, device=c.device), **loss_kwargs(c, step, 1),
+                compute_loss(model, torch.zeros(1, 2, dtype=torch.long, device=c.device), **loss_at(c, step, 1),
                              full_metrics=False)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -529,7 +529,7 @@ def main(argv):
                 sys.exit(130)
             lr = get_lr(step, n_steps, warmup_steps, c.lr, c.min_lr_factor)
             with run.in_progress():
-                train_step(model, optimizer, scaler, train_batches, c, lr, loss_kwargs(c, step, n_steps), autocast,
+                train_step(model, optimizer, scaler, train_batches, c, lr, loss_at(c, step, n_steps), autocast,
                            sums, world_size, dead, step)
             step, n_logged = step + 1, n_logged + 1
             run.step = step
