@@ -58,7 +58,8 @@ in_to_orig_coeff = 0.0
 in_to_orig_positions = []  # e.g. every later blocks.{i}.hook_resid_pre; the coefficient is split evenly over them
 out_to_in_coeff = 0.0
 out_to_orig_coeff = 0.0
-aux_k_coeff = 0.0  # the auxiliary loss on dead elements: 1/32 for topk and batchtopk unless given (Gao et al.)
+aux_k_coeff = 0.0  # the auxiliary loss on dead elements (Gao et al.): unless given, 1/32 for topk and batchtopk
+#                   where out_to_in_coeff > 0 (a loss that reconstructs x; on a KL loss it hurt: RESULTS.md)
 dead_window_tokens = 131_072  # dead: not fired by any of the last this many training tokens
 kl_rescale = False  # KL scaled to the local MSE's size, alpha = (mse / kl) detached, both halved (Karvonen 2025)
 finetune_fraction = 0.0  # > 0: train locally (sparsity + out_to_in) first, the loss above only for this last share
@@ -166,8 +167,11 @@ def resolve_activation(config, given):
             config["sparsity_coeff"] = 0.0
         notes.append(f"activation={a}: k={config['k']} sets the sparsity; sparsity_coeff={config['sparsity_coeff']:g}"
                      + (" (an L_p term on top of it)" if config["sparsity_coeff"] else " (give it to add an L_p term)"))
-        if "aux_k_coeff" not in given:
-            config["aux_k_coeff"] = 1 / 32
+        if "aux_k_coeff" not in given and config["out_to_in_coeff"] > 0:
+            config["aux_k_coeff"] = 1 / 32  # it reconstructs the residual x - x_hat: where the loss asks for x too
+    if sets_k and config["aux_k_coeff"] == 0 and "aux_k_coeff" not in given:
+        notes.append("aux_k_coeff=0: the auxiliary-k loss reconstructs x - x_hat, which a loss without out_to_in "
+                     "does not ask for (give aux_k_coeff to add it anyway)")
     if config["aux_k_coeff"] > 0:
         notes.append(f"aux_k_coeff={config['aux_k_coeff']:g}: dead elements (none of the last "
                      f"{config['dead_window_tokens']:,} tokens fired them) are trained on the residual")
