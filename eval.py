@@ -77,17 +77,6 @@ def check_output_file(path, what):
     check_writable(os.path.dirname(path) or ".", f"the folder of {what}")
 
 
-def evaluate(model, samples, batch_size, downstream, log_every=10):
-    """e2esae.evaluate on the samples, with a progress line every log_every batches: (metrics, counts)."""
-    def progress(i, n, m):
-        if i % log_every == 0 or i == n:
-            print(f"  batch {i}/{n} | ce_increase {m['ce_increase']:.4f} | kl {m['kl']:.4f}", flush=True)
-    metrics, counts = e2esae.evaluate(model, data.in_batches(samples, batch_size),
-                                      e2esae.loss_kwargs(model.config, downstream), progress=progress)
-    kept = {k: v for k, v in metrics.items() if k not in ("loss", "eval_tokens") and not k.startswith("alive/")}
-    return kept, counts
-
-
 def evaluate_checkpoint(spec, c, samples_of):
     """Load, check and evaluate one checkpoint: (model, rows, metrics, counts, dataset)."""
     model = load_checkpoint(spec, c.init_from).to(c.device).eval()
@@ -108,7 +97,12 @@ def evaluate_checkpoint(spec, c, samples_of):
     print(f"{spec}: SAEs at {', '.join(model.sae_positions)}; evaluated on {dataset!r}"
           + ("" if c.dataset or model.config.get("dataset") else " (the checkpoint records no dataset)"))
     downstream = model.later_positions()
-    metrics, counts = evaluate(model, samples_of[dataset], c.batch_size, downstream)
+    def progress(i, n, m):
+        if i % 10 == 0 or i == n:
+            print(f"  batch {i}/{n} | ce_increase {m['ce_increase']:.4f} | kl {m['kl']:.4f}", flush=True)
+    metrics, counts = e2esae.evaluate(model, data.in_batches(samples_of[dataset], c.batch_size),
+                                      e2esae.loss_kwargs(model.config, downstream), progress=progress)
+    metrics = {k: v for k, v in metrics.items() if k not in ("loss", "eval_tokens") and not k.startswith("alive/")}
     rows = [dict(r, dataset=dataset) for r in report.result_rows(spec, model, metrics, counts, downstream)]
     return model, rows, metrics, counts, dataset
 
