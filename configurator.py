@@ -100,8 +100,11 @@ def check_writable(directory, what):
         created.append(d)
         d = os.path.dirname(d)
     try:
-        for d in reversed(created):
-            os.mkdir(d)
+        for d in created[::-1]:
+            try:
+                os.mkdir(d)
+            except FileExistsError:  # made by another process meanwhile: not ours to remove
+                created.remove(d)
         probe = os.path.join(directory, f".write-test-{os.getpid()}")
         with open(probe, "w"):
             pass

@@ -376,7 +376,8 @@ class Run:
             log(f"{c.out_dir} holds a run, which is kept: this run writes to {fresh} (--resume=True continues the run "
                 f"in {c.out_dir}, --overwrite=True replaces it)")
             c.out_dir = config["out_dir"] = fresh
-        check_writable(c.out_dir, "out_dir")
+        if master:  # the only rank that writes; two ranks probing one new folder would race to make it
+            check_writable(c.out_dir, "out_dir")
         self.ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
         self.lock = runs.OutDirLock(c.out_dir) if master else None
         self.saved_step, self.step, self.in_step, self.state = None, 0, False, None
@@ -505,8 +506,8 @@ def main(argv):
         log(note)
 
     with run:  # every check before any work: the data, a checkpoint to resume, the model
-        eval_batches = load_heldout(c, rank, world_size, log)
         ckpt = check_resumable(run.ckpt_path, config, global_batch) if c.resume else None
+        eval_batches = load_heldout(c, rank, world_size, log)
         model, path = load_model(c, ddp, master, log)
         optimizer = torch.optim.Adam([p for p in model.saes.parameters() if p.requires_grad], lr=c.lr)
         scaler = torch.amp.GradScaler(device_type, enabled=c.dtype == "float16")
