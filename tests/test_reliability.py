@@ -234,6 +234,25 @@ def test_a_full_disk_stops_the_run_with_one_message_and_keeps_the_checkpoint(fin
     assert message not in capsys.readouterr().err  # said once, in the exit message
 
 
+def test_a_checkpoint_that_cannot_be_replaced_stops_the_run_naming_the_file(finished, gpt_dir, one_file, tmp_path):
+    """A file the system will not let anyone replace (chattr +i: refused to root too, where chmod is not) in place
+    of a folder made read-only during the run: the rename onto it fails, one message names the file and why."""
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    before = (out / "ckpt.pt").read_bytes()
+    if subprocess.run(["chattr", "+i", str(out / "ckpt.pt")], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not allowed on this file system")
+    try:
+        with pytest.raises(SystemExit) as e:
+            train.main(args(gpt_dir, one_file, out, overwrite=True, seed=1))
+    finally:
+        subprocess.run(["chattr", "-i", str(out / "ckpt.pt")], check=True)
+    assert e.value.code.startswith(f"SaveError: could not write {out / 'ckpt.pt'}: Operation not permitted; "
+                                   f"{out / 'ckpt.pt'} is kept as it was")
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert not [f for f in os.listdir(out) if ".tmp-" in f or f == ".lock"]
+
+
 # ---- 4. settings that would do nothing ----
 
 @pytest.mark.parametrize("overrides, message", [
