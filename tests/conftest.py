@@ -25,6 +25,16 @@ def save_random_hf_gpt2(directory, n_layer, n_embd, n_head, vocab_size=50257, n_
     return hf
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory):
+    """The token files and small models the tests make go to a temporary folder, not the user's cache (subprocesses
+    inherit it; a test that needs its own sets E2ESAE_CACHE again)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("E2ESAE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def hf_gpt2_dir(tmp_path_factory):
     """A 2-layer, 64-wide random GPT-2 in Hugging Face's format (with the HF model itself)."""
