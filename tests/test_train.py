@@ -15,6 +15,7 @@ import data
 import train
 from configurator import ConfigError
 from conftest import ROOT
+from conftest import args as run_args
 from model import gpt2_tokenizer
 
 
@@ -24,12 +25,10 @@ def gpt_dir(gpt3_dir):
 
 
 def args(gpt_dir, text_dir, out_dir, **overrides):
-    settings = dict(init_from=gpt_dir, dataset=text_dir, sae_positions=["blocks.1.hook_resid_pre"],
-                    dict_size_to_input_ratio=4.0, n_ctx=32, n_samples=96, batch_size=4, lr=1e-2, warmup_samples=8,
-                    eval_every_n_samples=48, eval_n_samples=8, save_every_n_samples=48, log_every_n_steps=2,
-                    out_dir=str(out_dir), sparsity_coeff=1.0, kl_coeff=1.0, device="cpu")
-    settings.update(overrides)
-    return [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}" for k, v in settings.items()]
+    """conftest's run, 24 steps long, evaluated and saved every 12."""
+    return run_args(gpt_dir, text_dir, out_dir, **{"n_samples": 96, "eval_every_n_samples": 48,
+                                                   "save_every_n_samples": 48, "log_every_n_steps": 2,
+                                                   "sparsity_coeff": 1.0, "kl_coeff": 1.0, **overrides})
 
 
 def free_port():
