@@ -585,12 +585,14 @@ def report_finetune(rows, fractions):
                 continue
             cut = 1 - ft["ce_increase"] / local["ce_increase"]
             closed = ((local["ce_increase"] - ft["ce_increase"]) / (local["ce_increase"] - e2e["ce_increase"])
-                      if e2e and local["ce_increase"] != e2e["ce_increase"] else None)
+                      if e2e and local["ce_increase"] > e2e["ce_increase"] else None)  # e2e no better: no gap
             line.append(f"{finetune_type(f)} +{ft['ce_increase']:.4f} (cut {cut:.0%}"
                         + (f", {closed:.0%} of the gap to e2e" if closed is not None else "")
                         + f"; {ft['train_seconds'] or 0:.0f} s)")
         if e2e:
-            line.append(f"e2e +{e2e['ce_increase']:.4f} ({e2e['train_seconds'] or 0:.0f} s)")
+            line.append(f"e2e +{e2e['ce_increase']:.4f} ({e2e['train_seconds'] or 0:.0f} s"
+                        + ("; no better than local: no gap to close" if e2e["ce_increase"] >= local["ce_increase"]
+                           else "") + ")")
         print(" | ".join(line))
 
 

@@ -63,3 +63,15 @@ def test_the_grid_plots_draw_every_model_and_budget(tmp_path):
     reproduce.plot_ratio_curves(rows, "e2e", str(tmp_path / "vs_ce.png"))
     reproduce.plot_grid(rows, str(tmp_path / "grid.png"))
     assert all((tmp_path / f).stat().st_size > 10_000 for f in ("ratio.png", "vs_ce.png", "grid.png"))
+
+
+def test_the_finetune_report_measures_the_cut_and_the_gap_only_where_there_is_one(capsys):
+    def run(kind, k, ce):
+        return dict(type=kind, k=k, sparsity_coeff=0.0, ce_increase=ce, train_seconds=100.0)
+    rows = [run("local", 16, 0.10), run("local+ft 10%", 16, 0.08), run("e2e", 16, 0.06),  # e2e better: half closed
+            run("local", 32, 0.04), run("local+ft 10%", 32, 0.03), run("e2e", 32, 0.05)]  # e2e worse: no gap
+    reproduce.report_finetune(rows, [0.1])
+    k16, k32 = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  k=")]
+    assert "local+ft 10% +0.0800 (cut 20%, 50% of the gap to e2e; 100 s)" in k16
+    assert "local+ft 10% +0.0300 (cut 25%; 100 s)" in k32 and "of the gap" not in k32
+    assert k32.endswith("e2e +0.0500 (100 s; no better than local: no gap to close)")
