@@ -505,7 +505,7 @@ def main(argv):
     for note in notes:
         log(note)
 
-    with run:  # every check before any work: the data, a checkpoint to resume, the model
+    with run:  # every check before any work: a checkpoint to resume, the data, the model
         ckpt = check_resumable(run.ckpt_path, config, global_batch) if c.resume else None
         eval_batches = load_heldout(c, rank, world_size, log)
         model, path = load_model(c, ddp, master, log)
