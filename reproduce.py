@@ -579,20 +579,18 @@ def report_finetune(rows, fractions):
             continue
         line = [f"  {'k' if local['k'] else 'lambda'}={value:g}: local CE +{local['ce_increase']:.4f} "
                 f"({local['train_seconds'] or 0:.0f} s)"]
+        gap = local["ce_increase"] - e2e["ce_increase"] if e2e else 0.0  # <= 0: e2e no better, nothing to close
         for f in fractions:
             ft = at.get(finetune_type(f))
             if ft is None:
                 continue
             cut = 1 - ft["ce_increase"] / local["ce_increase"]
-            closed = ((local["ce_increase"] - ft["ce_increase"]) / (local["ce_increase"] - e2e["ce_increase"])
-                      if e2e and local["ce_increase"] > e2e["ce_increase"] else None)  # e2e no better: no gap
             line.append(f"{finetune_type(f)} +{ft['ce_increase']:.4f} (cut {cut:.0%}"
-                        + (f", {closed:.0%} of the gap to e2e" if closed is not None else "")
-                        + f"; {ft['train_seconds'] or 0:.0f} s)")
+                        + (f", {(local['ce_increase'] - ft['ce_increase']) / gap:.0%} of the gap to e2e" if gap > 0
+                           else "") + f"; {ft['train_seconds'] or 0:.0f} s)")
         if e2e:
             line.append(f"e2e +{e2e['ce_increase']:.4f} ({e2e['train_seconds'] or 0:.0f} s"
-                        + ("; no better than local: no gap to close" if e2e["ce_increase"] >= local["ce_increase"]
-                           else "") + ")")
+                        + ("; no better than local: no gap to close" if gap <= 0 else "") + ")")
         print(" | ".join(line))
 
 
