@@ -108,7 +108,7 @@ def plot_pareto(results, path, title="", y="ce_increase", per="token"):
     activations = list(dict.fromkeys(r.get("activation") or "relu" for r in results))  # several: one style each
     groups = {}
     for r in results:
-        key = (r["type"], r.get("activation") or "relu", r.get("position") or None if len(positions) > 1 else None,
+        key = (r["type"], r.get("activation") or "relu", (r.get("position") or None) if len(positions) > 1 else None,
                bool(r.get("reference")))
         groups.setdefault(key, []).append(r)
     rank = lambda kind: list(TYPE_STYLE).index(kind) if kind in TYPE_STYLE else len(TYPE_STYLE)  # local, e2e, ...
