@@ -81,7 +81,7 @@ def run_case(results, op, variant, fn, args, torch, rep_ms=200, **extra):
 
 
 def set_backend(name):
-    os.environ["E2ESAE_BACKEND"] = name  # read by kernels at every call
+    os.environ["E2ESAE_BACKEND"] = name  # read by sae_kernels at every call
 
 
 # ---- the operations ----
@@ -108,9 +108,9 @@ def sae_loss(sae, x, params, torch, k=None):
     return loss
 
 
-def bench_sae(results, args, shape, torch, kernels):
+def bench_sae(results, args, shape, torch, sae_kernels):
     """SAE forward + backward (weight gradients; x is frozen as in training) at several code densities."""
-    from kernels.sae import sae_forward_torch
+    from sae_kernels.sae import sae_forward_torch
     x, enc_weight, dec_weight, dec_bias = sae_tensors(args, shape, torch)
     (tokens, d_in), n_dict = x.shape, enc_weight.shape[0]
     pre_sample = (x[:64].float() @ enc_weight.float().t()).flatten()  # (64 * n_dict,) pre-activations
@@ -131,7 +131,7 @@ def bench_sae(results, args, shape, torch, kernels):
         for t in params:
             t.requires_grad_(True)
         with torch.no_grad():
-            measured = (kernels.sae.sae_forward_torch(x, *params)[1] > 0).sum().item() / tokens
+            measured = (sae_kernels.sae.sae_forward_torch(x, *params)[1] > 0).sum().item() / tokens
         print(f"SAE {tokens} x {d_in} -> {n_dict}, {label}: {measured:.1f} active codes per token")
         grad = lambda loss: (lambda: torch.autograd.grad(loss(), params))
         op = f"sae fwd+bwd {label}"
@@ -139,18 +139,18 @@ def bench_sae(results, args, shape, torch, kernels):
         if compiled is not None:
             run_case(results, op, "torch.compile", grad(compiled), args, torch, active=measured)
         set_backend("triton")
-        run_case(results, op, "triton", grad(loss_of(kernels.sae_forward)), args, torch, active=measured)
-        default = kernels.sae.SPARSE_MAX_DENSITY
+        run_case(results, op, "triton", grad(loss_of(sae_kernels.sae_forward)), args, torch, active=measured)
+        default = sae_kernels.sae.SPARSE_MAX_DENSITY
         for path, density in (("sparse", 1.0), ("dense", 0.0)):  # both paths, to check the threshold
-            kernels.sae.SPARSE_MAX_DENSITY = density
-            run_case(results, op, f"triton, {path} path forced", grad(loss_of(kernels.sae_forward)), args, torch,
+            sae_kernels.sae.SPARSE_MAX_DENSITY = density
+            run_case(results, op, f"triton, {path} path forced", grad(loss_of(sae_kernels.sae_forward)), args, torch,
                      active=measured)
-        kernels.sae.SPARSE_MAX_DENSITY = default
+        sae_kernels.sae.SPARSE_MAX_DENSITY = default
 
 
-def bench_sae_topk(results, args, shape, torch, kernels):
+def bench_sae_topk(results, args, shape, torch, sae_kernels):
     """The TopK SAE's forward + backward (x frozen, the ReLU rows' loss) for each k, the encoder bias at 0."""
-    from kernels.sae import sae_forward_torch
+    from sae_kernels.sae import sae_forward_torch
     x, enc_weight, dec_weight, dec_bias = sae_tensors(args, shape, torch)
     (tokens, d_in), n_dict = x.shape, enc_weight.shape[0]
     enc_bias = torch.zeros(n_dict, device=x.device, dtype=x.dtype)
@@ -169,13 +169,13 @@ def bench_sae_topk(results, args, shape, torch, kernels):
             compiled = torch.compile(sae_loss(sae_forward_torch, x, params, torch, k))
             run_case(results, op, "torch.compile", grad(compiled), args, torch, active=positive)
         set_backend("triton")
-        run_case(results, op, "triton", grad(sae_loss(kernels.sae_forward, x, params, torch, k)), args, torch,
+        run_case(results, op, "triton", grad(sae_loss(sae_kernels.sae_forward, x, params, torch, k)), args, torch,
                  active=positive)
 
 
-def bench_kl(results, args, shape, torch, kernels):
+def bench_kl(results, args, shape, torch, sae_kernels):
     """kl_div on whole logits, and linear_kl_div against the unfused eager lm_head + KL."""
-    from kernels.kl import kl_div_torch
+    from sae_kernels.kl import kl_div_torch
     dtype, device = getattr(torch, shape["dtype"]), args.device
     tokens, d_in, vocab = shape["batch"] * shape["seq"], shape["d_in"], shape["vocab"]
     g = torch.Generator(device=device).manual_seed(1)
@@ -188,7 +188,7 @@ def bench_kl(results, args, shape, torch, kernels):
         compiled = torch.compile(kl_div_torch)
         run_case(results, op, "torch.compile", grad(lambda: compiled(new, orig), new), args, torch)
     set_backend("triton")
-    run_case(results, op, "triton", grad(lambda: kernels.kl_div(new, orig), new), args, torch)
+    run_case(results, op, "triton", grad(lambda: sae_kernels.kl_div(new, orig), new), args, torch)
     new = orig = None  # the logits are freed before the next case
 
     h_new = torch.randn(tokens, d_in, device=device, generator=g).to(dtype).requires_grad_()
@@ -202,10 +202,10 @@ def bench_kl(results, args, shape, torch, kernels):
         run_case(results, op, "torch.compile (unfused)", grad(lambda: compiled(h_new, h_orig, weight), h_new),
                  args, torch)
     set_backend("torch")
-    run_case(results, op, "chunked torch reference", grad(lambda: kernels.linear_kl_div(h_new, h_orig, weight), h_new),
-             args, torch)
+    chunked = grad(lambda: sae_kernels.linear_kl_div(h_new, h_orig, weight), h_new)
+    run_case(results, op, "chunked torch reference", chunked, args, torch)
     set_backend("triton")
-    run_case(results, op, "triton", grad(lambda: kernels.linear_kl_div(h_new, h_orig, weight), h_new), args, torch)
+    run_case(results, op, "triton", grad(lambda: sae_kernels.linear_kl_div(h_new, h_orig, weight), h_new), args, torch)
 
 
 def e2e_model(shape, tiny, device, torch):
@@ -230,7 +230,7 @@ def sparse_encoder_bias(model, position, idx, active, torch):
         return -torch.quantile(pre[: 2**24], 1 - active / sae.n_dict).item()
 
 
-def bench_train_step(results, args, shape, torch, kernels):
+def bench_train_step(results, args, shape, torch, sae_kernels):
     """One step of e2e training (sparsity 3, KL 1, fused KL path): loss, backward, Adam, under bf16 autocast."""
     from e2esae import compute_loss
     from train import estimate_flops_per_token
@@ -464,17 +464,17 @@ def main(args):
     import torch  # imported here, after TRITON_INTERPRET is settled (see the bottom of the file)
     import triton
 
-    import kernels
+    import sae_kernels
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run `python bench.py --device cpu --tiny` for a smoke test")
     shape = TINY if args.tiny else PAPER
     env = dict(python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
                device=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-               shape=shape, quick=args.quick, autotune=kernels.backend.AUTOTUNE)
+               shape=shape, quick=args.quick, autotune=sae_kernels.backend.AUTOTUNE)
     print(json.dumps(env))
     results = []
     for section in (bench_sae, bench_sae_topk, bench_kl, bench_train_step):
-        section(results, args, shape, torch, kernels)
+        section(results, args, shape, torch, sae_kernels)
         if args.out:  # after every section: a run cut short keeps what it measured
             with open(args.out, "w") as f:
                 json.dump(dict(env=env, results=results), f, indent=1)

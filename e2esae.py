@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import sae_kernels
 from model import GPT
 
 # ---- the activations: pre-activations (..., n_dict) -> the code c ----
@@ -62,7 +62,7 @@ from model import GPT
 class Activation(nn.Module):
     """What every activation shares: the L_p sparsity term, and no fused kernel unless it says so."""
 
-    fused = None  # keyword arguments of kernels.sae_forward when it computes this activation fused, else None
+    fused = None  # keyword arguments of sae_kernels.sae_forward when it computes this activation fused, else None
 
     def settings(self):
         """What rebuilds it besides its name (make_activation's arguments); saved with every checkpoint."""
@@ -261,9 +261,9 @@ class SAE(nn.Module):
 
     def forward_with_pre(self, x):
         """(x_hat, c, pre): pre for the sparsity terms that need it (JumpReLU's), None where a fused kernel
-        computed the activation (kernels.sae_forward: on a GPU, without ever writing pre and c separately)."""
+        computed the activation (sae_kernels.sae_forward: on a GPU, without ever writing pre and c separately)."""
         if self.activation.fused is not None:
-            return *kernels.sae_forward(x, self.encoder.weight, self.encoder.bias, self.decoder.weight,
+            return *sae_kernels.sae_forward(x, self.encoder.weight, self.encoder.bias, self.decoder.weight,
                                         self.decoder.bias, **self.activation.fused), None
         pre = self.encoder(x)
         c = self.activation(pre)
@@ -589,9 +589,9 @@ def _output_terms(model, idx, h_orig, h_new, full_metrics):
     ln_f, merged = model.gpt.transformer.ln_f, model.merged
     weight, bias = (merged.weight, merged.bias) if merged is not None else (model.gpt.lm_head.weight, None)
     if not full_metrics:  # the fused path: neither model's (tokens, vocab) logits are ever held whole
-        return kernels.linear_kl_div(ln_f(h_new), ln_f(h_orig), weight, bias), {}
+        return sae_kernels.linear_kl_div(ln_f(h_new), ln_f(h_orig), weight, bias), {}
     logits_orig, logits_new = F.linear(ln_f(h_orig), weight, bias), F.linear(ln_f(h_new), weight, bias)
-    kl = kernels.kl_div(logits_new, logits_orig)
+    kl = sae_kernels.kl_div(logits_new, logits_orig)
     with torch.no_grad():
         return kl, output_metrics(logits_orig, logits_new, idx, merged)
 

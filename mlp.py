@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import sae_kernels
 from configurator import ConfigError, check_settings, check_writable, configure, defaults, print_config
 from e2esae import SAE, explained_variance, nonfinite_parameters, sparsity_loss
 from runs import get_lr, write_json
@@ -156,7 +156,7 @@ def sae_loss(run, *, sparsity_coeff, p_norm=1.0, kl_coeff=0.0, in_to_orig_coeff=
         raise ValueError("in_to_orig_coeff > 0 needs a hidden layer after the SAE's")
     terms = {"sparsity": sparsity_loss(run["c"], p_norm, run["x"].shape[-1]),
              "out_to_in": F.mse_loss(run["x_hat"], run["x"]),
-             "kl": kernels.kl_div(run["logits_sae"], run["logits_orig"])}
+             "kl": sae_kernels.kl_div(run["logits_sae"], run["logits_orig"])}
     downstream = [F.mse_loss(new, orig) for new, orig in zip(run["later_sae"], run["later_orig"])]
     terms["in_to_orig"] = torch.stack(downstream).mean() if downstream else torch.zeros(())  # coefficient split evenly
     loss = (sparsity_coeff * terms["sparsity"] + out_to_in_coeff * terms["out_to_in"] + kl_coeff * terms["kl"]
@@ -177,7 +177,7 @@ def evaluate_sae(mlp, sae, sae_layer, pixels, labels):
         acc_orig=(run["logits_orig"].argmax(-1) == labels).float().mean().item(),
         acc_sae=(run["logits_sae"].argmax(-1) == labels).float().mean().item(),
         ce_orig=ce_orig.item(), ce_sae=ce_sae.item(), ce_increase=(ce_sae - ce_orig).item(),
-        kl=kernels.kl_div(run["logits_sae"], run["logits_orig"]).item(),
+        kl=sae_kernels.kl_div(run["logits_sae"], run["logits_orig"]).item(),
         explained_variance=explained_variance(run["x_hat"], run["x"]).mean().item(),
         downstream_explained_variance=[explained_variance(new, orig).mean().item()
                                        for new, orig in zip(run["later_sae"], run["later_orig"])])

@@ -1,4 +1,5 @@
-"""Every Triton kernel of kernels/ compiled for real GPUs, on a machine without one: sm_90 (H100, H200), sm_80 (A100).
+"""Every Triton kernel of sae_kernels/ compiled for real GPUs, on a machine without one: sm_90 (H100, H200) and
+sm_80 (A100).
 
 tests/test_kernels.py runs the kernels in Triton's interpreter, which checks their arithmetic but nothing that only
 the compiler checks: the types of loop-carried values, ops a GPU lacks (a tl.dot on blocks smaller than 16 x 16),
@@ -9,7 +10,7 @@ for a named target with no GPU and no driver present:
                    options={"num_warps": 8, "num_stages": 3})
 
 runs the whole pipeline (Triton IR, LLVM IR, PTX, then the ptxas that ships in the triton wheel) down to a cubin.
-This file compiles every @triton.jit kernel of kernels/ that way: with every config its @triton.autotune may try on
+This file compiles every @triton.jit kernel of sae_kernels/ that way: with every config its @triton.autotune may try on
 a GPU, for every dtype its module supports, for every launch its launchers make (flags, argument dtypes), with the
 argument types and alignment Triton's launcher would derive at the paper's shapes. Kernels are discovered, so one
 without an entry in LAUNCHES fails the test; @triton.jit helpers are compiled inside the kernels that call them.
@@ -118,7 +119,7 @@ LAUNCHES = {"kl._kl_forward_kernel": kl_forward_launches, "kl._kl_backward_kerne
 
 @functools.cache
 def discover():
-    """{"module.name": (JITFunction, configs, names it calls)} for every @triton.jit function defined in kernels/.
+    """{"module.name": (JITFunction, configs, names it calls)} for every @triton.jit function defined in sae_kernels/.
 
     configs are those @triton.autotune may try on a GPU (one default config for a kernel without autotuning).
     """
@@ -126,11 +127,11 @@ def discover():
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction, KernelInterface
 
-    import kernels
-    assert kernels.backend.AUTOTUNE, "autotuning is off (TRITON_INTERPRET or E2ESAE_AUTOTUNE=0 is set)"
+    import sae_kernels
+    assert sae_kernels.backend.AUTOTUNE, "autotuning is off (TRITON_INTERPRET or E2ESAE_AUTOTUNE=0 is set)"
     found = {}
-    for info in pkgutil.iter_modules(kernels.__path__):
-        module = importlib.import_module(f"kernels.{info.name}")
+    for info in pkgutil.iter_modules(sae_kernels.__path__):
+        module = importlib.import_module(f"sae_kernels.{info.name}")
         for obj in vars(module).values():
             configs = [triton.Config({})]
             while isinstance(obj, KernelInterface) and not isinstance(obj, JITFunction):  # autotune, heuristics
@@ -277,7 +278,7 @@ def print_table(report):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description="Compile every kernel of kernels/ for GPUs, without a GPU.")
+    parser = argparse.ArgumentParser(description="Compile every kernel of sae_kernels/ for GPUs, without a GPU.")
     parser.add_argument("--arch", type=int, nargs="+", default=ARCHS, help="compute capabilities, e.g. 90 80")
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--table", action="store_true", help="print BENCHMARKS.md's table of registers and spills")
@@ -334,7 +335,7 @@ def test_every_kernel_has_launches(report):
     stale = sorted(set(LAUNCHES) - set(report["kernels"]))
     assert not missing, (f"kernels without launches in tests/test_compile.py's LAUNCHES: {missing}. Add a function "
                          "giving each launch's arguments at the paper's shapes, one dict per call its launcher makes.")
-    assert not stale, f"LAUNCHES names kernels that kernels/ no longer defines: {stale}"
+    assert not stale, f"LAUNCHES names kernels that sae_kernels/ no longer defines: {stale}"
 
 
 @pytest.mark.parametrize("kernel", sorted(LAUNCHES))

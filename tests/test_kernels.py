@@ -14,14 +14,14 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede `import kernels`: @triton.jit reads it
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede `import sae_kernels`: @triton.jit reads it
 pytest.importorskip("triton")
 
-import kernels  # noqa: E402
-from kernels.kl import kl_div_torch  # noqa: E402
-from kernels.sae import sae_forward_torch  # noqa: E402
+import sae_kernels  # noqa: E402
+from sae_kernels.kl import kl_div_torch  # noqa: E402
+from sae_kernels.sae import sae_forward_torch  # noqa: E402
 
-if not torch.cuda.is_available() and not kernels.backend.INTERPRET:
+if not torch.cuda.is_available() and not sae_kernels.backend.INTERPRET:
     raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set (by another test module?), so its "
                        "kernels cannot run on this CPU: set it in tests/conftest.py, before anything imports triton")
 
@@ -70,7 +70,7 @@ def sae_run(inputs, requires_grad, grads_of, reference, k=None):
     leaves = [t.detach().clone().double() if reference else t.detach().clone() for t in inputs]
     for t, r in zip(leaves, requires_grad):
         t.requires_grad_(r)
-    x_hat, c = (sae_forward_torch if reference else kernels.sae_forward)(*leaves, k=k)
+    x_hat, c = (sae_forward_torch if reference else sae_kernels.sae_forward)(*leaves, k=k)
     outputs, grad_outputs = grads_of(x_hat, c)
     wrt = [t for t in leaves if t.requires_grad]
     grads = iter(torch.autograd.grad(outputs, wrt, [g.to(o.dtype) for o, g in zip(outputs, grad_outputs)],
@@ -106,7 +106,7 @@ def check_sae(inputs, tol, requires_grad=(True,) * 5, grads_of=None, expect_spar
 def test_sae_forward_and_gradients(dtype, regime, path, backend, monkeypatch):
     """Either path (forced through the density threshold) on sparse or dense codes, random grad_outputs."""
     backend("triton")
-    monkeypatch.setattr(kernels.sae, "SPARSE_MAX_DENSITY", 1.0 if path == "sparse" else 0.0)
+    monkeypatch.setattr(sae_kernels.sae, "SPARSE_MAX_DENSITY", 1.0 if path == "sparse" else 0.0)
     check_sae(sae_inputs(dtype, regime), TOL[dtype], expect_sparse=path == "sparse")
 
 
@@ -115,7 +115,7 @@ def test_sae_forward_and_gradients(dtype, regime, path, backend, monkeypatch):
 def test_sae_partial_gradients(case, path, backend, monkeypatch):
     """Unused outputs (their gradient is None), c.sum()'s expanded gradient, an input without grad."""
     backend("triton")
-    monkeypatch.setattr(kernels.sae, "SPARSE_MAX_DENSITY", 1.0 if path == "sparse" else 0.0)
+    monkeypatch.setattr(sae_kernels.sae, "SPARSE_MAX_DENSITY", 1.0 if path == "sparse" else 0.0)
     g = torch.Generator().manual_seed(2)
     g_x_hat = torch.randn(3, 7, 48, generator=g).to(DEVICE)
     grads_of, requires_grad = {
@@ -135,9 +135,9 @@ def test_sae_with_no_active_code_at_all(backend):
 
 def test_sae_picks_its_path_from_the_measured_density(backend, monkeypatch):
     backend("triton")
-    monkeypatch.setattr(kernels.sae, "SPARSE_MAX_DENSITY", 0.2)
+    monkeypatch.setattr(sae_kernels.sae, "SPARSE_MAX_DENSITY", 0.2)
     for regime, sparse in (("sparse", True), ("dense", False)):
-        x_hat, c = kernels.sae_forward(*[t.requires_grad_() for t in sae_inputs(torch.float32, regime)])
+        x_hat, c = sae_kernels.sae_forward(*[t.requires_grad_() for t in sae_inputs(torch.float32, regime)])
         density = (c > 0).float().mean().item()
         assert (density <= 0.2) == sparse and c.grad_fn.sparse == sparse, f"{regime}: density {density:.3f}"
 
@@ -199,7 +199,7 @@ def test_sae_topk_forward_and_gradients(dtype, k, backend, monkeypatch):
     """k = 1, a small odd k and every code; random grad_outputs of x_hat and c; always the sparse path, even where
     the ReLU code's density threshold would pick the dense one."""
     backend("triton")
-    monkeypatch.setattr(kernels.sae, "SPARSE_MAX_DENSITY", 0.0)
+    monkeypatch.setattr(sae_kernels.sae, "SPARSE_MAX_DENSITY", 0.0)
     inputs = topk_inputs(dtype, k)
     c = check_sae(inputs, TOL[dtype], expect_sparse=True, k=k)
     assert_topk_code(c, inputs, k)
@@ -279,7 +279,7 @@ def test_sae_rejects_a_bad_k(k, impl, backend):
     backend(impl)
     inputs = topk_inputs(torch.float32, 1)
     with pytest.raises(ValueError, match=f"k={k!r}: .* an int from 1 to n_dict={TOPK_N_DICT}"):
-        kernels.sae_forward(*inputs, k=k)
+        sae_kernels.sae_forward(*inputs, k=k)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -297,7 +297,7 @@ def kl_reference(new_logits, orig_logits):
 def check_kl(new_logits, orig_logits, tol):
     new = new_logits.detach().clone().requires_grad_()
     orig = orig_logits.detach().clone().requires_grad_()  # a target that requires grad: gets none
-    loss = kernels.kl_div(new, orig)
+    loss = sae_kernels.kl_div(new, orig)
     loss.backward(torch.tensor(0.37, device=new.device))
     ref_loss, ref_grad = kl_reference(new_logits, orig_logits)
     assert loss.dim() == 0 and orig.grad is None and new.grad.dtype == new.dtype
@@ -353,7 +353,7 @@ def test_linear_kl_div_matches_the_full_logits_kl(impl, dtype, with_bias, backen
     ref_grad = ref_grad_logits @ w  # (37, 301) @ (301, 48)
     for chunk_rows in (16, None):
         h = h_new.clone().requires_grad_()
-        loss = kernels.linear_kl_div(h, h_orig, weight, bias, chunk_rows=chunk_rows)
+        loss = sae_kernels.linear_kl_div(h, h_orig, weight, bias, chunk_rows=chunk_rows)
         loss.backward(torch.tensor(0.37, device=DEVICE))
         assert_close(loss, ref_loss, TOL[dtype], f"kl, chunk_rows={chunk_rows}")
         assert_close(h.grad, ref_grad, TOL[dtype], f"d kl / d h_new, chunk_rows={chunk_rows}")
@@ -370,8 +370,8 @@ def test_backend_variable_picks_the_implementation(backend):
     weight = torch.randn(301, 48, device=DEVICE)
 
     def names():
-        return (type(kernels.sae_forward(*sae_args)[0].grad_fn).__name__,
-                type(kernels.kl_div(logits, logits.detach()).grad_fn).__name__)
+        return (type(sae_kernels.sae_forward(*sae_args)[0].grad_fn).__name__,
+                type(sae_kernels.kl_div(logits, logits.detach()).grad_fn).__name__)
 
     backend("triton")
     assert names() == ("SAEForwardTritonBackward", "KLDivTritonBackward")
@@ -380,24 +380,24 @@ def test_backend_variable_picks_the_implementation(backend):
     backend("auto")
     assert ("Triton" in "".join(names())) == (DEVICE == "cuda")
     backend("torch")  # the reference of linear_kl_div is chunked too, and agrees with the kernel
-    reference = kernels.linear_kl_div(h, h.detach() + 0.1, weight, chunk_rows=16)
+    reference = sae_kernels.linear_kl_div(h, h.detach() + 0.1, weight, chunk_rows=16)
     backend("triton")
-    assert_close(kernels.linear_kl_div(h, h.detach() + 0.1, weight, chunk_rows=16), reference, TOL[torch.float32])
+    assert_close(sae_kernels.linear_kl_div(h, h.detach() + 0.1, weight, chunk_rows=16), reference, TOL[torch.float32])
     backend("cuda")
     with pytest.raises(ValueError, match="E2ESAE_BACKEND"):
-        kernels.kl_div(logits, logits)
+        sae_kernels.kl_div(logits, logits)
 
 
 SCRIPT = """
 import os, sys, torch
 if sys.argv[1] == "no-triton":
     sys.modules["triton"] = None  # `import triton` now raises ImportError
-import kernels
+import sae_kernels
 logits = torch.randn(3, 17)
-kernels.kl_div(logits, logits)  # auto on a CPU: the reference, always available
+sae_kernels.kl_div(logits, logits)  # auto on a CPU: the reference, always available
 os.environ["E2ESAE_BACKEND"] = "triton"
 try:
-    kernels.kl_div(logits, logits)
+    sae_kernels.kl_div(logits, logits)
 except RuntimeError as e:
     print(e)
 """
@@ -423,7 +423,7 @@ def test_compute_loss_is_the_same_with_either_backend(full_metrics, path, backen
     from e2esae import SAETransformer, compute_loss
     from model import GPT, GPTConfig
 
-    monkeypatch.setattr(kernels.sae, "SPARSE_MAX_DENSITY", 1.0 if path == "sparse" else 0.0)
+    monkeypatch.setattr(sae_kernels.sae, "SPARSE_MAX_DENSITY", 1.0 if path == "sparse" else 0.0)
     torch.manual_seed(6)
     gpt = GPT(GPTConfig(block_size=16, vocab_size=301, n_layer=2, n_head=2, n_embd=48, bias=True))
     model = SAETransformer(gpt, sae_positions=["blocks.1.hook_resid_pre"], dict_size_to_input_ratio=2.0).to(DEVICE)

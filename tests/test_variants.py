@@ -214,7 +214,7 @@ def test_each_activation_trains_under_each_type(activation, kind):
 
 
 def test_fused_topk_gives_the_module_path_loss_and_gradients():
-    """TopK through kernels.sae_forward(k=...) equals the same SAE computed from its activation module."""
+    """TopK through sae_kernels.sae_forward(k=...) equals the same SAE computed from its activation module."""
     torch.manual_seed(7)
     model = SAETransformer(small_gpt(), [POS], 2.0, activation="topk", k=4)
     idx = tokens(seed=8)

@@ -1,14 +1,14 @@
 """Choosing between the Triton kernels and their pure-PyTorch references.
 
-Every public function in `kernels/` calls `use_triton(...)` at call time, so the choice can change between
+Every public function in `sae_kernels/` calls `use_triton(...)` at call time, so the choice can change between
 calls (the tests switch it). The environment variable E2ESAE_BACKEND selects:
 
     auto    (default) Triton for CUDA tensors, the PyTorch reference for anything else
     triton  always Triton; on a CPU this needs Triton's interpreter: TRITON_INTERPRET=1 set before triton is
-            first imported (so before `import kernels`), because @triton.jit reads it when a kernel is defined
+            first imported (so before `import sae_kernels`), because @triton.jit reads it when a kernel is defined
     torch   always the PyTorch reference
 
-Triton is optional: without it `import kernels` still works and only the reference is available. The stub
+Triton is optional: without it `import sae_kernels` still works and only the reference is available. The stub
 below lets the kernel files define their @triton.jit functions unconditionally; they are never launched.
 """
 
@@ -78,7 +78,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
                            "or set E2ESAE_BACKEND=torch (or auto) to use the PyTorch reference")
     if not on_cuda and not INTERPRET:
         raise RuntimeError("E2ESAE_BACKEND=triton with CPU tensors needs Triton's interpreter: set "
-                           "TRITON_INTERPRET=1 before triton is first imported (before `import kernels`), "
+                           "TRITON_INTERPRET=1 before triton is first imported (before `import sae_kernels`), "
                            "or use E2ESAE_BACKEND=torch or auto")
     return True
 
