@@ -55,20 +55,31 @@ import torch
 
 import data
 import e2esae
-from configurator import ConfigError, check_settings, check_writable, configure, defaults, print_config
-from interop import checkpoint_kind, load_checkpoint
+from configurator import (
+    ConfigError,
+    check_settings,
+    check_writable,
+    configure,
+    default_device,
+    defaults,
+    device_rule,
+    print_config,
+)
+from e2esae import LossConfig, SAETransformer
+from interop import check_specs
+from language_models import load_model
 from model import gpt2_tokenizer
 from report import TYPE_STYLE, result_rows
 from runs import write_atomic, write_json
 
 # -----------------------------------------------------------------------------
 checkpoints = ["out/saes.safetensors"]
-init_from = ""  # '' = the GPT-2 each checkpoint names | 'gpt2' (-medium, ...) | a directory | 'shakespeare'
+init_from = ""  # '' = the model each checkpoint names | 'gpt2' (-medium, ...) | a directory
 dataset = "shakespeare"  # the same held-out text eval.py and train.py use
 n_ctx = 128
 eval_n_samples = 200  # 200 samples x 128 tokens = 25,600 tokens (the paper: 500 x 1024)
 batch_size = 8
-device = "cuda" if torch.cuda.is_available() else "cpu"
+device = default_device()
 out_dir = "analysis"
 chunk_size = 4096  # similarity blocks of 4,096 x 4,096 elements: 67 MB in fp32
 near = 0.7  # a cosine similarity above this counts as a near-duplicate (within an SAE) or a counterpart (across)
@@ -197,26 +208,28 @@ def logit_effects(model, directions, k):
     """The k tokens each direction (d, n) promotes and suppresses most through the unembedding: W_U @ direction,
     over the lm_head's distinct rows. Returns ([[(token, effect)] promoted], [[...] suppressed], tokens left out):
     rows shared by several tokens (the embedded default's unseen tokens) are left out."""
-    merged, weight = model.merged, model.gpt.lm_head.weight
-    if merged is None:
-        rows, tokens = weight, torch.arange(weight.shape[0], device=weight.device)
-    else:
-        single = merged.bias == 0  # log(tokens in the row) == 0: a row of one token
-        rows, tokens = merged.weight[single], merged.row_token[single]
+    head = model.head
+    single = head.bias == 0  # log(tokens in the row) == 0: a row of one token
+    rows, tokens = head.weight[single], head.row_token[single]
     effects = rows.float() @ directions.float()  # (n_rows, n)
     k = min(k, len(tokens))
     top, bottom = effects.topk(k, dim=0), effects.topk(k, dim=0, largest=False)
     pick = lambda t: [[(int(tokens[i]), float(v)) for v, i in zip(t.values[:, e], t.indices[:, e])]
                       for e in range(directions.shape[1])]
-    return pick(top), pick(bottom), weight.shape[0] - len(tokens)
+    return pick(top), pick(bottom), len(head.token_row) - len(tokens)
 
 
 # ---- one checkpoint: evaluation, geometry and the chosen elements ----
 
 def label_of(row, config):
-    """A short name for an SAE in plots and the browser: type, sparsity coefficient, seed."""
-    coeff = "" if row["sparsity_coeff"] is None else f" λ={row['sparsity_coeff']:g}"
-    return f"{row['type']}{coeff}" + (f" seed {config['seed']}" if "seed" in config else "")
+    """A short name for an SAE in plots and the browser: type, activation (k where it has one, else the sparsity
+    coefficient), seed."""
+    if row.get("k") is not None:
+        sparsity = f" {row['activation']} k={row['k']}"
+    else:
+        activation = "" if row.get("activation", "relu") == "relu" else f" {row['activation']}"
+        sparsity = activation + ("" if row["sparsity_coeff"] is None else f" λ={row['sparsity_coeff']:g}")
+    return f"{row['type']}{sparsity}" + (f" seed {config['seed']}" if "seed" in config else "")
 
 
 def analyse_checkpoint(spec, c, samples, enc):
@@ -224,7 +237,8 @@ def analyse_checkpoint(spec, c, samples, enc):
     the JSON's `saes` (its figures, alive elements, nearest-neighbour similarities and chosen elements) and its
     alive dictionary (d_in, n_alive), kept to compare across checkpoints."""
     try:
-        model = load_checkpoint(spec, c.init_from).to(c.device).eval()
+        gpt = load_model(c.init_from) if c.init_from else None
+        model = SAETransformer.from_checkpoint(spec, gpt).to(c.device).eval()
     except (OSError, ValueError) as e:  # e.g. a model of another width than the SAE: the message says which
         raise ConfigError(f"{spec}: {e}") from None
     broken = e2esae.nonfinite_parameters(model.saes)
@@ -238,8 +252,8 @@ def analyse_checkpoint(spec, c, samples, enc):
     downstream = model.later_positions()
     downstream += [f"blocks.{L - 1}.hook_resid_post"] if last < L else []  # the final stream, read by ln_f
     batches = data.in_batches(samples, c.batch_size)
-    kwargs = e2esae.loss_kwargs(model.config, downstream)
-    metrics, counts = e2esae.evaluate(model, batches, kwargs)
+    loss = LossConfig.for_evaluation(model.config, downstream)
+    metrics, counts = e2esae.evaluate(model, batches, loss)
 
     config, records, dictionaries = getattr(model, "config", {}) or {}, [], []
     for row in result_rows(spec, model, metrics, counts, downstream):
@@ -261,7 +275,7 @@ def analyse_checkpoint(spec, c, samples, enc):
                             near_duplicate_firings=firing_share(n, alive[within.cpu() > c.near]),
                             features=choose_elements(n, c.n_frequent, c.n_random, c.features, c.seed)))
         dictionaries.append(D)
-    chained = kwargs["kl_coeff"] > 0 or kwargs["in_to_orig_coeff"] > 0  # as compute_loss feeds the SAEs
+    chained = not loss.local  # as compute_loss feeds the SAEs
     describe_features(model, records, batches, chained, samples, c, enc)
     return records, dictionaries
 
@@ -481,7 +495,7 @@ SETTINGS = [  # (key, test, what the value must be)
      "a non-empty list of paths or specs, e.g. ['out/saes.safetensors']"),
     ("n_ctx", lambda v: v >= 2, "at least 2 (a sample's tokens predict the next ones)"),
     *[(k, lambda v: v > 0, "positive") for k in ("eval_n_samples", "batch_size")],
-    ("device", lambda v: not v.startswith("cuda") or torch.cuda.is_available(), "'cpu': no CUDA GPU is available"),
+    device_rule,
     ("chunk_size", lambda v: v > 0, "positive"),
     ("near", lambda v: -1 <= v < 1, "a cosine similarity in [-1, 1)"),
     ("n_frequent", lambda v: v >= 0, "0 or more"),
@@ -536,11 +550,10 @@ def main(argv):
     config = configure(DEFAULTS, argv)
     check_settings(config, SETTINGS)
     c = SimpleNamespace(**config)
-    for spec in c.checkpoints:  # every checkpoint and the output folder are checked before the first is loaded
-        try:
-            checkpoint_kind(spec)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    try:  # every checkpoint and the output folder are checked before the first is loaded
+        check_specs(c.checkpoints)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     check_writable(c.out_dir, "out_dir")
     print("config:")
     print_config(config)

@@ -232,8 +232,7 @@ def sparse_encoder_bias(model, position, idx, active, torch):
 
 def bench_train_step(results, args, shape, torch, sae_kernels):
     """One step of e2e training (sparsity 3, KL 1, fused KL path): loss, backward, Adam, under bf16 autocast."""
-    from e2esae import compute_loss
-    from train import estimate_flops_per_token
+    from e2esae import LossConfig, compute_loss
     device = args.device
     model, position = e2e_model(shape, args.tiny, device, torch)
     sae = model.sae(position)
@@ -242,12 +241,13 @@ def bench_train_step(results, args, shape, torch, sae_kernels):
     idx = torch.randint(0, model.gpt.config.vocab_size, (shape["batch"], shape["seq"]), device=device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     tokens = idx.numel()
-    flops_per_token = estimate_flops_per_token(model, local=False)
+    flops_per_token = model.flops_per_token(local=False)
+    loss_config = LossConfig(sparsity_coeff=3.0, kl_coeff=1.0)
 
     def step_with(loss_fn):
         def step():
             with autocast:
-                loss, _ = loss_fn(model, idx, sparsity_coeff=3.0, kl_coeff=1.0, full_metrics=False)
+                loss, _ = loss_fn(model, idx, loss_config, full_metrics=False)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -119,6 +119,21 @@ def check_writable(directory, what):
                 pass
 
 
+def default_device():
+    """The device a script runs on unless told: the GPU where there is one."""
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _device_available(device):
+    import torch
+    return not device.startswith("cuda") or torch.cuda.is_available()
+
+
+# the rule every script's settings table has for its `device`
+device_rule = ("device", _device_available, "'cpu': no CUDA GPU is available")
+
+
 def print_config(config, file=sys.stdout):
     width = max(map(len, config))
     for key, value in config.items():

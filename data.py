@@ -522,6 +522,19 @@ class SampleStream:
         self.buffer, self.at = np.asarray(state.get("buffer", torch.zeros(0)), dtype=np.int64), 0
         self._samples = self._stream_samples()
 
+    def resume(self, states, replay):
+        """Continue where a checkpoint left the stream: `states` holds every process's state (a token file's: one,
+        the same for all). A checkpoint from before data states were saved (None) replays this process's first
+        `replay` samples instead."""
+        if states is None:
+            return self.skip(replay)
+        state = states[0] if states[0]["kind"] == "tokens" else states[self.rank]
+        if state is None:
+            raise DataError(f"the checkpoint holds no data position for process {self.rank}: resume with the "
+                            f"{len(states)} processes that saved it")
+        self.load_state_dict(state)
+        return self
+
     def skip(self, n):
         """Pass over this rank's next n samples: arithmetic for local text, re-reading them for a stream."""
         if self.kind == "tokens":

@@ -30,23 +30,32 @@ import sys
 import time
 from types import SimpleNamespace
 
-import torch
-
 import data
 import e2esae
 import report
-from configurator import ConfigError, check_settings, check_writable, configure, defaults, print_config
-from interop import checkpoint_kind, load_checkpoint
+from configurator import (
+    ConfigError,
+    check_settings,
+    check_writable,
+    configure,
+    default_device,
+    defaults,
+    device_rule,
+    print_config,
+)
+from e2esae import LossConfig, SAETransformer
+from interop import check_specs
+from language_models import load_model
 from runs import write_json
 
 # -----------------------------------------------------------------------------
 checkpoints = ["out/saes.safetensors"]
-init_from = ""  # '' = the GPT-2 each checkpoint names | 'gpt2' (-medium, ...) | a directory | 'shakespeare'
+init_from = ""  # '' = the model each checkpoint names | 'gpt2' (-medium, ...) | a directory
 dataset = ""  # '' = each checkpoint's own training data | 'shakespeare' | text files | a Hugging Face dataset name
 n_ctx = 128
 eval_n_samples = 200  # 200 samples x 128 tokens = 25,600 tokens (the paper: 500 x 1024)
 batch_size = 8
-device = "cuda" if torch.cuda.is_available() else "cpu"
+device = default_device()
 out_json = "eval.json"
 plot_dir = ""  # if set: a Pareto plot and one activation-frequency histogram per SAE
 # -----------------------------------------------------------------------------
@@ -58,17 +67,8 @@ SETTINGS = [  # (key, test, what the value must be)
     ("n_ctx", lambda v: v >= 2, "at least 2 (a sample's tokens predict the next ones)"),
     ("eval_n_samples", lambda v: v > 0, "positive"),
     ("batch_size", lambda v: v > 0, "positive"),
-    ("device", lambda v: not v.startswith("cuda") or torch.cuda.is_available(), "'cpu': no CUDA GPU is available"),
+    device_rule,
 ]
-
-
-def check_specs(specs):
-    """Every checkpoint spec is checked before any is loaded: a ConfigError names the first that is wrong."""
-    for spec in specs:
-        try:
-            checkpoint_kind(spec)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
 
 
 def check_output_file(path, what):
@@ -79,7 +79,7 @@ def check_output_file(path, what):
 
 def evaluate_checkpoint(spec, c, samples_of):
     """Load, check and evaluate one checkpoint: (model, rows, metrics, counts, dataset)."""
-    model = load_checkpoint(spec, c.init_from).to(c.device).eval()
+    model = SAETransformer.from_checkpoint(spec, load_model(c.init_from) if c.init_from else None).to(c.device).eval()
     broken = e2esae.nonfinite_parameters(model.saes)
     if broken:
         raise ValueError(f"its SAE weights are not finite ({', '.join(broken[:4])}): the run diverged, so there is "
@@ -101,7 +101,7 @@ def evaluate_checkpoint(spec, c, samples_of):
         if i % 10 == 0 or i == n:
             print(f"  batch {i}/{n} | ce_increase {m['ce_increase']:.4f} | kl {m['kl']:.4f}", flush=True)
     metrics, counts = e2esae.evaluate(model, data.in_batches(samples_of[dataset], c.batch_size),
-                                      e2esae.loss_kwargs(model.config, downstream), progress=progress)
+                                      LossConfig.for_evaluation(model.config, downstream), progress=progress)
     metrics = {k: v for k, v in metrics.items() if k not in ("loss", "eval_tokens") and not k.startswith("alive/")}
     rows = [dict(r, dataset=dataset) for r in report.result_rows(spec, model, metrics, counts, downstream)]
     return model, rows, metrics, counts, dataset
@@ -121,7 +121,10 @@ def main(argv):
     config = configure(DEFAULTS, argv)
     check_settings(config, SETTINGS)
     c = SimpleNamespace(**config)
-    check_specs(c.checkpoints)  # every checkpoint and output place is checked before the first evaluation
+    try:  # every checkpoint and output place is checked before the first evaluation
+        check_specs(c.checkpoints)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     check_output_file(c.out_json, "out_json")
     if c.plot_dir:
         check_writable(c.plot_dir, "plot_dir")

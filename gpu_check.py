@@ -16,7 +16,7 @@ under a time limit, so that one that fails or hangs still leaves the others' res
    random tokens per step, sparsity 3 + KL 1 (config/e2e_layer6.py's loss and lr), Adam, gradient clipping, bf16
    autocast. First as initialised (about half the codes fire: the dense path), then with the encoder bias moved so
    that ~40 codes per token fire (the sparse kernels: the regime of most of a real run). For each phase: tokens/s,
-   MFU (dense FLOPs from train.estimate_flops_per_token) and peak memory;
+   MFU (dense FLOPs from SAETransformer.flops_per_token) and peak memory;
 3. bench: `python bench.py --quick`, each kernel against eager PyTorch and torch.compile (BENCHMARKS.md).
 
 The JSON holds the environment and, per stage, its status, seconds, results and the tail of its output. A summary
@@ -63,8 +63,7 @@ def train_run(args):
     import torch
 
     import bench
-    from e2esae import compute_loss
-    from train import estimate_flops_per_token
+    from e2esae import LossConfig, compute_loss
 
     device, shape = args.device, bench.TINY if args.tiny else bench.PAPER
     cuda = device == "cuda"
@@ -75,12 +74,12 @@ def train_run(args):
     generator = torch.Generator(device=device).manual_seed(3)
     vocab, tokens = model.gpt.config.vocab_size, shape["batch"] * shape["seq"]
     batch = lambda: torch.randint(0, vocab, (shape["batch"], shape["seq"]), device=device, generator=generator)
-    flops_per_token = estimate_flops_per_token(model, local=False)
+    flops_per_token = model.flops_per_token(local=False)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step():
         with autocast:
-            loss, metrics = compute_loss(model, batch(), sparsity_coeff=SPARSITY_COEFF, kl_coeff=KL_COEFF,
+            loss, metrics = compute_loss(model, batch(), LossConfig(sparsity_coeff=SPARSITY_COEFF, kl_coeff=KL_COEFF),
                                          full_metrics=False)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.saes.parameters(), MAX_GRAD_NORM)

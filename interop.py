@@ -1,24 +1,17 @@
 """
-Every checkpoint format, in one place: this project's own, SAELens's (in which the paper's SAEs are published)
-and the reference library `e2e_sae`'s (its run directories and the paper's SAEs on the Hugging Face hub,
-locally or through wandb). Everything converts to and from e2esae.py's classes.
+Every checkpoint format, in one place: this project's own, SAELens's (in which the paper's SAEs are published) and
+the reference library `e2e_sae`'s (its run directories and the paper's SAEs on the Hugging Face hub, locally or
+through wandb). This module reads and writes files; it deals in tensors and plain settings only, so the classes of
+e2esae.py build themselves from what it reads:
 
-    from interop import load_checkpoint, load_saelens, save_saelens
-    model = load_checkpoint("out")                                  # any spec below, as an SAETransformer
-    sae = load_saelens("neuronpedia/gpt2-small__res_sce-ajt", "6-res_sce-ajt")  # hub, or a local directory
-    model = saelens_model(sae)                          # spliced into the GPT-2 its cfg.json names, at its hook
-    save_saelens(model.sae("blocks.6.hook_resid_pre"), "my_sae", hook_name="blocks.6.hook_resid_pre")
-
-Importing this module also gives e2esae.py's classes the names the reference library (and this project's
-earlier API) uses for them:
-
-    SAETransformer.from_local_path(checkpoint_dir=None, checkpoint_file=None, config_file=None, gpt=None)
-    SAETransformer.from_wandb("sparsify/gpt2/tvj2owza", gpt=None)
-    SAE.from_saelens(path_or_repo, folder=None);   sae.save_saelens(path, hook_name)
+    SAETransformer.from_checkpoint(spec)        # any spec below (read_checkpoint)
+    SAETransformer.from_local_path(...)         # the reference library's names, as it documents them
+    SAETransformer.from_wandb("sparsify/gpt2/tvj2owza")
+    SAE.from_saelens(path_or_repo, folder);  sae.save_saelens(path, hook_name)   # = save_saelens(sae, ...)
 
 A checkpoint spec (what eval.py, analysis.py, sample.py and train.py's pretrained_sae_paths take):
 
-    out/saes.safetensors | out | out/ckpt.pt   this project's (train.py's out_dir; SAETransformer.from_checkpoint)
+    out/saes.safetensors | out | out/ckpt.pt   this project's (train.py's out_dir)
     path/to/dir | path/to/samples_N.pt         the reference library's run: final_config.yaml + samples_{N}.pt
     path/to/name.pt                            the reference library's SAE with its config in name.yaml beside it
                                                (the layout of the paper's SAEs on the hub)
@@ -28,25 +21,95 @@ A checkpoint spec (what eval.py, analysis.py, sample.py and train.py's pretraine
     e2e_sae:owner/repo/name                    the reference library's on the hub: name.pt + name.yaml, e.g.
                                                e2e_sae:apollo-research/e2e-saes-gpt2/e2e_similar_ce_layer_6
 
-SAELens's format: a directory with cfg.json and sae_weights.safetensors holding W_enc (d_in, d_sae), b_enc,
-W_dec (d_sae, d_in) and b_dec (and `threshold` (d_sae,) for a JumpReLU). Its SAEs compute
-activation((x - b_dec if apply_b_dec_to_input) W_enc + b_enc) W_dec + b_dec, with no decoder normalisation. The
-reference library's: a training config (final_config.yaml or name.yaml) and state dicts keyed like
+Whatever the format, reading gives a Checkpoint: the SAEs' positions, each SAE's shape, activation and tensors under
+this project's names (encoder.weight (n_dict, d_in), encoder.bias, decoder.weight (d_in, n_dict), decoder.bias,
+activation.threshold), the training settings under this project's names where the file records them, and the model
+it was trained on (a name or directory that language_models.load_model takes).
+
+This project's format: one safetensors file (train.py's saes.safetensors) holding every SAE's tensors, keyed
+`blocks-6-hook_resid_pre.encoder.weight` (dots become hyphens, as in the reference library), with the positions,
+the SAEs' settings, the model and the training config as JSON metadata.
+SAELens's: a directory with cfg.json and sae_weights.safetensors holding W_enc (d_in, d_sae), b_enc, W_dec
+(d_sae, d_in) and b_dec (and `threshold` (d_sae,) for a JumpReLU). Its SAEs compute
+activation((x - b_dec if apply_b_dec_to_input) W_enc + b_enc) W_dec + b_dec, with no decoder normalisation.
+The reference library's: a training config (final_config.yaml or name.yaml) and state dicts keyed like
 `blocks-6-hook_resid_pre.encoder.0.weight`.
 """
 
 import json
 import os
+from dataclasses import dataclass, field
 
 import torch
 
-from e2esae import SAE, SAETransformer, checkpoint_metadata, sae_key
-from model import GPT
-from train_gpt import load_gpt
 
-# e2e_sae and SAELens name models as TransformerLens does; these are the GPT-2s `GPT.from_pretrained` knows
-TLENS_NAMES = {"gpt2-small": "gpt2", "gpt2": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large",
-               "gpt2-xl": "gpt2-xl"}
+@dataclass
+class Checkpoint:
+    """What any format holds, as plain data. saes: {position: {"d_in", "n_dict", "activation", ... (the SAE's
+    settings), "state": {tensor name: tensor}}}; config: training settings under this project's names."""
+
+    saes: dict
+    dict_size_to_input_ratio: float
+    model: str = ""  # what it was trained on, for language_models.load_model ('' when the file does not say)
+    config: dict = field(default_factory=dict)
+    hook_name: str = ""  # SAELens's: where its one SAE sits
+    saelens_cfg: dict = field(default_factory=dict)
+
+
+def sae_key(position):
+    """Module and tensor keys can't hold dots: blocks.6.hook_resid_pre -> blocks-6-hook_resid_pre (as the reference)."""
+    return position.replace(".", "-")
+
+
+# ---- this project's own ----
+
+def write_ours(f, saes, dict_size_to_input_ratio, model, config):
+    """Write SAEs to `f` (a path or a binary file): saes as Checkpoint.saes holds them."""
+    from safetensors.torch import save
+    tensors = {f"{sae_key(p)}.{name}": t.detach().contiguous().cpu()
+               for p, sae in saes.items() for name, t in sae["state"].items()}
+    specs = {p: {k: v for k, v in s.items() if k != "state"} for p, s in saes.items()}
+    meta = {"sae_positions": json.dumps(list(saes)), "dict_size_to_input_ratio": json.dumps(dict_size_to_input_ratio),
+            "saes": json.dumps(specs), "gpt": json.dumps(model), "config": json.dumps(config or {})}
+    data = save(tensors, metadata=meta)
+    if isinstance(f, (str, os.PathLike)):
+        with open(f, "wb") as out:
+            out.write(data)
+    else:
+        f.write(data)
+
+
+def read_metadata(path):
+    """The metadata of write_ours's file, checked: this project's checkpoint, readable."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no SAE checkpoint at {path}")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise ValueError(f"{path} is not a safetensors file ({e}); train.py writes saes.safetensors") from None
+    if "sae_positions" not in meta:
+        raise ValueError(f"{path} is not an e2esae checkpoint (its metadata has no sae_positions)")
+    return meta
+
+
+def read_ours(path):
+    """A Checkpoint from write_ours's file. Files from before the SAE variants record no settings: ReLU SAEs. The
+    embedded default's small model ('shakespeare') is the directory it was loaded from."""
+    from safetensors.torch import load_file
+    meta = read_metadata(path)
+    config, positions = json.loads(meta["config"]), json.loads(meta["sae_positions"])
+    tensors = load_file(path)
+    specs = json.loads(meta.get("saes", "{}")) or {p: {"activation": "relu"} for p in positions}
+    saes = {}
+    for p in positions:
+        state = {k[len(sae_key(p)) + 1:]: v for k, v in tensors.items() if k.startswith(sae_key(p) + ".")}
+        d_in, n_dict = state["encoder.weight"].shape[1], state["encoder.weight"].shape[0]
+        saes[p] = {"d_in": d_in, "n_dict": n_dict, "activation": "relu", **specs[p], "state": state}
+    recorded = json.loads(meta.get("gpt", '""'))
+    model = recorded if config.get("init_from", "shakespeare") == "shakespeare" else config["init_from"]
+    return Checkpoint(saes, json.loads(meta["dict_size_to_input_ratio"]), model, config)
 
 
 # ---- SAELens ----
@@ -56,17 +119,18 @@ SAELENS_ARCHITECTURES = {"relu": "standard", "topk": "topk", "jumprelu": "jumpre
 
 
 def save_saelens(sae, path, hook_name, model_name="gpt2", context_size=1024, dataset_path="", prepend_bos=False):
-    """Write a directory SAELens loads (`sae_lens.SAE.load_from_disk(path)`) as its own architecture: a ReLU SAE as
-    'standard', TopK as 'topk', JumpReLU as 'jumprelu', and BatchTopK as SAELens publishes it for inference, a
-    'jumprelu' whose every threshold is the one estimated in training. SAELens's SAEs have no decoder
-    normalisation, so W_dec holds our normalised dictionary: the same outputs."""
+    """Write an SAE (e2esae.SAE) as a directory SAELens loads (`sae_lens.SAE.load_from_disk(path)`) as its own
+    architecture: ReLU as 'standard', TopK as 'topk', JumpReLU as 'jumprelu', and BatchTopK as SAELens publishes it
+    for inference, a 'jumprelu' whose every threshold is the one estimated in training. SAELens's SAEs have no
+    decoder normalisation, so W_dec holds our normalised dictionary: the same outputs."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
-    name = sae.activation.name
-    tensors = {"W_enc": sae.encoder.weight.T, "b_enc": sae.encoder.bias,  # (d_in, n_dict), (n_dict,)
-               "W_dec": sae.dict_elements.T, "b_dec": sae.decoder.bias}   # (n_dict, d_in), (d_in,)
+    name, state = sae.settings["activation"], sae.state_dict()
+    dictionary = state["decoder.weight"] / state["decoder.weight"].norm(dim=0, keepdim=True)  # (d_in, n_dict)
+    tensors = {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"],  # (d_in, n_dict), (n_dict,)
+               "W_dec": dictionary.T, "b_dec": state["decoder.bias"]}                # (n_dict, d_in), (d_in,)
     if name in ("jumprelu", "batchtopk"):
-        tensors["threshold"] = sae.activation.threshold.expand(sae.n_dict)
+        tensors["threshold"] = state["activation.threshold"].expand(sae.n_dict)
     save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
               os.path.join(path, "sae_weights.safetensors"))
     meta = dict(model_name=model_name, hook_name=hook_name, hook_layer=int(hook_name.split(".")[1]),
@@ -78,12 +142,13 @@ def save_saelens(sae, path, hook_name, model_name="gpt2", context_size=1024, dat
                finetuning_scaling_factor=False, dataset_trust_remote_code=True, sae_lens_training_version=None,
                model_from_pretrained_kwargs={}, neuronpedia_id=None, **meta, metadata=meta)
     if name == "topk":
-        cfg.update(k=sae.activation.k, rescale_acts_by_decoder_norm=False, activation_fn_kwargs={"k": sae.activation.k})
+        k = sae.settings["k"]
+        cfg.update(k=k, rescale_acts_by_decoder_norm=False, activation_fn_kwargs={"k": k})
     with open(os.path.join(path, "cfg.json"), "w") as f:
         json.dump(cfg, f, indent=2)
 
 
-def _hub_files(repo, names, local_hint):
+def hub_files(repo, names, local_hint):
     """Download files of a Hugging Face repo; offline, say what was tried and how to load a local copy."""
     try:
         from huggingface_hub import hf_hub_download
@@ -95,40 +160,39 @@ def _hub_files(repo, names, local_hint):
             f"here and load the local copy: {local_hint}") from e
 
 
-def _looks_local(path):
+def looks_local(path):
     """Whether a name is a local path rather than a hub repo (owner/name/...): it starts with '.', '/' or '~', or its
     first part is a folder here."""
     return path.startswith((".", "/", "~")) or os.path.isdir(path.split("/")[0])
 
 
-def _saelens_files(path_or_repo, folder):
+def saelens_files(path_or_repo, folder):
     """Local paths of cfg.json and sae_weights.safetensors: in a directory, or downloaded from a hub repo."""
     local = os.path.join(path_or_repo, folder) if folder else path_or_repo
     if os.path.isdir(local):
         return (os.path.join(local, n) for n in ("cfg.json", "sae_weights.safetensors"))
     top = path_or_repo.split("/")[0]
-    if path_or_repo.count("/") != 1 or os.path.exists(path_or_repo) or _looks_local(path_or_repo):
+    if path_or_repo.count("/") != 1 or os.path.exists(path_or_repo) or looks_local(path_or_repo):
         why = "is not a directory" if os.path.exists(local) else "does not exist"
         if os.path.isdir(top) and not os.path.exists(local):  # a typo under a folder that exists: say so, not the hub
             why += f" (read as a local path, since {top}/ exists here: check its spelling)"
         raise FileNotFoundError(f"no SAELens SAE at {local}: it {why}. SAELens's format is a directory holding "
                                 "cfg.json and sae_weights.safetensors; a Hugging Face repo is given as owner/name")
     prefix = f"{folder.strip('/')}/" if folder else ""
-    return _hub_files(path_or_repo, [prefix + n for n in ("cfg.json", "sae_weights.safetensors")],
-                      f"load_saelens('path/to/{folder or 'folder'}')")
+    return hub_files(path_or_repo, [prefix + n for n in ("cfg.json", "sae_weights.safetensors")],
+                     f"SAE.from_saelens('path/to/{folder or 'folder'}')")
 
 
-def load_saelens(path_or_repo, folder=None):
-    """Read an SAE in SAELens's format ('standard' ReLU, 'topk' or 'jumprelu') from a local directory, or from a
-    Hugging Face repo and the folder in it (`load_saelens("neuronpedia/gpt2-small__res_sce-ajt", "6-res_sce-ajt")`).
-    The result's `hook_name` says where it belongs; `saelens_cfg` is the whole cfg.json.
+def read_saelens(path_or_repo, folder=None):
+    """A Checkpoint of one SAELens SAE ('standard' ReLU, 'topk' or 'jumprelu'), from a local directory or a Hugging
+    Face repo and the folder in it; its hook_name says where it belongs, saelens_cfg is the whole cfg.json.
 
     Our decoder normalises its columns, SAELens's does not. ReLU and JumpReLU are positively homogeneous, so a
     dictionary element of norm n is reproduced exactly by scaling its encoder row, bias (and threshold) by n and
     dividing it by n. A TopK selection is unchanged by that scaling only where SAELens selects on the rescaled
     pre-activations (rescale_acts_by_decoder_norm) or every element already has unit norm."""
     from safetensors.torch import load_file
-    cfg_path, weights_path = _saelens_files(path_or_repo, folder)
+    cfg_path, weights_path = saelens_files(path_or_repo, folder)
     with open(cfg_path) as f:
         cfg = json.load(f)
     meta = cfg.get("metadata") or cfg.get("meta") or {}
@@ -155,55 +219,29 @@ def load_saelens(path_or_repo, folder=None):
     if ours == "topk" and not cfg.get("rescale_acts_by_decoder_norm") and not unit:
         raise ValueError(f"{cfg_path}: a topk SAE whose decoder rows are not unit-norm and that selects on the raw "
                          "pre-activations (rescale_acts_by_decoder_norm false) has no exact equivalent here")
-    sae = SAE(W_enc.shape[0], W_enc.shape[1], activation=ours, k=cfg.get("k", 100) if ours == "topk" else None)
-    with torch.no_grad():
-        sae.encoder.weight.copy_((W_enc * norms).T)  # (d_in, d_sae) * (d_sae,): column j scaled by its norm
-        sae.encoder.bias.copy_(b_enc * norms)
-        sae.decoder.weight.copy_((W_dec / W_dec.norm(dim=1, keepdim=True)).T)
-        sae.decoder.bias.copy_(b_dec)
-        if ours == "jumprelu":  # SAELens computes ReLU(pre) [pre > theta]: a negative theta acts as 0
-            sae.activation.threshold.copy_(w["threshold"].clamp(min=0) * norms)
-    sae.hook_name = cfg.get("hook_name") or cfg.get("hook_point") or meta.get("hook_name")
-    if not sae.hook_name:
+    hook_name = cfg.get("hook_name") or cfg.get("hook_point") or meta.get("hook_name")
+    if not hook_name:
         raise ValueError(f"{cfg_path} names no position: neither hook_name (at the top or under metadata) nor "
                          "hook_point. Add \"hook_name\": \"blocks.6.hook_resid_pre\" (where it was trained) to it")
-    sae.saelens_cfg = cfg
-    return sae
-
-
-def saelens_model(sae, gpt=None):
-    """An SAETransformer with a SAELens SAE (from load_saelens) at its hook, in the GPT-2 its cfg.json names (or
-    `gpt`). Its `config` holds only the dataset cfg.json names, if any: SAELens files do not record the loss."""
-    if gpt is None:
-        cfg = sae.saelens_cfg
-        name = cfg.get("model_name") or (cfg.get("metadata") or {}).get("model_name")
-        if name not in TLENS_NAMES:
-            raise ValueError(f"the SAELens SAE was trained on model {name!r}: pass its GPT-2 as gpt= "
-                             "(eval.py: --init_from=...)")
-        gpt = GPT.from_pretrained(TLENS_NAMES[name])
-    check_width(sae, gpt, "the SAELens SAE")
-    model = SAETransformer(gpt, [sae.hook_name], dict_size_to_input_ratio=sae.n_dict / sae.d_in)
-    model.saes[sae_key(sae.hook_name)] = sae.to(next(gpt.parameters()).device)
-    cfg = sae.saelens_cfg
-    model.config = _dataset_of(cfg.get("dataset_path") or (cfg.get("metadata") or {}).get("dataset_path"))
-    return model
-
-
-def _dataset_of(name):
-    """{'dataset': name} where a foreign checkpoint records the data it was trained on, else {}."""
-    return {"dataset": name} if name else {}
-
-
-def check_width(sae, gpt, what):
-    if sae.d_in != gpt.config.n_embd:
-        raise ValueError(f"{what} reads activations of width {sae.d_in}, but the model is {gpt.config.n_embd} wide: "
-                         "load the model it was trained on (eval.py: --init_from=...)")
+    state = {"encoder.weight": (W_enc * norms).T,  # (d_in, d_sae) * (d_sae,): column j scaled by its norm
+             "encoder.bias": b_enc * norms, "decoder.weight": (W_dec / W_dec.norm(dim=1, keepdim=True)).T,
+             "decoder.bias": b_dec}
+    settings = {"d_in": W_enc.shape[0], "n_dict": W_enc.shape[1], "activation": ours}
+    if ours == "topk":
+        settings["k"] = cfg.get("k", 100)
+    if ours == "jumprelu":  # SAELens computes ReLU(pre) [pre > theta]: a negative theta acts as 0
+        state["activation.threshold"] = w["threshold"].clamp(min=0) * norms
+    dataset = cfg.get("dataset_path") or meta.get("dataset_path")
+    model = cfg.get("model_name") or meta.get("model_name") or ""  # TransformerLens's name, as load_model takes it
+    return Checkpoint({hook_name: {**settings, "state": state}}, W_enc.shape[1] / W_enc.shape[0], model,
+                      {"dataset": dataset} if dataset else {}, hook_name, cfg)
 
 
 # ---- the reference library, e2e_sae ----
 
-def _read_e2e_sae(weights_path, config_path, gpt):
-    """An SAETransformer from one e2e_sae state dict and its training config (the whole YAML)."""
+def read_e2e_sae(weights_path, config_path):
+    """A Checkpoint from one e2e_sae state dict and its training config (the whole YAML, kept as
+    config["reference_config"]). The loss coefficients are given this project's names."""
     import yaml
     for p in (weights_path, config_path):
         if not os.path.isfile(p):
@@ -211,37 +249,33 @@ def _read_e2e_sae(weights_path, config_path, gpt):
                                     "or name.yaml beside name.pt) and a state dict (samples_{N}.pt or name.pt)")
     with open(config_path) as f:
         ref = yaml.safe_load(f)
-    init_from = TLENS_NAMES.get(ref.get("tlens_model_name"))
-    if gpt is None:
-        if init_from is None:
-            raise ValueError(f"{config_path} names tlens_model_name={ref.get('tlens_model_name')!r}, not one of "
-                             f"{sorted(TLENS_NAMES)}: pass the model as gpt=")
-        gpt = GPT.from_pretrained(init_from)
     # keys like blocks-6-hook_resid_pre.encoder.0.weight; ours have no nn.Sequential around the encoder
     state = {k.replace(".encoder.0.", ".encoder."): v
              for k, v in torch.load(weights_path, map_location="cpu", weights_only=True).items()}
-    positions = sorted({k.split(".")[0].replace("-", ".") for k in state}, key=gpt.resid_index)
+    positions = sorted({k.split(".")[0].replace("-", ".") for k in state})
     filters = ref["saes"]["sae_positions"]
     filters = [filters] if isinstance(filters, str) else filters  # the reference matches them as substrings
     if any(not any(f in p for f in filters) for p in positions):
         raise ValueError(f"{weights_path} holds SAEs at {positions}, but {config_path} places them at {filters}")
-    width = next(v.shape[1] for k, v in state.items() if k.endswith(".encoder.weight"))
-    if width != gpt.config.n_embd:
-        raise ValueError(f"{weights_path} holds SAEs of width {width}, but the model is {gpt.config.n_embd} wide: "
-                         "load the model it was trained on (eval.py: --init_from=...)")
-    model = SAETransformer(gpt, positions, ref["saes"]["dict_size_to_input_ratio"])
-    model.saes.load_state_dict(state)
+    saes = {}
+    for p in positions:
+        own = {k[len(sae_key(p)) + 1:]: v for k, v in state.items() if k.startswith(sae_key(p) + ".")}
+        n_dict, d_in = own["encoder.weight"].shape
+        saes[p] = {"d_in": d_in, "n_dict": n_dict, "activation": "relu", "state": own}
     loss = {k: v or {} for k, v in (ref.get("loss") or {}).items()}  # a missing or null term has coefficient 0
     get = lambda term, key, default=0.0: float(loss.get(term, {}).get(key, default))
     downstream = loss.get("in_to_orig", {}).get("hook_positions") or []
-    model.config = dict(
-        init_from=init_from, sparsity_coeff=get("sparsity", "coeff"), p_norm=get("sparsity", "p_norm", 1.0),
+    name = ref.get("tlens_model_name") or ""  # TransformerLens's name ('gpt2-small'), as load_model takes it
+    config = dict(
+        init_from=name, sparsity_coeff=get("sparsity", "coeff"), p_norm=get("sparsity", "p_norm", 1.0),
         kl_coeff=get("logits_kl", "coeff"), out_to_in_coeff=get("out_to_in", "coeff"),
         out_to_orig_coeff=get("out_to_orig", "coeff"),
         in_to_orig_coeff=get("in_to_orig", "total_coeff", get("in_to_orig", "coeff")),  # total, split over positions
-        in_to_orig_positions=[downstream] if isinstance(downstream, str) else list(downstream),
-        reference_config=ref, **_dataset_of((ref.get("train_data") or {}).get("dataset_name")))
-    return model.to(next(gpt.parameters()).device)
+        in_to_orig_positions=[downstream] if isinstance(downstream, str) else list(downstream), reference_config=ref)
+    dataset = (ref.get("train_data") or {}).get("dataset_name")
+    if dataset:
+        config["dataset"] = dataset
+    return Checkpoint(saes, ref["saes"]["dict_size_to_input_ratio"], name, config)
 
 
 def newest_samples(directory):
@@ -260,43 +294,25 @@ def config_beside(weights_path):
     return named if os.path.isfile(named) else os.path.join(os.path.dirname(weights_path), "final_config.yaml")
 
 
-def load_e2e_sae(path, gpt=None):
-    """Load an `e2e_sae` checkpoint: a run directory (final_config.yaml and samples_{N}.pt files, the newest used),
-    or one .pt file with its config beside it (name.yaml, or final_config.yaml). Without `gpt`, load the GPT-2 the
-    config names. `model.config` holds the training coefficients under this project's names."""
-    weights_path = newest_samples(path) if os.path.isdir(path) else path
-    config_path = os.path.join(path, "final_config.yaml") if os.path.isdir(path) else config_beside(path)
-    return _read_e2e_sae(weights_path, config_path, gpt)
-
-
-def from_local_path(checkpoint_dir=None, checkpoint_file=None, config_file=None, gpt=None):
-    """The reference library's SAETransformer.from_local_path: a checkpoint_dir with final_config.yaml and
-    samples_{N}.pt files (the newest used), or one checkpoint_file with its config_file (e.g. the hub's
-    e2e_similar_ce_layer_6.pt and e2e_similar_ce_layer_6.yaml). `gpt`: the model, else the one the config names."""
+def e2e_sae_files(checkpoint_dir=None, checkpoint_file=None, config_file=None):
+    """(state dict, config) as the reference library's from_local_path takes them: a checkpoint_dir with
+    final_config.yaml and samples_{N}.pt files (the newest), or one checkpoint_file with its config_file."""
     if checkpoint_file is not None or config_file is not None:
         if checkpoint_file is None or config_file is None:
             raise ValueError("from_local_path takes checkpoint_file and config_file together (or checkpoint_dir "
                              f"alone), got checkpoint_file={checkpoint_file!r}, config_file={config_file!r}")
-        return _read_e2e_sae(str(checkpoint_file), str(config_file), gpt)
+        return str(checkpoint_file), str(config_file)
     if checkpoint_dir is None:
         raise ValueError("from_local_path needs checkpoint_dir (a run directory) or checkpoint_file and config_file")
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"checkpoint_dir {checkpoint_dir} is not a directory")
-    return _read_e2e_sae(newest_samples(str(checkpoint_dir)), os.path.join(checkpoint_dir, "final_config.yaml"), gpt)
+    return newest_samples(str(checkpoint_dir)), os.path.join(checkpoint_dir, "final_config.yaml")
 
 
-def load_e2e_sae_hub(repo, name, gpt=None):
-    """The reference library's SAE published on the hub as name.pt beside name.yaml (the paper's SAEs:
-    `load_e2e_sae_hub("apollo-research/e2e-saes-gpt2", "e2e_similar_ce_layer_6")`)."""
-    local = f"SAETransformer.from_local_path(checkpoint_file='{name}.pt', config_file='{name}.yaml')"
-    weights, config = _hub_files(repo, [f"{name}.pt", f"{name}.yaml"], local)
-    return _read_e2e_sae(weights, config, gpt)
-
-
-def from_wandb(run_path, gpt=None, cache_dir=None):
-    """The reference library's SAETransformer.from_wandb: download final_config.yaml and the newest samples_{N}.pt
-    of a wandb run ("entity/project/run_id", e.g. the paper's "sparsify/gpt2/tvj2owza") to cache_dir (default
-    ~/.cache/e2esae/<run_path>), then load them like from_local_path."""
+def download_wandb_run(run_path, cache_dir=None):
+    """Download final_config.yaml and the newest samples_{N}.pt of a reference library run on wandb
+    ("entity/project/run_id", e.g. the paper's "sparsify/gpt2/tvj2owza") into cache_dir (default
+    ~/.cache/e2esae/<run_path>), side by side; return that directory."""
     cache = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "e2esae", *run_path.split("/"))
     try:
         import wandb
@@ -316,16 +332,7 @@ def from_wandb(run_path, gpt=None, cache_dir=None):
             f"({type(e).__name__}: {e}). Tried wandb.Api().run({run_path!r}).files(), which needs a network and "
             "`wandb login`. Offline, download those two files elsewhere into one directory, copy it here and "
             "load it with SAETransformer.from_local_path('that/directory')") from e
-    return from_local_path(checkpoint_dir=cache, gpt=gpt)
-
-
-load_wandb = from_wandb  # the name eval.py's wandb: specs and earlier versions of this module use
-
-# the reference library's (and this project's earlier) names, on the classes themselves
-SAETransformer.from_local_path = staticmethod(from_local_path)
-SAETransformer.from_wandb = staticmethod(from_wandb)
-SAE.from_saelens = staticmethod(load_saelens)
-SAE.save_saelens = save_saelens
+    return cache
 
 
 # ---- any checkpoint spec ----
@@ -345,7 +352,7 @@ def checkpoint_kind(spec):
             where = spec[len(prefix):]
             if kind == "saelens-hub" and os.path.isdir(where):
                 return "saelens", where
-            if kind != "wandb" and _looks_local(where) and not os.path.exists(where):  # a typo, not a hub problem
+            if kind != "wandb" and looks_local(where) and not os.path.exists(where):  # a typo, not a hub problem
                 raise ValueError(f"checkpoint {spec!r}: {where} does not exist (a local path; a hub checkpoint is "
                                  f"written {prefix}owner/repo/folder)")
             if kind != "wandb" and where.count("/") < 2:
@@ -385,27 +392,28 @@ def checkpoint_kind(spec):
                      "saelens:..., e2e_sae:...")
 
 
-def load_checkpoint(spec, init_from="", gpt=None):
-    """An SAETransformer for any checkpoint spec. The model is `gpt`, else `init_from` (e.g. 'gpt2', a directory,
-    'shakespeare'), else the one the checkpoint names (the embedded default's small model found in the cache, or
-    trained first). `model.config` holds the training settings where the checkpoint records them, else {}."""
+def check_specs(specs):
+    """checkpoint_kind of every spec, before any is loaded: a ValueError names the first that is wrong."""
+    for spec in specs:
+        checkpoint_kind(spec)
+
+
+def read_checkpoint(spec):
+    """The Checkpoint of any spec (see the docstring)."""
     kind, where = checkpoint_kind(spec)
-    if gpt is None and init_from:
-        gpt = load_gpt(init_from)
-    if kind == "wandb":
-        return from_wandb(where, gpt)
-    if kind in ("saelens-hub", "e2e_sae-hub"):
-        parts = where.split("/")
-        repo, name = "/".join(parts[:2]), "/".join(parts[2:])
-        if kind == "saelens-hub":
-            return saelens_model(load_saelens(repo, name), gpt)
-        return load_e2e_sae_hub(repo, name, gpt)
+    if kind == "ours":
+        return read_ours(where)
     if kind == "saelens":
-        return saelens_model(load_saelens(where), gpt)
+        return read_saelens(where)
     if kind == "e2e_sae":
-        return load_e2e_sae(where, gpt)
-    if gpt is None:
-        config = json.loads(checkpoint_metadata(where)["config"])
-        if config.get("init_from") == "shakespeare":
-            gpt = load_gpt("shakespeare", config.get("small_model_config", ""))
-    return SAETransformer.from_checkpoint(where, gpt)
+        if os.path.isdir(where):
+            return read_e2e_sae(*e2e_sae_files(checkpoint_dir=where))
+        return read_e2e_sae(where, config_beside(where))
+    if kind == "wandb":
+        return read_e2e_sae(*e2e_sae_files(checkpoint_dir=download_wandb_run(where)))
+    parts = where.split("/")
+    repo, name = "/".join(parts[:2]), "/".join(parts[2:])
+    if kind == "saelens-hub":
+        return read_saelens(repo, name)
+    local = f"SAETransformer.from_local_path(checkpoint_file='{name}.pt', config_file='{name}.yaml')"
+    return read_e2e_sae(*hub_files(repo, [f"{name}.pt", f"{name}.yaml"], local))

@@ -26,6 +26,7 @@ explained variance at the SAE and at the later hidden layers.
 """
 
 import gzip
+import math
 import os
 import sys
 import time
@@ -37,8 +38,8 @@ import torch.nn.functional as F
 
 import sae_kernels
 from configurator import ConfigError, check_settings, check_writable, configure, defaults, print_config
-from e2esae import SAE, explained_variance, nonfinite_parameters, sparsity_loss
-from runs import get_lr, write_json
+from e2esae import SAE, explained_variance, nonfinite_parameters
+from runs import Diverged, get_lr, write_json
 
 # -----------------------------------------------------------------------------
 # the MLP
@@ -127,6 +128,10 @@ def train_mlp(pixels, labels, c):
             loss.backward()
             optimizer.step()
             total += loss.item() * len(batch)
+        if not math.isfinite(total) or nonfinite_parameters(mlp):  # before any SAE is blamed for it
+            raise Diverged(f"the MLP itself diverged in epoch {epoch + 1} (its loss is {total / len(labels):.4g}), "
+                           f"before any SAE trained: lower its learning rate (mlp_lr={c.mlp_lr:g} now; e.g. "
+                           f"--mlp_lr={c.mlp_lr / 10:g})")
         if (epoch + 1) % 10 == 0 or epoch + 1 == c.mlp_epochs:
             print(f"mlp epoch {epoch + 1} | loss {total / len(labels):.4f} | {(time.time() - t0) * 1000:.0f} ms")
     mlp.zero_grad(set_to_none=True)
@@ -148,13 +153,13 @@ def spliced_run(mlp, sae, sae_layer, pixels):
                 later_orig=hidden[sae_layer + 1:], later_sae=later_sae)
 
 
-def sae_loss(run, *, sparsity_coeff, p_norm=1.0, kl_coeff=0.0, in_to_orig_coeff=0.0, out_to_in_coeff=0.0):
+def sae_loss(run, sae, *, sparsity_coeff, p_norm=1.0, kl_coeff=0.0, in_to_orig_coeff=0.0, out_to_in_coeff=0.0):
     """The training loss of a spliced_run (the sum of coefficient x term, as in the module docstring) and its terms,
     detached: sparsity, out_to_in, kl, in_to_orig (the mean over later hidden layers) and l0. Every term is computed
     for every type (each costs little here, and the log shows them all); the coefficients alone pick the type."""
     if in_to_orig_coeff > 0 and not run["later_orig"]:
         raise ValueError("in_to_orig_coeff > 0 needs a hidden layer after the SAE's")
-    terms = {"sparsity": sparsity_loss(run["c"], p_norm, run["x"].shape[-1]),
+    terms = {"sparsity": sae.activation.penalty(run["c"], None, p_norm).mean() / sae.d_in,
              "out_to_in": F.mse_loss(run["x_hat"], run["x"]),
              "kl": sae_kernels.kl_div(run["logits_sae"], run["logits_orig"])}
     downstream = [F.mse_loss(new, orig) for new, orig in zip(run["later_sae"], run["later_orig"])]
@@ -193,13 +198,6 @@ def loss_coeffs(c, kind):
                            in_to_orig_coeff=c.in_to_orig_coeff)}[kind]
 
 
-class Diverged(SystemExit):
-    """A loss or gradient that is not finite: training stops before that step is applied, with the message."""
-
-    def __init__(self, message):
-        super().__init__(f"Diverged: {message}")
-
-
 def train_sae(mlp, pixels, coeffs, c, name="sae"):
     """An SAE at hidden layer c.sae_layer, trained on the pixels' activations with loss coefficients `coeffs`.
     Every SAE starts from the same initial weights and sees the same batches, whatever its type. A loss or
@@ -215,7 +213,7 @@ def train_sae(mlp, pixels, coeffs, c, name="sae"):
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = torch.randint(0, len(pixels), (c.batch_size,), generator=generator)
-        loss, terms = sae_loss(spliced_run(mlp, sae, c.sae_layer, pixels[batch]), **coeffs, p_norm=c.p_norm)
+        loss, terms = sae_loss(spliced_run(mlp, sae, c.sae_layer, pixels[batch]), sae, **coeffs, p_norm=c.p_norm)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grads = [p.grad for p in sae.parameters() if p.grad is not None]
@@ -298,7 +296,15 @@ def print_results(rows, file=None):
 
 
 def main(argv):
-    """Train the MLP, then an SAE of each type (at each sweep factor); print the table and return its rows."""
+    """Train the MLP, then an SAE of each type (at each sweep factor); print the table and return its rows. A loss
+    that is not finite stops the script with what diverged and what to change."""
+    try:
+        return run(argv)
+    except Diverged as e:
+        sys.exit(f"Diverged: {e}")
+
+
+def run(argv):
     config = configure(DEFAULTS, argv)
     c = SimpleNamespace(**config)
     check(c)

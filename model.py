@@ -92,6 +92,65 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class Unembedding(nn.Module):
+    """The lm_head with identical rows merged: one logit per distinct row, exact for every figure over tokens.
+
+    Tokens whose unembedding rows are equal always get equal logits. (The embedded default's small model gives the
+    ~31,000 tokens that never occur in Shakespeare one shared row; see train_gpt.py.) If n_r tokens share row r,
+    whose logit is z_r, a softmax over the V tokens is a softmax over the U distinct rows with log n_r added:
+
+        P(row r) = n_r exp(z_r) / sum_s n_s exp(z_s),       p(token v) = P(row of v) / n_(row of v)
+
+    So p_orig(v) / p_new(v) is the same for every token of a row: a KL divergence or a statistical distance over
+    rows equals the one over tokens; a token's cross-entropy is its row's plus log n_(row); and the most likely
+    token is the first of the most likely row (ties go to the lower id, as argmax over tokens does). The head, often
+    most of a step's FLOPs in a narrow model, costs U / V as much. Without repeated rows U = V, every log n_r is 0
+    and this is the plain lm_head.
+
+        head = Unembedding.of(gpt.lm_head.weight)     # a frozen lm_head, its identical rows found
+        logits = head(h)                              # (..., U): the rows' logits, log n_r added
+        head.cross_entropy(logits, targets), head.predictions(logits)    # over tokens again
+    """
+
+    def __init__(self, token_row, rows=None):
+        """token_row (V,): the row of each token, rows 0..U-1; rows (U, d), or None where forward is given them."""
+        super().__init__()
+        n_rows, V = int(token_row.max()) + 1, len(token_row)
+        first = torch.full((n_rows,), V, device=token_row.device)
+        first.scatter_reduce_(0, token_row, torch.arange(V, device=token_row.device), "amin")
+        if isinstance(rows, nn.Parameter):
+            self.weight = rows  # (V, d) the lm_head's own weight, shared: moved with the model, never copied
+        else:
+            self.register_buffer("weight", rows, persistent=False)  # (U, d) the distinct rows, or None: per call
+        self.register_buffer("bias", torch.bincount(token_row, minlength=n_rows).float().log(), persistent=False)
+        self.register_buffer("token_row", token_row, persistent=False)  # (V,) the row of each token
+        self.register_buffer("row_token", first, persistent=False)  # (U,) the first token of each row
+
+    @classmethod
+    def of(cls, weight):
+        """The Unembedding of a frozen lm_head weight (V, d): its distinct rows, found once."""
+        identity = torch.arange(len(weight), device=weight.device)
+        direction = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.device)
+        probe = weight.detach().float() @ direction  # (V,)
+        if len(torch.unique(probe)) == len(weight):  # distinct projections: distinct rows, no sort of the matrix
+            return cls(identity, weight)  # the weight itself, in token order (no copy)
+        rows, token_row = torch.unique(weight.detach(), dim=0, return_inverse=True)
+        return cls(token_row, rows) if len(rows) < len(weight) else cls(identity, weight)
+
+    def forward(self, h, rows=None):
+        """The U row logits (log n_r added) of the normed stream h; `rows` replaces the stored ones (training)."""
+        return F.linear(h, self.weight if rows is None else rows, self.bias)
+
+    def cross_entropy(self, logits, targets):
+        """Mean cross-entropy over tokens of row logits (N, U) against token ids (N,): the row's, plus log n_row."""
+        rows = self.token_row[targets]
+        return F.cross_entropy(logits.float(), rows) + self.bias[rows].mean()
+
+    def predictions(self, logits):
+        """The most likely token at each position of row logits (..., U)."""
+        return self.row_token[(logits - self.bias).argmax(-1)]
+
+
 _POSITION = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|post)")
 
 
@@ -165,9 +224,17 @@ class GPT(nn.Module):
             x = block(x)
         return x
 
+    def final_norm(self, x):
+        """The residual after the last block -> what the lm_head reads."""
+        return self.transformer.ln_f(x)
+
     def unembed(self, x):
         """The residual after the last block -> logits (B, T, vocab)."""
-        return self.lm_head(self.transformer.ln_f(x))
+        return self.lm_head(self.final_norm(x))
+
+    def unembedding(self):
+        """The lm_head as the losses read it, with tokens that share a row merged (Unembedding): for a frozen model."""
+        return Unembedding.of(self.lm_head.weight)
 
     def forward(self, idx, edits=None):
         """Logits (B, T, vocab) for every position. `edits` maps position names to functions that replace the

@@ -1,14 +1,16 @@
 """
-Tables and plots of evaluated SAEs: one row per SAE, the table eval.py prints, the paper's Pareto plot (L0 and
-alive elements against CE increase) and its activation-frequency histogram. eval.py, reproduce.py, analysis.py
-and mlp.py share them. matplotlib is imported where a plot is drawn.
+Tables and plots of evaluated SAEs: one row per SAE, the table eval.py prints, the summary train.py ends with, the
+paper's Pareto plot (L0 and alive elements against CE increase) and its activation-frequency histogram. eval.py,
+train.py, reproduce.py, analysis.py and mlp.py share them. matplotlib is imported where a plot is drawn.
 """
 
+import os
 import re
+from dataclasses import fields
 
-from e2esae import training_type
+from e2esae import LossConfig, training_type
 
-COEFF_KEYS = ("sparsity_coeff", "kl_coeff", "in_to_orig_coeff", "out_to_in_coeff", "out_to_orig_coeff")
+COEFF_KEYS = [f.name for f in fields(LossConfig) if f.name.endswith("_coeff") and f.name != "aux_k_coeff"]
 PUBLISHED = {"l": "local", "e": "e2e", "efr": "e2e+ds"}  # the paper's SAEs on the hub: res_s{c,l}{l,e,efr}-ajt
 
 
@@ -137,3 +139,24 @@ def plot_pareto(results, path, title="", y="ce_increase", per="token"):
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
+
+
+def print_summary(m, model, dataset, out_dir, unigram=None):
+    """The paper's figures for a finished run, on held-out text (`m`: e2esae.evaluate's metrics); with `unigram`, a
+    unigram model's cross-entropy on the same text and how much of the model's advantage over it the SAEs keep."""
+    rows = [("CE loss of the model", f"{m['ce_orig']:.4f}"), ("CE loss with the SAEs spliced in", f"{m['ce_sae']:.4f}"),
+            ("CE loss increase", f"{m['ce_increase']:.4f}"), ("KL(original || spliced)", f"{m['kl']:.4f}")]
+    for p in model.sae_positions:
+        n_dict = model.sae(p).n_dict
+        rows += [(f"L0 at {p}", f"{m['l0/' + p]:.1f}"), (f"alive features at {p}", f"{m['alive/' + p]:,} / {n_dict:,}"),
+                 (f"explained variance at {p}", f"{m['explained_variance/' + p]:.3f} (after layer norm "
+                                                  f"{m['explained_variance_ln/' + p]:.3f})")]
+    if unigram is not None:
+        gap = unigram - m["ce_orig"]
+        rows += [("CE loss of a unigram model", f"{unigram:.4f}"), ("model's advantage over unigram", f"{gap:.4f}"),
+                 ("advantage kept with the SAEs", f"{100 * (gap - m['ce_increase']) / gap:.1f}%")]
+    width = max(len(r[0]) for r in rows)
+    print(f"\nheld-out results ({m['eval_tokens']:,} tokens of {dataset!r}, model {model.gpt.name_or_path}):")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    print(f"\nthe SAEs: {os.path.join(out_dir, 'saes.safetensors')} (python eval.py --checkpoints=\"['{out_dir}']\")")

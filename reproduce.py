@@ -161,7 +161,7 @@ def stored_mismatch(run):
     asked = train.settings(run["argv"])[0]
     saved = torch.load(path, map_location="cpu", weights_only=False)["config"]
     stored = {k: saved.get(k, v) for k, v in train.DEFAULTS.items()}
-    return {k: (stored[k], v) for k, v in asked.items() if k not in train.NOT_THE_RUN and stored[k] != v}
+    return {k: (stored[k], v) for k, v in asked.items() if k not in train.HOW_IT_RUNS and stored[k] != v}
 
 
 def progress(out_dir):
@@ -220,12 +220,11 @@ def evaluate_run(run, samples, device):
         if (kept.get("n_ctx"), kept.get("eval_samples")) == (samples[0].shape[0], len(samples)):
             return kept
     import data
-    import e2esae
-    from interop import load_checkpoint
+    from e2esae import LossConfig, SAETransformer, evaluate
     from report import result_rows
-    model = load_checkpoint(weights).to(device).eval()
+    model = SAETransformer.from_checkpoint(weights).to(device).eval()
     downstream = model.later_positions()
-    metrics, counts = e2esae.evaluate(model, data.in_batches(samples, 16), e2esae.loss_kwargs(model.config, downstream))
+    metrics, counts = evaluate(model, data.in_batches(samples, 16), LossConfig.for_evaluation(model.config, downstream))
     row = result_rows(weights, model, metrics, counts, downstream)[0]
     row["n_ctx"], row["eval_samples"] = samples[0].shape[0], len(samples)
     write_json(path, row)

@@ -1,11 +1,17 @@
 """
-What every training script shares about a run: its learning-rate schedule, its folder and how it writes files.
+Runs that lose nothing: what every training script shares about a run, behind a small interface.
 
     lr = get_lr(step, n_steps, warmup_steps, lr_max, min_lr_factor)   # warmup, then cosine decay
-    out_dir = free_out_dir("out")            # "out", or "out-2", "out-3", ... when "out" holds a run already
-    with OutDirLock(out_dir):                # a second run into the same folder is refused while this one runs
-        write_atomic(path, lambda f: torch.save(obj, f))              # a reader never sees half a file
-        write_json(path, obj)
+    with Run(config, master=True, log=print) as run:    # out_dir chosen (out-2, ... if taken) and held (a lock)
+        ckpt = run.resume_checkpoint(compare)           # --resume=True: the checkpoint, checked to be this run's
+        run.track(model, optimizer, ...)                # what save() writes
+        while step < n_steps:
+            if run.stop_requested: ...                  # Ctrl-C or SIGTERM: save and stop at the end of the step
+            with run.in_step(): ...                     # an error inside a step leaves the step before intact
+            run.save(step)                              # ckpt.pt and saes.safetensors, each written atomically
+
+    write_atomic(path, lambda f: torch.save(obj, f))    # a reader never sees half a file
+    write_json(path, obj)
 
 A write goes to a temporary file beside its target (named after this process, so two processes never share one)
 and is renamed over the target only once it is complete. If writing fails (a full disk, a folder made read-only),
@@ -17,8 +23,13 @@ import atexit
 import json
 import math
 import os
+import signal
 import socket
+import sys
 import time
+from contextlib import contextmanager
+
+from configurator import ConfigError, check_writable
 
 
 def get_lr(step, n_steps, warmup_steps, lr, min_lr_factor):
@@ -159,3 +170,163 @@ class OutDirLock:
         except (PermissionError, KeyError, ValueError):
             return True
         return True
+
+
+# ---- a training run ----
+
+class Diverged(RuntimeError):
+    """A loss or gradient norm that is not finite: raised before the step is applied, so the weights are intact."""
+
+
+class Run:
+    """A run's out_dir and checkpoints, and the machinery that loses nothing.
+
+    - A fresh run into an out_dir that holds a run goes to out_dir-2 (-3, ...) instead; resume=True continues the
+      run there, overwrite=True replaces it.
+    - Inside `with run:` the run holds out_dir (OutDirLock): a second run into it is refused at start-up.
+    - save(step) writes ckpt.pt (everything a resume needs) and saes.safetensors (the SAEs alone) atomically; a write
+      that fails says which file and why.
+    - Ctrl-C or SIGTERM sets stop_requested: the loop saves and stops at the end of its step; a second Ctrl-C
+      stops at once.
+    - Leaving `with run:` by an error outside a step (evaluation, logging, wandb) or a divergence saves the last
+      step first, and every error says which checkpoint is complete.
+    Under DDP only the master process writes; every process calls save (the data positions are gathered)."""
+
+    def __init__(self, config, master=True, log=print):
+        self.config, self.master, self.log = config, master, log
+        out_dir = config["out_dir"]
+        if not (config["resume"] or config["overwrite"]) and holds_run(out_dir):
+            fresh = free_out_dir(out_dir)
+            log(f"{out_dir} holds a run, which is kept: this run writes to {fresh} (--resume=True continues the run in "
+                f"{out_dir}, --overwrite=True replaces it)")
+            config["out_dir"] = out_dir = fresh
+        if master:  # the only process that writes; two probing one new folder would race to make it
+            check_writable(out_dir, "out_dir")
+        self.out_dir, self.ckpt_path = out_dir, os.path.join(out_dir, "ckpt.pt")
+        self.lock = OutDirLock(out_dir) if master else None
+        self.saved_step, self.step, self.in_a_step, self.state, self.stream = None, 0, False, None, None
+        self.stop_requested, self.seconds, self.t_start, self.old_handlers = False, 0.0, time.time(), {}
+
+    def __enter__(self):
+        if self.lock:
+            try:
+                self.lock.acquire()
+            except LockedError as e:
+                raise ConfigError(f"{e}") from None
+        self.old_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _request_stop(self, signum, frame):
+        if self.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        self.log(f"\nsignal {signum}: stopping after this step and saving a checkpoint (Ctrl-C again: stop at once)")
+
+    def resume_checkpoint(self, differences):
+        """The checkpoint to resume, read and checked before any model is built (the model may have to be trained
+        first). differences(saved config) lists, as (key, saved, now), the settings that make it another run."""
+        import torch
+        if not os.path.isfile(self.ckpt_path):
+            raise ConfigError(f"resume=True but there is no checkpoint at {self.ckpt_path}; drop --resume "
+                           "or point out_dir at a run")
+        try:
+            ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+            saved = ckpt["config"]
+        except Exception as e:
+            raise ConfigError(f"{self.ckpt_path} is damaged and cannot be read ({type(e).__name__}: {e}); "
+                           "it was left untouched. Start a fresh run in another out_dir") from e
+        differ = differences(saved)
+        if differ:
+            shown = ", ".join(f"{k}={was!r} (this run: {now!r})" for k, was, now in differ)
+            raise ConfigError(f"{self.ckpt_path} was trained with {shown}: a resumed run keeps its own "
+                           "settings. Resume without changing them, or train these SAEs further as a new run: "
+                           f"--pretrained_sae_paths=['{self.out_dir}'] --retrain_saes=True --out_dir=...")
+        return ckpt
+
+    def track(self, model, optimizer, scaler, dead, global_batch, step, stream, ddp, ckpt=None):
+        """What save() writes, the training stream's position included (data.SampleStream; under DDP every
+        process's, gathered); from `ckpt` (a resume), the state it restores."""
+        import torch
+        self.state = dict(model=model, optimizer=optimizer, scaler=scaler, dead=dead, global_batch=global_batch)
+        self.stream, self.ddp = stream, ddp
+        if ckpt is not None:
+            model.saes.load_state_dict(ckpt["saes"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            if dead is not None and "dead" in ckpt:
+                dead.load_state_dict(ckpt["dead"])
+            torch.set_rng_state(ckpt["rng"])
+            if "cuda_rng" in ckpt and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+            self.seconds, self.saved_step = ckpt.get("train_seconds", 0.0), ckpt["step"]
+            if not os.path.isfile(os.path.join(self.out_dir, "saes.safetensors")):
+                self.saved_step = None  # written again at the next save (a finished run, resumed: at the end)
+        self.step, self.t_start = step, time.time()
+
+    @contextmanager
+    def in_step(self):
+        """Around a training step: an error inside it leaves the weights of the step before, already counted."""
+        self.in_a_step = True
+        yield
+        self.in_a_step = False
+
+    def data_states(self, gather):
+        """Every process's position in the training data; all call it together (gather=False: this one's own)."""
+        import torch.distributed as dist
+        state = self.stream.state_dict()
+        if not (gather and self.ddp) or state["kind"] == "tokens":  # a token file's is the same for every process
+            return [state]
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, state)
+        return states
+
+    def save(self, step, gather=True):
+        """ckpt.pt and saes.safetensors, once a step. Every process calls it (to gather the data positions),
+        except after an error (gather=False: the master's own)."""
+        import torch
+        if self.saved_step == step:
+            return
+        states = self.data_states(gather)
+        if not self.master:
+            self.saved_step = step
+            return
+        s = self.state
+        ckpt = {"saes": s["model"].saes.state_dict(), "optimizer": s["optimizer"].state_dict(),
+                "scaler": s["scaler"].state_dict(), "step": step, "global_batch": s["global_batch"],
+                "rng": torch.get_rng_state(), "config": self.config,
+                "train_seconds": self.seconds + time.time() - self.t_start,
+                "sources": {p: getattr(s["model"].sae(p), "source", "trained here") for p in s["model"].sae_positions},
+                "data": states}
+        if s["dead"] is not None:
+            ckpt["dead"] = s["dead"].state_dict()
+        if torch.cuda.is_available():
+            ckpt["cuda_rng"] = torch.cuda.get_rng_state_all()
+        write_atomic(self.ckpt_path, lambda f: torch.save(ckpt, f))
+        write_atomic(os.path.join(self.out_dir, "saes.safetensors"), lambda f: s["model"].save(f, self.config))
+        self.saved_step = step
+
+    def __exit__(self, kind, error, tb):
+        try:
+            if error is not None and self.state is not None and self.master and not isinstance(error, SystemExit):
+                if (not self.in_a_step or isinstance(error, Diverged)) and not isinstance(error, SaveError):
+                    try:
+                        self.save(self.step, gather=False)
+                    except SaveError as e:
+                        print(f"\n{e}", file=sys.stderr)
+                if self.saved_step is not None and isinstance(error, Diverged):
+                    print(f"\nthe checkpoint of step {self.saved_step} in {self.out_dir} holds the last finite "
+                          "weights: a resumed run would diverge again there. Start a new run with a lower lr, from "
+                          f"scratch or from these SAEs (--pretrained_sae_paths=['{self.out_dir}'] "
+                          "--retrain_saes=True)", file=sys.stderr)
+                elif self.saved_step is not None:
+                    print(f"\n{kind.__name__} at step {self.step}: the checkpoint of step {self.saved_step} in "
+                          f"{self.out_dir} is complete; continue from it with --resume=True", file=sys.stderr)
+        finally:
+            if self.lock:
+                self.lock.release()
+            for sig, handler in self.old_handlers.items():
+                signal.signal(sig, handler)
+        if isinstance(error, KeyboardInterrupt):
+            sys.exit(130)
+        if isinstance(error, (Diverged, SaveError)):
+            sys.exit(f"{kind.__name__}: {error}")  # said in full already; no traceback for what is not a bug

@@ -13,20 +13,21 @@ from types import SimpleNamespace
 
 import torch
 
-from configurator import ConfigError, check_settings, configure, defaults, print_config
-from e2esae import nonfinite_parameters
-from interop import checkpoint_kind, load_checkpoint
+from configurator import ConfigError, check_settings, configure, default_device, defaults, device_rule, print_config
+from e2esae import SAETransformer, nonfinite_parameters
+from interop import check_specs
+from language_models import load_model
 from model import gpt2_tokenizer
 
 # -----------------------------------------------------------------------------
 checkpoint = "out/saes.safetensors"
-init_from = ""  # '' = the GPT-2 the checkpoint names | 'gpt2' (-medium, ...) | a directory | 'shakespeare'
+init_from = ""  # '' = the model the checkpoint names | 'gpt2' (-medium, ...) | a directory
 prompt = "The meaning of life is"
 max_new_tokens = 50
 temperature = 0.8  # 0 = greedy
 top_k = 200  # 0 = no top-k filtering
 seed = 1337
-device = "cuda" if torch.cuda.is_available() else "cpu"
+device = default_device()
 # -----------------------------------------------------------------------------
 
 DEFAULTS = defaults(globals())
@@ -36,7 +37,7 @@ SETTINGS = [  # (key, test, what the value must be): checked before anything is 
     ("max_new_tokens", lambda v: v > 0, "positive"),
     ("temperature", lambda v: v >= 0, ">= 0 (0 is greedy decoding)"),
     ("top_k", lambda v: v >= 0, ">= 0 (0: no top-k filtering)"),
-    ("device", lambda v: not v.startswith("cuda") or torch.cuda.is_available(), "'cpu': no CUDA GPU is available"),
+    device_rule,
 ]
 
 
@@ -45,12 +46,13 @@ def main(argv):
     check_settings(config, SETTINGS)
     c = SimpleNamespace(**config)
     try:
-        checkpoint_kind(c.checkpoint)  # names a missing or unknown checkpoint before any loading
+        check_specs([c.checkpoint])  # names a missing or unknown checkpoint before any loading
     except ValueError as e:
         raise ConfigError(str(e)) from None
     print_config(config)
     try:
-        model = load_checkpoint(c.checkpoint, c.init_from).to(c.device).eval()
+        gpt = load_model(c.init_from) if c.init_from else None
+        model = SAETransformer.from_checkpoint(c.checkpoint, gpt).to(c.device).eval()
     except (OSError, ValueError) as e:
         raise ConfigError(f"checkpoint {c.checkpoint!r}: {e}") from None
     broken = nonfinite_parameters(model.saes)

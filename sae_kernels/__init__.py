@@ -1,7 +1,8 @@
 """Fused kernels for end-to-end SAE training: Triton on a GPU, with a pure-PyTorch reference for each.
 
-    sae_forward(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None) -> (x_hat, c)      sae_kernels/sae.py (k: TopK)
-    kl_div(new_logits, orig_logits) -> KL(p_orig || p_new), averaged over rows     sae_kernels/kl.py
+    sae_forward(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None) -> (x_hat, c)      sae.py (k: TopK)
+    topk_relu(pre, k) -> each row's k largest pre-activations through relu      sae.py (TopK's code; check_k its k)
+    kl_div(new_logits, orig_logits) -> KL(p_orig || p_new), averaged over rows     kl.py
     linear_kl_div(h_new, h_orig, weight, bias=None) -> kl_div(h_new @ weight.T + bias, h_orig @ weight.T + bias),
                                                        computed in chunks of tokens
 
@@ -10,6 +11,6 @@ Triton for CUDA tensors and the reference elsewhere. Tests: `python -m pytest te
 """
 
 from .kl import kl_div, linear_kl_div
-from .sae import sae_forward
+from .sae import check_k, sae_forward, topk_relu
 
-__all__ = ["sae_forward", "kl_div", "linear_kl_div"]
+__all__ = ["sae_forward", "kl_div", "linear_kl_div", "topk_relu", "check_k"]

@@ -72,19 +72,21 @@ SPARSE_MAX_DENSITY = 1 / 256
 def check_k(k, n_dict: int):
     """k is None (the ReLU code) or TopK's number of codes per token, an int from 1 to n_dict; else ValueError."""
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_dict):
-        raise ValueError(f"k={k!r}: TopK keeps k codes per token, so k must be an int from 1 to n_dict={n_dict} "
+        raise ValueError(f"k={k!r}: TopK needs k, the codes it keeps per token, an int from 1 to n_dict={n_dict} "
                          "(or None for the ReLU code)")
+
+
+def topk_relu(pre, k):
+    """Each row's k largest pre-activations (..., n) through relu, in a row of zeros: TopK's code."""
+    values, indices = pre.topk(k, dim=-1)  # (..., k)
+    return torch.zeros_like(pre).scatter(-1, indices, F.relu(values))
 
 
 def sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None):
     """The definition, differentiable by autograd: returns (x_hat, c). k=None: ReLU; an int: TopK."""
     check_k(k, enc_weight.shape[0])
     pre = F.linear(x, enc_weight, enc_bias)  # (..., n_dict)
-    if k is None:
-        c = F.relu(pre)
-    else:  # each row's k largest pre-activations through relu, in a row of zeros
-        values, indices = pre.topk(k, dim=-1)  # (..., k)
-        c = torch.zeros_like(pre).scatter(-1, indices, F.relu(values))
+    c = F.relu(pre) if k is None else topk_relu(pre, k)
     dictionary = dec_weight / dec_weight.norm(dim=0, keepdim=True)  # (d_in, n_dict), unit-norm columns
     x_hat = F.linear(c, dictionary, dec_bias)  # (..., d_in)
     return x_hat, c

@@ -14,8 +14,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from e2esae import SAE, SAETransformer
-from interop import checkpoint_kind, load_checkpoint, load_e2e_sae, load_saelens, save_saelens
-from model import GPT, GPTConfig
+from interop import checkpoint_kind, save_saelens
+from model import GPT, GPTConfig, save_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POS = "blocks.1.hook_resid_pre"
@@ -100,7 +100,7 @@ E2E_DS_LOSS = {"sparsity": {"p_norm": 1.0, "coeff": 1.5},
 def test_reference_checkpoint_loads_the_newest_and_reproduces_it(tmp_path, positions_in_config):
     raw = write_reference_run(str(tmp_path / "run"), positions_in_config, E2E_DS_LOSS)
     gpt = small_gpt()
-    model = load_e2e_sae(str(tmp_path / "run"), gpt=gpt)
+    model = SAETransformer.from_checkpoint(str(tmp_path / "run"), gpt=gpt)
     assert model.sae_positions == [POS]
     idx = tokens()
     x = gpt.run_blocks(gpt.embed(idx), 0, 1)
@@ -114,13 +114,13 @@ def test_reference_checkpoint_loads_the_newest_and_reproduces_it(tmp_path, posit
     assert model.config["kl_coeff"] == 0.5 and model.config["in_to_orig_coeff"] == 2.5
     assert model.config["in_to_orig_positions"] == ["blocks.2.hook_resid_pre"]
     assert model.config["out_to_in_coeff"] == 0.0 and model.config["out_to_orig_coeff"] == 0.0
-    assert model.config["init_from"] == "gpt2"
+    assert model.config["init_from"] == "gpt2-small"  # TransformerLens's name, as the file writes it
 
 
 def test_reference_checkpoint_from_one_file_and_missing_sections(tmp_path):
     raw = write_reference_run(str(tmp_path / "run"), [POS], {"sparsity": {"coeff": 4.0}, "out_to_in": {"coeff": 1.0}})
     gpt = small_gpt()
-    model = load_e2e_sae(str(tmp_path / "run" / "samples_500.pt"), gpt=gpt)  # that file, not newest
+    model = SAETransformer.from_checkpoint(str(tmp_path / "run" / "samples_500.pt"), gpt=gpt)  # that file, not newest
     torch.testing.assert_close(model.sae(POS).decoder.weight, raw[500]["blocks-1-hook_resid_pre.decoder.weight"])
     assert model.config["sparsity_coeff"] == 4.0 and model.config["out_to_in_coeff"] == 1.0
     assert model.config["kl_coeff"] == 0.0 and model.config["in_to_orig_coeff"] == 0.0  # absent: 0
@@ -130,16 +130,17 @@ def test_reference_checkpoint_from_one_file_and_missing_sections(tmp_path):
 def test_reference_checkpoint_errors(tmp_path):
     write_reference_run(str(tmp_path / "run"), ["blocks.2.hook_resid_pre"], E2E_DS_LOSS)
     with pytest.raises(ValueError, match="places them at"):  # the weights sit at blocks.1, the config says blocks.2
-        load_e2e_sae(str(tmp_path / "run"), gpt=small_gpt())
+        SAETransformer.from_checkpoint(str(tmp_path / "run"), gpt=small_gpt())
     os.makedirs(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match=r"samples_\{N\}\.pt"):
-        load_e2e_sae(str(tmp_path / "empty"), gpt=small_gpt())
-    config_path = tmp_path / "run" / "final_config.yaml"
+        SAETransformer.from_local_path(str(tmp_path / "empty"), gpt=small_gpt())
+    write_reference_run(str(tmp_path / "other"), [POS], E2E_DS_LOSS)
+    config_path = tmp_path / "other" / "final_config.yaml"
     config = yaml.safe_load(config_path.read_text())
     config["tlens_model_name"] = "pythia-14m"
     config_path.write_text(yaml.safe_dump(config))
-    with pytest.raises(ValueError, match="pass the model as gpt="):
-        load_e2e_sae(str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="'pythia-14m', could not be loaded .* pass the model as gpt="):
+        SAETransformer.from_checkpoint(str(tmp_path / "other"))
 
 
 def test_from_local_path_checkpoint_dir_uses_the_newest_samples(tmp_path):
@@ -201,7 +202,7 @@ def test_the_hubs_pair_loads_with_from_local_path_and_load_checkpoint(tmp_path):
     assert model.config["init_from"] == "gpt2"
     # the same pair as a checkpoint spec: the .pt, its config found beside it
     assert checkpoint_kind(str(pt)) == ("e2e_sae", str(pt))
-    torch.testing.assert_close(load_checkpoint(str(pt), gpt=gpt)(idx), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(SAETransformer.from_checkpoint(str(pt), gpt=gpt)(idx), expected, rtol=1e-5, atol=1e-5)
     assert checkpoint_kind(f"e2e_sae:{HUB_REPO}/{HUB_NAME}") == ("e2e_sae-hub", f"{HUB_REPO}/{HUB_NAME}")
     with pytest.raises(ValueError, match="a e2e_sae: spec is e2e_sae:owner/repo/name"):
         checkpoint_kind(f"e2e_sae:{HUB_REPO}")
@@ -286,7 +287,7 @@ def test_saelens_export_has_saelens_files_and_reads_back(tmp_path, activation):
     y, c_theirs = saelens_forward(x, w, cfg)  # what SAELens computes from these files
     torch.testing.assert_close(y, x_hat, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(c_theirs, c, rtol=1e-5, atol=1e-5)
-    back = load_saelens(str(tmp_path / "sl")).eval()
+    back = SAE.from_saelens(str(tmp_path / "sl")).eval()
     assert back.hook_name == POS and back.settings == load_saelens_settings(activation)
     for a, b in zip(back(x), (x_hat, c)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -342,7 +343,7 @@ def write_foreign(directory, kind, seed=11):
 
 def test_foreign_saelens_jumprelu_with_unnormalised_decoder_imports_exactly(tmp_path):
     w, cfg = write_foreign(str(tmp_path / "j"), "jumprelu")
-    sae = load_saelens(str(tmp_path / "j")).eval()
+    sae = SAE.from_saelens(str(tmp_path / "j")).eval()
     x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) * 3
     y, c = saelens_forward(x, w, cfg)
     pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
@@ -356,7 +357,7 @@ def test_foreign_saelens_jumprelu_with_unnormalised_decoder_imports_exactly(tmp_
 
 def test_foreign_saelens_topk_rescaled_by_decoder_norm_imports_exactly(tmp_path):
     w, cfg = write_foreign(str(tmp_path / "t"), "topk_rescaled")
-    sae = load_saelens(str(tmp_path / "t")).eval()
+    sae = SAE.from_saelens(str(tmp_path / "t")).eval()
     assert sae.settings == {"activation": "topk", "k": 6}
     x = torch.randn(6, 32) * 3
     y, c = saelens_forward(x, w, cfg)
@@ -368,7 +369,7 @@ def test_foreign_saelens_topk_rescaled_by_decoder_norm_imports_exactly(tmp_path)
 def test_foreign_saelens_topk_selecting_on_unnormalised_rows_is_refused(tmp_path):
     write_foreign(str(tmp_path / "t"), "topk_raw")
     with pytest.raises(ValueError, match="not unit-norm .*rescale_acts_by_decoder_norm false.* no exact equivalent"):
-        load_saelens(str(tmp_path / "t"))
+        SAE.from_saelens(str(tmp_path / "t"))
 
 
 @pytest.mark.parametrize("kind", list(FOREIGN))
@@ -398,7 +399,7 @@ def test_foreign_saelens_standard_sae_in_an_old_layout_imports_exactly(tmp_path)
                model_name="gpt2-small", hook_point="blocks.2.hook_resid_pre", hook_point_layer=2,
                activation_fn_str="relu", apply_b_dec_to_input=True, normalize_activations=False, context_size=128)
     (tmp_path / "foreign" / "cfg.json").write_text(json.dumps(cfg))
-    sae = load_saelens(str(tmp_path / "foreign"))
+    sae = SAE.from_saelens(str(tmp_path / "foreign"))
     assert sae.hook_name == "blocks.2.hook_resid_pre"
     x = torch.randn(6, 32) * 3
     y, c = saelens_forward(x, w, cfg)
@@ -416,13 +417,13 @@ def test_saelens_rejects_what_it_cannot_represent(tmp_path):
     cfg["architecture"] = "gated"
     (tmp_path / "sl" / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="only SAELens's standard .ReLU., topk and jumprelu SAEs"):
-        load_saelens(str(tmp_path / "sl"))
+        SAE.from_saelens(str(tmp_path / "sl"))
     cfg["architecture"] = "jumprelu"  # but no threshold among its tensors
     (tmp_path / "sl" / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="a jumprelu SAE without its threshold"):
-        load_saelens(str(tmp_path / "sl"))
+        SAE.from_saelens(str(tmp_path / "sl"))
     with pytest.raises(FileNotFoundError, match="no SAELens SAE at .*deeper: it does not exist"):
-        load_saelens(str(tmp_path / "nowhere" / "deeper"))
+        SAE.from_saelens(str(tmp_path / "nowhere" / "deeper"))
 
 
 def test_saelens_methods_on_the_class(tmp_path):
@@ -493,7 +494,7 @@ def test_load_saelens_typo_under_an_existing_folder_is_a_missing_directory(tmp_p
     monkeypatch.chdir(tmp_path)
     for path, folder in (("saes/layer1", None), ("saes", "layer1")):  # the first could be a repo id, owner/name
         with pytest.raises(FileNotFoundError) as e:
-            load_saelens(path, folder)
+            SAE.from_saelens(path, folder)
         assert "no SAELens SAE at saes/layer1: it does not exist" in str(e.value)
         assert "since saes/ exists here: check its spelling" in str(e.value)
 
@@ -503,7 +504,7 @@ def test_saelens_cfg_without_hook_name_says_to_add_it(tmp_path):
     del cfg["metadata"]["hook_name"]
     (tmp_path / "j" / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match='names no position.*Add "hook_name": "blocks.6.hook_resid_pre"'):
-        load_saelens(str(tmp_path / "j"))
+        SAE.from_saelens(str(tmp_path / "j"))
 
 
 def test_a_model_of_another_width_is_refused_naming_both(tmp_path):
@@ -513,7 +514,7 @@ def test_a_model_of_another_width_is_refused_naming_both(tmp_path):
     wide = GPT(GPTConfig(n_layer=3, n_embd=48, n_head=4, vocab_size=50257, block_size=64))
     for spec in ("saes.safetensors", "sl", "run"):
         with pytest.raises(ValueError, match="width 32.* the model is 48 wide: .* the model it was trained on"):
-            load_checkpoint(str(tmp_path / spec), gpt=wide)
+            SAETransformer.from_checkpoint(str(tmp_path / spec), gpt=wide)
 
 
 # ---- the remote loaders, offline ----
@@ -527,19 +528,20 @@ def run_offline(code, tmp_path):
     return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
-def test_load_saelens_hub_offline_says_what_was_tried(tmp_path):
-    r = run_offline("from interop import load_saelens\n"
-                    "load_saelens('neuronpedia/gpt2-small__res_sce-ajt', '6-res_sce-ajt')", tmp_path)
+def test_saelens_hub_offline_says_what_was_tried(tmp_path):
+    r = run_offline("from e2esae import SAE\n"
+                    "SAE.from_saelens('neuronpedia/gpt2-small__res_sce-ajt', '6-res_sce-ajt')", tmp_path)
     assert r.returncode != 0
     assert "could not fetch 6-res_sce-ajt/cfg.json and 6-res_sce-ajt/sae_weights.safetensors" in r.stderr
-    assert "neuronpedia/gpt2-small__res_sce-ajt" in r.stderr and "load_saelens('path/to/6-res_sce-ajt')" in r.stderr
+    assert "neuronpedia/gpt2-small__res_sce-ajt" in r.stderr and "SAE.from_saelens('path/to/6-res_sce-ajt')" in r.stderr
     assert ("`hf download neuronpedia/gpt2-small__res_sce-ajt 6-res_sce-ajt/cfg.json "
             "6-res_sce-ajt/sae_weights.safetensors --local-dir .`") in r.stderr
 
 
-def test_load_wandb_offline_says_what_was_tried(tmp_path):
-    r = run_offline("from interop import load_wandb\n"
-                    f"load_wandb('sparsify/gpt2/tvj2owza', cache_dir={str(tmp_path / 'cache')!r})",
+def test_from_wandb_offline_says_what_was_tried(tmp_path):
+    """The reference library's SAETransformer.from_wandb, as its README writes it: no other import first."""
+    r = run_offline("from e2esae import SAETransformer\n"
+                    f"SAETransformer.from_wandb('sparsify/gpt2/tvj2owza', cache_dir={str(tmp_path / 'cache')!r})",
                     tmp_path)
     assert r.returncode != 0
     assert ("could not download final_config.yaml and the newest samples_{N}.pt of the wandb run "
@@ -548,17 +550,28 @@ def test_load_wandb_offline_says_what_was_tried(tmp_path):
     assert "SAETransformer.from_local_path(" in r.stderr
 
 
-def test_from_wandb_on_the_class_offline_says_what_was_tried(tmp_path):
-    """The reference library's name, SAETransformer.from_wandb, once interop is imported."""
-    r = run_offline("import interop\nfrom e2esae import SAETransformer\n"
-                    "SAETransformer.from_wandb('sparsify/gpt2/tvj2owza')", tmp_path)
-    assert r.returncode != 0
-    assert "of the wandb run sparsify/gpt2/tvj2owza" in r.stderr
-    assert "wandb.Api().run('sparsify/gpt2/tvj2owza').files()" in r.stderr
+def test_the_reference_librarys_usage_runs_as_written_in_a_fresh_interpreter(tmp_path):
+    """`from e2esae import SAETransformer` then `SAETransformer.from_local_path(...)`, the two lines of the reference
+    library's README, with nothing imported first: the loaders are the class's own methods. The model the config
+    names (gpt2-small) is passed here, since its weights cannot be downloaded offline."""
+    write_reference_run(str(tmp_path / "run"), [POS], E2E_DS_LOSS)
+    save_pretrained(small_gpt(), str(tmp_path / "gpt"))
+    code = "\n".join([
+        "from e2esae import SAETransformer",  # the first line: nothing imported before it
+        "import torch",
+        "from language_models import load_model",
+        f"model = SAETransformer.from_local_path({str(tmp_path / 'run')!r}, gpt=load_model({str(tmp_path / 'gpt')!r}))",
+        "idx = torch.zeros(1, 3, dtype=torch.long)",
+        "print(tuple(model.sae('blocks.1.hook_resid_pre').dict_elements.shape), tuple(model.forward_raw(idx).shape),",
+        "      torch.equal(model(idx), model.forward_raw(idx)))"])
+    r = run_offline(code, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["(32,", "64)", "(1,", "3,", "50257)", "False"]  # the SAE spliced in changes the output
 
 
 def test_e2e_sae_hub_spec_offline_says_what_was_tried(tmp_path):
-    r = run_offline(f"from interop import load_checkpoint\nload_checkpoint('e2e_sae:{HUB_REPO}/{HUB_NAME}')", tmp_path)
+    code = f"from e2esae import SAETransformer\nSAETransformer.from_checkpoint('e2e_sae:{HUB_REPO}/{HUB_NAME}')"
+    r = run_offline(code, tmp_path)
     assert r.returncode != 0
     assert f"could not fetch {HUB_NAME}.pt and {HUB_NAME}.yaml from the Hugging Face repo {HUB_REPO}" in r.stderr
     assert f"`hf download {HUB_REPO} {HUB_NAME}.pt {HUB_NAME}.yaml --local-dir .`" in r.stderr

@@ -65,7 +65,7 @@ def test_the_loss_is_the_reference_sum_of_terms(p):
         sae.encoder.bias.add_(0.3)  # some codes active
     pixels = torch.rand(37, 64)
     coeffs = dict(sparsity_coeff=0.7, kl_coeff=1.3, in_to_orig_coeff=2.0, out_to_in_coeff=0.4)
-    loss, terms = mlp.sae_loss(mlp.spliced_run(net, sae, 0, pixels), **coeffs, p_norm=p)
+    loss, terms = mlp.sae_loss(mlp.spliced_run(net, sae, 0, pixels), sae, **coeffs, p_norm=p)
     ref = ref_terms(net, sae, 0, pixels, p)
     assert len(ref["in_to_orig"]) == 2
     expected = (0.7 * ref["sparsity"] + 0.4 * ref["out_to_in"] + 1.3 * ref["kl"]
@@ -75,7 +75,7 @@ def test_the_loss_is_the_reference_sum_of_terms(p):
     for name in ("sparsity", "out_to_in", "kl"):
         torch.testing.assert_close(terms[name].double(), ref[name], rtol=1e-5, atol=1e-7)
     # each type is its terms and nothing else
-    local, _ = mlp.sae_loss(mlp.spliced_run(net, sae, 0, pixels), sparsity_coeff=0.7,
+    local, _ = mlp.sae_loss(mlp.spliced_run(net, sae, 0, pixels), sae, sparsity_coeff=0.7,
                             out_to_in_coeff=0.4, p_norm=p)
     torch.testing.assert_close(local.double(), 0.7 * ref["sparsity"] + 0.4 * ref["out_to_in"], rtol=1e-5, atol=1e-7)
 

@@ -48,21 +48,22 @@ def test_checkpoint_loads_with_the_same_logits_and_held_out_ce(tiny_run):
     assert F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()).item() == pytest.approx(ce, abs=1e-4)
 
 
-def test_seen_vocab_loss_is_the_full_softmax_loss_of_the_saved_model():
+def test_the_seen_vocabulary_loss_is_the_full_softmax_loss_of_the_saved_model():
+    """Training's Unembedding (each seen token its own row, the others one shared row) gives exactly the
+    cross-entropy of the model as saved, whose lm_head has all 50,257 rows."""
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(block_size=12, n_layer=2, n_head=2, n_embd=16))
-    seen = torch.unique(torch.randint(0, 50257, (300,)))
-    unseen = torch.ones(50257, dtype=torch.bool).index_fill_(0, seen, False)
+    seen, head = train_gpt.seen_vocabulary(torch.randint(0, 50257, (300,)), 50257)
     unseen_row = torch.randn(16) * 0.3
-    unseen_bias = torch.zeros(len(seen) + 1)
-    unseen_bias[-1] = math.log(unseen.sum())
-    targets = torch.randint(0, len(seen), (3, 12))
-    idx = seen[torch.randint(0, len(seen), (3, 12))]
-    loss = train_gpt.seen_vocab_loss(gpt, idx, targets, seen, unseen_row, unseen_bias)
+    idx, targets = (seen[torch.randint(0, len(seen), (3, 12))] for _ in range(2))
+    rows = torch.cat([gpt.transformer.wte.weight[seen], unseen_row[None]])
+    h = gpt.final_norm(gpt.run_blocks(gpt.embed(idx)))
+    loss = head.cross_entropy(head(h, rows).flatten(0, 1), targets.flatten())
     with torch.no_grad():
-        gpt.transformer.wte.weight[unseen] = unseen_row
-    full = F.cross_entropy(gpt(idx).flatten(0, 1), seen[targets].flatten())
+        gpt.transformer.wte.weight[head.token_row == len(seen)] = unseen_row
+    full = F.cross_entropy(gpt(idx).flatten(0, 1), targets.flatten())
     assert loss.item() == pytest.approx(full.item(), abs=1e-5)
+    assert torch.equal(head.predictions(head(h, rows)), gpt(idx).argmax(-1))  # the most likely token, too
 
 
 def test_each_recipe_has_its_own_cache_entry(tmp_path, monkeypatch):

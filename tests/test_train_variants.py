@@ -68,13 +68,16 @@ def test_topk_as_typed_on_the_command_line(gpt_dir, text_dir, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (dict(activation="topk"), "activation='topk' needs k, the active codes per token: e.g. --k=32"),
     (dict(k=8), "k=8 is the active codes per token of topk and batchtopk; activation='relu'"),
-    (dict(activation="jumprelu", k=8), "activation='jumprelu' sets its sparsity with sparsity_coeff"),
+    (dict(activation="jumprelu", k=8), "activation='jumprelu' has no k (its sparsity comes from the sparsity"),
     (dict(jumprelu_bandwidth=0.1), "jumprelu_bandwidth is JumpReLU's; activation='relu' has none"),
     (dict(activation="jumprelu", p_norm=2.0), "p_norm does nothing"),
     (dict(dead_window_tokens=1000), "aux_k_coeff is 0"),
-    (dict(activation="topk", k=500), "between 1 and the dictionary's 128 elements"),
+    (dict(activation="topk", k=500), "k=500: TopK needs k, the codes it keeps per token, an int from 1 to n_dict=128"),
     (dict(kl_rescale=True), "kl_rescale scales the KL term to the local MSE's size"),
     (dict(finetune_fraction=0.1, kl_coeff=0.0, out_to_in_coeff=1.0), "finetune_fraction fine-tunes end to end"),
+    (dict(finetune_fraction=0.02), "finetune_fraction=0.02 of 12 steps rounds to no end-to-end step"),
+    (dict(retrain_saes=True), "retrain_saes=True trains pretrained SAEs further, and pretrained_sae_paths is empty"),
+    (dict(sparsity_coeff=0.0, p_norm=2.0), "p_norm shapes the sparsity term, whose sparsity_coeff is 0"),
 ])
 def test_settings_that_would_do_nothing_are_refused(overrides, message, gpt_dir, text_dir, tmp_path):
     with pytest.raises(ConfigError) as e:
@@ -130,8 +133,8 @@ def test_pretrained_mismatches_are_refused_with_both_shapes(gpt_dir, text_dir, t
     wide = tmp_path / "wide_gpt"
     torch.manual_seed(1)
     save_pretrained(GPT(GPTConfig(n_layer=3, n_embd=48, n_head=4, block_size=64)), str(wide))
-    with pytest.raises(ConfigError, match=r"holds an SAE of width 32 at blocks.1.hook_resid_pre, but the model is "
-                                          r"48 wide"):
+    with pytest.raises(ConfigError, match=r"the SAE at blocks.1.hook_resid_pre reads activations of width 32, but "
+                                          r"the model is 48 wide"):
         train.main(args(str(wide), text_dir, tmp_path / "wide", pretrained_sae_paths=[str(tmp_path / "first")]))
     with pytest.raises(ConfigError, match="is not a directory|does not exist"):
         train.main(args(gpt_dir, text_dir, tmp_path / "none", pretrained_sae_paths=[str(tmp_path / "nowhere")]))
@@ -156,4 +159,5 @@ def test_the_finetune_recipe_config_resolves():
     config, notes = train.settings([os.path.join(ROOT, "config", "finetune_topk.py")])
     resolved = (config["activation"], config["k"], config["sparsity_coeff"], config["kl_rescale"])
     assert resolved == ("topk", 16, 0.0, True)
-    assert train.local_steps(SimpleNamespace(**config), 128) == 115 and any("aux_k_coeff=0.03125" in n for n in notes)
+    assert train.schedule(SimpleNamespace(**config), world_size=1)[3] == 115  # local steps of 2,048 / 16 = 128
+    assert any("aux_k_coeff=0.03125" in n for n in notes)

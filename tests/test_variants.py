@@ -4,7 +4,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from e2esae import SAE, DeadElements, FeatureCounts, SAETransformer, aux_k_loss, compute_loss, make_activation
+from e2esae import (
+    SAE,
+    DeadElements,
+    FeatureCounts,
+    LossConfig,
+    SAETransformer,
+    aux_k_loss,
+    compute_loss,
+    make_activation,
+)
 from model import GPT, GPTConfig
 
 V, D = 101, 32
@@ -163,7 +172,7 @@ def test_dead_elements_count_tokens_since_each_last_fired():
     counts.update(POS, fired)
     dead.step(counts)
     assert dead.masks()[POS].tolist() == [False] * 8  # 6 tokens: none dead yet
-    counts.reset()
+    counts = FeatureCounts(model)
     counts.update(POS, torch.zeros(6, 8, dtype=torch.bool) | (torch.arange(8) == 3))
     dead.step(counts)
     assert dead.masks()[POS].tolist() == [True, True, False, False, True, True, True, True]  # 2 fired 6 tokens ago
@@ -191,10 +200,11 @@ def test_each_activation_trains_under_each_type(activation, kind):
     coeffs = dict(sparsity_coeff=0.1, aux_k_coeff=1 / 32, **TYPES[kind])
     dead = {p: torch.arange(64) % 3 == 0 for p in model.sae_positions}  # a third of each dictionary dead
     idx = tokens(seed=6)
-    loss, m = compute_loss(model, idx, **coeffs, full_metrics=False, dead=dead)
+    loss, m = compute_loss(model, idx, LossConfig(**coeffs), full_metrics=False, dead=dead)
     expected = 0.0
     for p in model.sae_positions:
-        expected += 0.1 * m[f"sparsity/{p}"] + coeffs.get("out_to_in_coeff", 0.0) * m[f"out_to_in/{p}"]
+        assert (f"out_to_in/{p}" in m) == bool(coeffs.get("out_to_in_coeff"))  # a term at 0 is not computed
+        expected += 0.1 * m[f"sparsity/{p}"] + coeffs.get("out_to_in_coeff", 0.0) * m.get(f"out_to_in/{p}", 0.0)
         expected += coeffs["aux_k_coeff"] * m[f"aux_k/{p}"]
         assert m[f"aux_k/{p}"] > 0  # dead elements, a residual: the auxiliary term is there
         if activation == "topk":
@@ -204,7 +214,7 @@ def test_each_activation_trains_under_each_type(activation, kind):
     optimizer = torch.optim.Adam(model.saes.parameters(), lr=3e-3)
     first = loss.item()
     for _ in range(15):
-        loss, _ = compute_loss(model, idx, **coeffs, full_metrics=False, dead=dead)
+        loss, _ = compute_loss(model, idx, LossConfig(**coeffs), full_metrics=False, dead=dead)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -222,7 +232,7 @@ def test_fused_topk_gives_the_module_path_loss_and_gradients():
     for fused in ({"k": 4}, None):
         model.sae(POS).activation.fused = fused
         model.zero_grad()
-        loss, _ = compute_loss(model, idx, sparsity_coeff=0.3, kl_coeff=1.0, full_metrics=False)
+        loss, _ = compute_loss(model, idx, LossConfig(sparsity_coeff=0.3, kl_coeff=1.0), full_metrics=False)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.saes.parameters()]))
     torch.testing.assert_close(results[0][0], results[1][0])
@@ -236,7 +246,7 @@ def test_evaluation_uses_batchtopks_threshold_and_restores_training_mode():
     model = SAETransformer(small_gpt(), [POS], 2.0, activation="batchtopk", k=2).train()
     with torch.no_grad():
         model.sae(POS).activation.threshold.fill_(0.05)
-    figures, _ = evaluate(model, [tokens(seed=10)], dict(sparsity_coeff=0.0, kl_coeff=1.0))
+    figures, _ = evaluate(model, [tokens(seed=10)], LossConfig(sparsity_coeff=0.0, kl_coeff=1.0))
     assert model.training and model.sae(POS).activation.threshold.item() == pytest.approx(0.05)  # unmoved
     x = model.gpt.run_blocks(model.gpt.embed(tokens(seed=10)), 0, 1)
     pre = model.sae(POS).encoder(x)
@@ -248,10 +258,10 @@ def test_kl_rescale_is_karvonens_combination():
     torch.manual_seed(11)
     model = SAETransformer(small_gpt(), [POS], 2.0, activation="topk", k=4)
     idx = tokens(seed=12)
-    loss, m = compute_loss(model, idx, sparsity_coeff=0.0, kl_coeff=1.0, out_to_in_coeff=1.0, kl_rescale=True,
-                           full_metrics=False)
+    rescaled = LossConfig(sparsity_coeff=0.0, kl_coeff=1.0, out_to_in_coeff=1.0, kl_rescale=True)
+    loss, m = compute_loss(model, idx, rescaled, full_metrics=False)
     mse, kl = m[f"out_to_in/{POS}"], m["kl"]
     torch.testing.assert_close(m["kl_alpha"], mse / kl)
     torch.testing.assert_close(loss.detach(), 0.5 * (mse + (mse / kl) * kl))
     with pytest.raises(ValueError, match="kl_rescale scales the KL term"):
-        compute_loss(model, idx, sparsity_coeff=0.0, kl_coeff=1.0, kl_rescale=True)
+        compute_loss(model, idx, LossConfig(sparsity_coeff=0.0, kl_coeff=1.0, kl_rescale=True))
