@@ -35,10 +35,23 @@ class SaveError(OSError):
     """A file that could not be written: the message names it and the cause."""
 
 
+def _os_error(e):
+    """The OSError that `e` is or that led to it, or None. A library's writer may report a failed write as its own
+    error: torch.save on a full disk raises "RuntimeError: [enforce fail at inline_container.cc] unexpected pos"
+    while handling the OSError (No space left on device) of the file's write."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def write_atomic(path, write):
-    """Call write(f) on a temporary binary file beside `path`, then rename it to `path`. (Written through a Python
-    file object, a full disk is an OSError naming its cause, not a library's own error.) Whatever stops the write,
-    an error of `write` itself or Ctrl-C included, the temporary file is removed."""
+    """Call write(f) on a temporary binary file beside `path`, then rename it to `path`. Whatever stops the write,
+    an error of `write` itself or Ctrl-C included, the temporary file is removed. A failure of the disk (an OSError,
+    or a writer's own error raised because of one) is one SaveError naming the file and the cause."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -50,10 +63,11 @@ def write_atomic(path, write):
             os.remove(tmp)
         except OSError:
             pass
-        if not isinstance(e, OSError):
+        cause = _os_error(e)
+        if cause is None:
             raise  # not the disk's fault: the caller's own error, with nothing left behind
         kept = f"; {path} is kept as it was" if os.path.exists(path) else ""
-        raise SaveError(f"could not write {path}: {e.strerror or e}{kept}") from None
+        raise SaveError(f"could not write {path}: {cause.strerror or cause}{kept}") from None
 
 
 def write_json(path, obj, indent=2):
