@@ -109,13 +109,39 @@ def local_files(pattern):
     return list(first.values())
 
 
+def _listed(paths, n=3):
+    return ", ".join(os.path.basename(p) for p in paths[:n]) + (", ..." if len(paths) > n else "")
+
+
 @cache
 def source_kind(dataset):
-    """'shakespeare', 'text' (local text files), 'table' (local parquet/arrow files) or 'hub'."""
+    """'shakespeare', 'text' (local text files), 'table' (local parquet/arrow files) or 'hub'. Refused: a folder or
+    glob of parquet/arrow files and other files (a hub dataset's README.md aside), which would be read as one kind
+    with the other left out; and a path that does not exist but is plainly one (it starts with '/', '.' or '~', or
+    its folder exists), which is named as missing rather than looked for on the hub."""
     if dataset == "shakespeare":
         return "shakespeare"
     if os.path.exists(dataset) or glob.has_magic(dataset):
-        return "table" if any(f.endswith(TABLE_EXTENSIONS) for f in local_files(dataset)) else "text"
+        files = local_files(dataset)
+        tables = [f for f in files if f.endswith(TABLE_EXTENSIONS)]
+        others = [f for f in files if not f.endswith(TABLE_EXTENSIONS) and os.path.basename(f) != "README.md"]
+        if tables and others:
+            folder = dataset.rstrip("/") if os.path.isdir(dataset) else os.path.dirname(dataset)
+            text_ext, table_ext = os.path.splitext(others[0])[1] or ".txt", os.path.splitext(tables[0])[1]
+            raise DataError(f"dataset {dataset!r} mixes {len(tables)} parquet/arrow file(s) ({_listed(tables)}) and "
+                            f"{len(others)} other file(s) ({_listed(others)}): a dataset is read either as text files "
+                            "or as a table in the hub's format, not both. Pick one by a glob, "
+                            f"--dataset='{folder}/*{text_ext}' for the text or --dataset='{folder}/*{table_ext}' for "
+                            "the table, or move the table into a folder of its own (which keeps its split names)")
+        return "table" if tables else "text"
+    folder = os.path.dirname(dataset)
+    if dataset.startswith(("/", ".", "~")) or (folder and os.path.isdir(folder)):
+        why = f"it starts with {dataset[0]!r}" if dataset.startswith(("/", ".", "~")) else f"its folder {folder} exists"
+        home = os.path.expanduser(dataset)
+        hint = f" ('~' is not expanded here: write {home!r})" if home != dataset and os.path.exists(home) else ""
+        raise DataError(f"dataset {dataset!r} does not exist (a local path, since {why}): check the path{hint}. A "
+                        "dataset is a text file, a directory or a glob like 'data/*.txt' (text, or parquet/arrow "
+                        "files), 'shakespeare', or a hub name like 'owner/name'")
     return "hub"
 
 
@@ -183,11 +209,31 @@ def heldout_rule(dataset):
     return "tail", f"the last {TAIL_SHARE:.0%} of the text, read as one ({why})"
 
 
+def _check_tables(dataset):
+    """Name a parquet/arrow file of a local source that holds nothing (0 bytes, or a parquet footer that counts 0
+    rows) or is no parquet file, before `datasets` reads it: it would fail mid-stream, naming no file."""
+    import pyarrow.parquet as pq
+    fix = "remove it from the dataset, or write it again"
+    for f in local_files(dataset):
+        if os.path.getsize(f) == 0:
+            raise DataError(f"data file {f} of dataset {dataset!r} is empty (0 bytes): {fix}")
+        if f.endswith(".parquet"):
+            try:
+                rows = pq.ParquetFile(f).metadata.num_rows  # the footer alone
+            except (OSError, ValueError) as e:
+                raise DataError(f"data file {f} of dataset {dataset!r} is not a readable parquet file "
+                                f"({type(e).__name__}: {e}): {fix}") from None
+            if rows == 0:
+                raise DataError(f"data file {f} of dataset {dataset!r} holds no rows: {fix}")
+
+
 @cache
 def _hub_splits(dataset):
     """The splits of a hub dataset or of local parquet/arrow files, as streams (datasets.IterableDataset)."""
     import datasets
     local = source_kind(dataset) == "table"
+    if local:
+        _check_tables(dataset)
     try:
         if local and not os.path.isdir(dataset):  # a file or a glob: one 'train' split
             kind = "parquet" if any(f.endswith(".parquet") for f in local_files(dataset)) else "arrow"

@@ -5,6 +5,7 @@ datasets in the hub's formats (parquet and arrow, pre-tokenised and raw text); w
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 
@@ -252,8 +253,8 @@ def test_a_local_stream_resumes_by_arithmetic(many_files, enc):
     assert take(again, 2) == [expected[j % n], expected[(j + 2) % n]]
 
 
-def test_batches_take_exactly_their_samples(many_files, tmp_path):
-    for dataset in (many_files, tokenised_parquet(tmp_path, 3)[0]):
+def test_batches_take_exactly_their_samples(many_files, tmp_path_factory):
+    for dataset in (many_files, tokenised_parquet(tmp_path_factory.mktemp("tables"), 3)[0]):  # not in many_files
         stream = data.SampleStream(dataset, N_CTX)
         batches = data.batches(stream, 5)
         next(batches)
@@ -413,3 +414,51 @@ def test_the_documents_rule_counts_rows_over_the_whole_stream(monkeypatch, enc):
     with pytest.raises(data.DataError, match="resumes with the same number of processes"):
         data.SampleStream("owner/rows", 4, rank=1, world_size=3).load_state_dict(stream.state_dict())
     data.heldout_rule.cache_clear()
+
+
+# ---- bad data, found before any training and named ----
+
+def test_an_empty_parquet_file_is_named(tmp_path):
+    folder, _ = tokenised_parquet(tmp_path, 2)
+    empty = os.path.join(folder, "train-00001-of-00002.parquet")
+    open(empty, "wb").close()
+    with pytest.raises(data.DataError, match=re.escape(f"data file {empty} of dataset {folder!r} is empty (0 bytes)")):
+        data.SampleStream(folder, N_CTX)
+    forget(folder)
+    write_parquet(empty, "input_ids", [])
+    with pytest.raises(data.DataError, match=re.escape(f"data file {empty} of dataset {folder!r} holds no rows")):
+        data.SampleStream(folder, N_CTX)
+    forget(empty)
+    with pytest.raises(data.DataError, match="holds no rows"):
+        data.SampleStream(empty, N_CTX)
+
+
+def test_a_folder_of_text_and_parquet_files_is_refused(tmp_path):
+    folder = tmp_path / "mixed"
+    write_parquet(folder / "train-00000-of-00001.parquet", "input_ids", random_docs(30, 0))
+    for i in range(3):
+        (folder / f"notes{i}.txt").write_text(play_text(i, 0, 2000), encoding="utf-8")
+    for dataset in (str(folder), f"{folder}/*"):
+        with pytest.raises(data.DataError) as e:
+            data.SampleStream(dataset, N_CTX)
+        message = str(e.value)
+        assert message.startswith(f"dataset {dataset!r} mixes 1 parquet/arrow file(s) (train-00000-of-00001.parquet) "
+                                  "and 3 other file(s) (notes0.txt, notes1.txt, notes2.txt)")
+        assert f"--dataset='{folder}/*.txt'" in message and f"--dataset='{folder}/*.parquet'" in message
+    assert data.source_kind(f"{folder}/*.txt") == "text" and data.source_kind(f"{folder}/*.parquet") == "table"
+    (tmp_path / "card").mkdir()  # a hub dataset's card beside its files is no text of the dataset
+    write_parquet(tmp_path / "card" / "train-00000-of-00001.parquet", "input_ids", random_docs(30, 0))
+    (tmp_path / "card" / "README.md").write_text("---\nlicense: mit\n---\n# A dataset\n")
+    assert data.source_kind(str(tmp_path / "card")) == "table"
+
+
+def test_a_mistyped_local_path_is_named_as_a_missing_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    for typo in (str(tmp_path / "data" / "my_corpus.txt"), "./my_corpus.txt", "~/no-such-e2esae-corpus.txt",
+                 "corpus/my_corpus.txt"):
+        with pytest.raises(data.DataError) as e:
+            data.SampleStream(typo, N_CTX)
+        message = str(e.value)
+        assert message.startswith(f"dataset {typo!r} does not exist (a local path") and "Hugging Face" not in message
+    assert data.source_kind("owner/name") == "hub"  # no folder 'owner' here: a dataset on the hub
