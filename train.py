@@ -306,11 +306,15 @@ def load_pretrained(c, gpt, n_dict, log):
     return found
 
 
-def train_stream(c, rank, world_size, step, ckpt):
+def train_stream(c, rank, world_size, step, ckpt, vocab_size=None, eval_batches=()):
     """This rank's training samples (data.SampleStream), where the checkpoint left them: a position in the token
-    file or the stream, never a replay (a checkpoint from before data states were saved is replayed)."""
+    file or the stream, never a replay (a checkpoint from before data states were saved is replayed). With the
+    model's vocab_size, a token id it has no embedding for is named now (data.check_vocab: the source's start and
+    the held-out batches) or as its row is drawn, not as an index error mid-run."""
     try:
-        stream = data.SampleStream(c.dataset, c.n_ctx, "train", rank, world_size)
+        if vocab_size is not None:
+            data.check_vocab(c.dataset, vocab_size, eval_batches)
+        stream = data.SampleStream(c.dataset, c.n_ctx, "train", rank, world_size, vocab_size=vocab_size)
         if ckpt is None:
             return stream
         states = ckpt.get("data")

@@ -550,6 +550,27 @@ def test_the_start_up_line_counts_the_samples_every_process_evaluates(tmp_path):
     assert n0 == n1 == 1 and f"evaluating on {n0 + n1} samples" in line0
 
 
+def test_token_ids_outside_the_models_vocabulary_are_refused_before_training(one_file, tmp_path):
+    """train.py checks the data against the model's vocabulary once the model is loaded, before the first step."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    folder = tmp_path / "tokens"
+    folder.mkdir()
+    rows = [[(7 * i + j) % 50257 for j in range(40)] for i in range(30)]
+    rows[5][3] = 50_300
+    pq.write_table(pa.table({"input_ids": rows}), folder / "train-00000-of-00001.parquet")
+    pq.write_table(pa.table({"input_ids": rows[:10]}), folder / "test-00000-of-00001.parquet")
+    for dataset, vocab_size, message in ((str(folder), 50257, "document 5 of its train part holds token id 50,300, "
+                                          "outside the model's vocabulary of 50,257 ids"),
+                                         (one_file, 1000, "holds token id 50,256, outside the model's vocabulary of "
+                                          "1,000 ids")):
+        c = SimpleNamespace(dataset=dataset, n_ctx=32, eval_n_samples=8, batch_size=4)
+        eval_batches = train.load_heldout(c, 0, 1, lambda line: None)
+        train.train_stream(c, 0, 1, 0, None)  # unchecked without the model's vocabulary
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            train.train_stream(c, 0, 1, 0, None, vocab_size, eval_batches)
+
+
 def test_eval_uses_the_checkpoints_own_data_and_says_so(finished, one_file, tmp_path, capsys):
     eval_script.main(eval_args([finished], tmp_path / "e.json"))
     printed = capsys.readouterr().out
