@@ -49,6 +49,13 @@ of its first n: the same samples for any number of processes.
 Local files are read once up front (`check_source`), or not at all when the token cache holds them as they are:
 a file that is not UTF-8 text is named before any work starts; a folder is walked through symbolic links, each
 real file once.
+
+Bad data is named before any training step, never met as an index error in the middle of a run: a folder or glob
+that mixes text with parquet/arrow files; a parquet file that is empty or holds no rows; a local path that does not
+exist (it is not looked for on the hub); a token id outside the model's vocabulary (`check_vocab`, once the model is
+known: the token cache records each part's largest id; a stream's first rows, and every later row as it is drawn,
+by SampleStream(..., vocab_size=...)). The token cache's meta.json records each file's length and checksum, verified
+at every open: a damaged entry is said so and built again.
 """
 
 import glob
@@ -69,7 +76,9 @@ HELDOUT_MIN_SHARE = 0.02  # ... if those documents hold at least this share of t
 TAIL_SHARE = 0.1  # the tail rule: the last 10% of the characters
 TABLE_EXTENSIONS = (".parquet", ".arrow")  # local files read through `datasets`, not as text
 EOT = 50256  # GPT-2's <|endoftext|>, after every raw-text document
-CACHE_FORMAT = 1  # part of the token cache's key: a new layout never reads an old file
+CACHE_FORMAT = 2  # part of the token cache's key: a new layout never reads an old file
+TOKEN_DTYPE = np.uint16  # the token cache's ids (GPT-2's 50,257 fit in 16 bits); meta.json records it
+VOCAB_CHECK_ROWS = 64  # check_vocab reads this many rows of each part of a stream at start-up
 
 
 class DataError(ValueError):
@@ -109,13 +118,39 @@ def local_files(pattern):
     return list(first.values())
 
 
+def _listed(paths, n=3):
+    return ", ".join(os.path.basename(p) for p in paths[:n]) + (", ..." if len(paths) > n else "")
+
+
 @cache
 def source_kind(dataset):
-    """'shakespeare', 'text' (local text files), 'table' (local parquet/arrow files) or 'hub'."""
+    """'shakespeare', 'text' (local text files), 'table' (local parquet/arrow files) or 'hub'. Refused: a folder or
+    glob of parquet/arrow files and other files (a hub dataset's README.md aside), which would be read as one kind
+    with the other left out; and a path that does not exist but is plainly one (it starts with '/', '.' or '~', or
+    its folder exists), which is named as missing rather than looked for on the hub."""
     if dataset == "shakespeare":
         return "shakespeare"
     if os.path.exists(dataset) or glob.has_magic(dataset):
-        return "table" if any(f.endswith(TABLE_EXTENSIONS) for f in local_files(dataset)) else "text"
+        files = local_files(dataset)
+        tables = [f for f in files if f.endswith(TABLE_EXTENSIONS)]
+        others = [f for f in files if not f.endswith(TABLE_EXTENSIONS) and os.path.basename(f) != "README.md"]
+        if tables and others:
+            folder = dataset.rstrip("/") if os.path.isdir(dataset) else os.path.dirname(dataset)
+            text_ext, table_ext = os.path.splitext(others[0])[1] or ".txt", os.path.splitext(tables[0])[1]
+            raise DataError(f"dataset {dataset!r} mixes {len(tables)} parquet/arrow file(s) ({_listed(tables)}) and "
+                            f"{len(others)} other file(s) ({_listed(others)}): a dataset is read either as text files "
+                            "or as a table in the hub's format, not both. Pick one by a glob, "
+                            f"--dataset='{folder}/*{text_ext}' for the text or --dataset='{folder}/*{table_ext}' for "
+                            "the table, or move the table into a folder of its own (which keeps its split names)")
+        return "table" if tables else "text"
+    folder = os.path.dirname(dataset)
+    if dataset.startswith(("/", ".", "~")) or (folder and os.path.isdir(folder)):
+        why = f"it starts with {dataset[0]!r}" if dataset.startswith(("/", ".", "~")) else f"its folder {folder} exists"
+        home = os.path.expanduser(dataset)
+        hint = f" ('~' is not expanded here: write {home!r})" if home != dataset and os.path.exists(home) else ""
+        raise DataError(f"dataset {dataset!r} does not exist (a local path, since {why}): check the path{hint}. A "
+                        "dataset is a text file, a directory or a glob like 'data/*.txt' (text, or parquet/arrow "
+                        "files), 'shakespeare', or a hub name like 'owner/name'")
     return "hub"
 
 
@@ -158,7 +193,7 @@ def check_source(dataset):
     if not files:
         raise DataError(f"dataset {dataset!r} matches no files: give a text file, a directory or a glob like "
                         "'data/*.txt', 'shakespeare', or a Hugging Face dataset name")
-    meta = _cached_meta(_cache_entry(dataset, files))
+    meta, _ = _cached_meta(_cache_entry(dataset, files))
     lengths = tuple(meta["lengths"]) if meta else tuple(len(_read(f)) for f in files)
     if sum(lengths) == 0:
         raise DataError(f"dataset {dataset!r}: its {len(files)} file(s) hold no text")
@@ -183,11 +218,31 @@ def heldout_rule(dataset):
     return "tail", f"the last {TAIL_SHARE:.0%} of the text, read as one ({why})"
 
 
+def _check_tables(dataset):
+    """Name a parquet/arrow file of a local source that holds nothing (0 bytes, or a parquet footer that counts 0
+    rows) or is no parquet file, before `datasets` reads it: it would fail mid-stream, naming no file."""
+    import pyarrow.parquet as pq
+    fix = "remove it from the dataset, or write it again"
+    for f in local_files(dataset):
+        if os.path.getsize(f) == 0:
+            raise DataError(f"data file {f} of dataset {dataset!r} is empty (0 bytes): {fix}")
+        if f.endswith(".parquet"):
+            try:
+                rows = pq.ParquetFile(f).metadata.num_rows  # the footer alone
+            except (OSError, ValueError) as e:
+                raise DataError(f"data file {f} of dataset {dataset!r} is not a readable parquet file "
+                                f"({type(e).__name__}: {e}): {fix}") from None
+            if rows == 0:
+                raise DataError(f"data file {f} of dataset {dataset!r} holds no rows: {fix}")
+
+
 @cache
 def _hub_splits(dataset):
     """The splits of a hub dataset or of local parquet/arrow files, as streams (datasets.IterableDataset)."""
     import datasets
     local = source_kind(dataset) == "table"
+    if local:
+        _check_tables(dataset)
     try:
         if local and not os.path.isdir(dataset):  # a file or a glob: one 'train' split
             kind = "parquet" if any(f.endswith(".parquet") for f in local_files(dataset)) else "arrow"
@@ -245,6 +300,22 @@ def _document(doc, column, keys, dataset, split, where):
     raise DataError(f"dataset {dataset!r}, document {where} of its {split} part: {found}")
 
 
+def _outside(ids, vocab_size):
+    """An id of `ids` outside [0, vocab_size), for which the model has no embedding (the lowest if one is negative,
+    else the highest), or None."""
+    if vocab_size is None or len(ids) == 0:
+        return None
+    low, high = int(ids.min()), int(ids.max())
+    return low if low < 0 else high if high >= vocab_size else None
+
+
+def _vocab_error(where, token, vocab_size):
+    return DataError(f"{where} holds token id {token:,}, outside the model's vocabulary of {vocab_size:,} ids (0 to "
+                     f"{vocab_size - 1:,}): the model has no embedding for it. Train on data tokenised with the "
+                     "model's own tokenizer (raw text is tokenised with GPT-2's, of 50,257 ids), or give the model the "
+                     "data was tokenised for (init_from)")
+
+
 def _column_values(table):
     """The values of an arrow table's one column: token ids as int arrays (slices of one array, not a Python list
     per row), or Python values (text, and anything else, which _document names)."""
@@ -258,10 +329,12 @@ def _column_values(table):
     return column.to_pylist()
 
 
-def _stream_rows(dataset, split, rank, world_size, position):
+def _stream_rows(dataset, split, rank, world_size, position, tokens=False, vocab_size=None):
     """Yield rank's documents of the split from `position` on, a dict that this keeps up to date: 'rows', the
     stream's state_dict() before the rows read last (None: the stream's start); 'index', the rows of this rank
-    before those; 'in_batch', how many of those have been yielded (or passed over as held out)."""
+    before those; 'in_batch', how many of those have been yielded (or passed over as held out). With tokens=True
+    each document is token ids (raw text tokenised), checked against vocab_size where it is given: an id outside
+    the model's vocabulary is a DataError that names the row."""
     splits = _hub_splits(dataset)
     if "train" not in splits:
         raise DataError(f"dataset {dataset!r} has no 'train' split, only {sorted(splits)}: name its training files "
@@ -295,7 +368,17 @@ def _stream_rows(dataset, split, rank, world_size, position):
             i = rank + k * world_size
             if rule == "documents" and (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) != (split == "eval"):
                 continue
-            yield _document(*batch[j], dataset, split, i if by_row else f"{k} of process {rank}'s part")
+            row = i if by_row else f"{k} of process {rank}'s part"
+            doc = _document(*batch[j], dataset, split, row)
+            if tokens:
+                text = isinstance(doc, str)
+                doc = encode(tokenizer(), doc) if text else doc
+                bad = _outside(doc, vocab_size)
+                if bad is not None:
+                    raise _vocab_error(f"dataset {dataset!r}, document {row} of its {split} part"
+                                       + (" (raw text, tokenised with GPT-2's tokenizer)" if text else ""), bad,
+                                       vocab_size)
+            yield doc
         position.update(rows=state(), index=position["index"] + len(batch), in_batch=0)
         skip = 0
 
@@ -375,20 +458,50 @@ def _cache_entry(dataset, files):
     return os.path.join(cache_root(), "tokens", f"{name}-{digest(source)}-{digest(key)}")
 
 
+CHECKSUM_BLOCKS = 64  # a token file's checksum reads this many blocks of 4 KiB, however large the file
+
+
+def _checksum(path):
+    """A token file's checksum, cheap enough to verify at every open: sha1 over CHECKSUM_BLOCKS blocks of 4 KiB
+    spread evenly through the file (the whole file up to 256 KiB). It tells a file cut short, replaced or overwritten
+    in large part from the one that was built; a few bytes changed between the blocks go unseen."""
+    size, block, h = os.path.getsize(path), 4096, hashlib.sha1()
+    with open(path, "rb") as f:
+        if size <= CHECKSUM_BLOCKS * block:
+            h.update(f.read())
+        else:
+            for k in range(CHECKSUM_BLOCKS):
+                f.seek(k * (size - block) // (CHECKSUM_BLOCKS - 1))
+                h.update(f.read(block))
+    return h.hexdigest()
+
+
 def _cached_meta(entry):
-    """The description of a complete cache entry (meta.json, written last), or None."""
+    """(meta, problem): the description of a complete cache entry (meta.json, written last) whose token files match
+    it in size and checksum; else None and what is wrong with the entry ('' where there is none)."""
+    if not os.path.exists(os.path.join(entry, "meta.json")):
+        return None, ""  # never built, or a build that did not finish
     try:
         with open(os.path.join(entry, "meta.json")) as f:
             meta = json.load(f)
-        ok = all(os.path.getsize(os.path.join(entry, f"{s}.bin")) == 2 * meta["tokens"][s] for s in ("train", "eval"))
-        return meta if ok else None
-    except (OSError, ValueError, KeyError):
-        return None
+        for split in ("train", "eval"):
+            path, n = os.path.join(entry, f"{split}.bin"), meta["tokens"][split]
+            size, expected = os.path.getsize(path), n * np.dtype(meta["dtype"]).itemsize
+            if size != expected:
+                return None, f"{split}.bin holds {size:,} bytes, not the {expected:,} of its {n:,} tokens"
+            if _checksum(path) != meta["checksum"][split]:
+                return None, f"{split}.bin does not match its checksum: it was overwritten"
+        return meta, ""
+    except OSError as e:
+        return None, f"{os.path.basename(e.filename or '?')} cannot be read ({e.strerror})"
+    except (ValueError, KeyError, TypeError) as e:
+        return None, f"its meta.json cannot be read ({type(e).__name__}: {e})"
 
 
 def _build_token_files(dataset, entry):
     """Tokenise both splits of a local source into a temporary folder beside `entry`, then rename it to `entry`:
-    an interrupted build leaves no entry, only a temporary folder that the next build removes."""
+    an interrupted build leaves no entry, only a temporary folder that the next build removes. Returns its meta:
+    what check_source, token_file and check_vocab read back (each part's tokens, largest id and checksum)."""
     enc = tokenizer()
     files, lengths = check_source(dataset)
     tmp = f"{entry}.tmp-{os.getpid()}"
@@ -396,30 +509,35 @@ def _build_token_files(dataset, entry):
     print(f"data: tokenising {dataset!r} ({len(files)} file(s), {sum(lengths):,} characters) once, into {entry}")
     try:
         t0 = t_shown = time.time()
-        chars, tokens = 0, {}
+        chars, tokens, max_id, checksum = 0, {}, {}, {}
         for split in ("train", "eval"):
-            tokens[split] = 0
-            with open(os.path.join(tmp, f"{split}.bin"), "wb") as f:
+            tokens[split], max_id[split] = 0, None
+            path = os.path.join(tmp, f"{split}.bin")
+            with open(path, "wb") as f:
                 for doc in documents(dataset, split):
                     for n_chars, ids in encode_pieces(enc, doc):
-                        f.write(ids.astype(np.uint16).tobytes())  # GPT-2's 50,257 ids fit in 16 bits
+                        f.write(ids.astype(TOKEN_DTYPE).tobytes())
                         chars, tokens[split] = chars + n_chars, tokens[split] + len(ids)
+                        if len(ids):
+                            max_id[split] = max(max_id[split] or 0, int(ids.max()))
                         if time.time() - t_shown > 5:  # a line every few seconds
                             t_shown, total = time.time(), sum(tokens.values())
                             print(f"data: {min(chars / sum(lengths), 1):.0%} | {total:,} tokens | "
                                   f"{total / (t_shown - t0):,.0f} tokens/s", flush=True)
-                    f.write(np.array([EOT], dtype=np.uint16).tobytes())
-                    tokens[split] += 1
+                    f.write(np.array([EOT], dtype=TOKEN_DTYPE).tobytes())
+                    tokens[split], max_id[split] = tokens[split] + 1, max(max_id[split] or 0, EOT)
+            checksum[split] = _checksum(path)
         if _cache_entry(dataset, files) != entry:
             raise DataError(f"a file of dataset {dataset!r} changed while it was being tokenised: run again")
         meta = dict(dataset=dataset, files=list(files), lengths=list(lengths), rule=list(heldout_rule(dataset)),
-                    tokens=tokens)
+                    tokens=tokens, dtype=np.dtype(TOKEN_DTYPE).name, max_id=max_id, checksum=checksum)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
         os.rename(tmp, entry)
         seconds = time.time() - t0
         print(f"data: {tokens['train']:,} training and {tokens['eval']:,} held-out tokens in {seconds:.1f} s "
               f"({sum(tokens.values()) / max(seconds, 1e-9):,.0f} tokens/s)")
+        return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -427,23 +545,28 @@ def _build_token_files(dataset, entry):
 _announced = set()  # cache entries this process has named
 
 
-def token_file(dataset, split):
-    """The tokens of the split of a local source, a read-only uint16 array mapped from the token cache: built
-    the first time (by one process at a time: others wait for it), read from the cache after that."""
+def token_cache(dataset):
+    """(folder, meta) of the token cache entry of a local source: built the first time (by one process at a time:
+    others wait for it) and again where its files no longer match meta.json (a damaged entry, said so), read from
+    the cache after that."""
     import fcntl
     files, _ = check_source(dataset)
     entry = _cache_entry(dataset, files)
     source_prefix = entry.rsplit("-", 1)[0]
-    if _cached_meta(entry) is None:
+    meta, _ = _cached_meta(entry)
+    if meta is None:
         try:
             os.makedirs(os.path.dirname(entry), exist_ok=True)
             with open(source_prefix + ".lock", "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-                if _cached_meta(entry) is None:
+                meta, problem = _cached_meta(entry)
+                if meta is None:
+                    if problem:
+                        print(f"data: the token cache {entry} is damaged ({problem}): building it again")
                     for old in glob.glob(glob.escape(source_prefix) + "-*"):  # earlier versions, half builds
                         if not old.endswith(".lock"):
                             shutil.rmtree(old, ignore_errors=True)
-                    _build_token_files(dataset, entry)
+                    meta = _build_token_files(dataset, entry)
         except OSError as e:
             raise DataError(f"cannot write the token cache {entry} ({e.strerror}): set E2ESAE_CACHE to a folder "
                             "you can write to") from None
@@ -452,10 +575,47 @@ def token_file(dataset, split):
         _announced.add(entry)
         if os.environ.get("RANK", "0") == "0":  # once, not once per process under torchrun
             print(f"data: tokens of {dataset!r} from the cache {entry}")
-    path = os.path.join(entry, f"{split}.bin")
-    if os.path.getsize(path) == 0:
-        return np.zeros(0, dtype=np.uint16)  # (numpy cannot map an empty file)
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    return entry, meta
+
+
+def token_file(dataset, split):
+    """The tokens of the split of a local source, a read-only array mapped from the token cache (token_cache)."""
+    entry, meta = token_cache(dataset)
+    if meta["tokens"][split] == 0:
+        return np.zeros(0, dtype=meta["dtype"])  # (numpy cannot map an empty file)
+    return np.memmap(os.path.join(entry, f"{split}.bin"), dtype=meta["dtype"], mode="r")
+
+
+def _check_cache_vocab(dataset, split, vocab_size):
+    """DataError if the split of a local source holds an id of vocab_size or more: its largest id, from meta.json."""
+    top = token_cache(dataset)[1]["max_id"][split]
+    if top is not None and top >= vocab_size:
+        raise _vocab_error(f"dataset {dataset!r} is raw text, tokenised with GPT-2's tokenizer, and its {split} part",
+                           top, vocab_size)
+
+
+def check_vocab(dataset, vocab_size, heldout=(), rows=VOCAB_CHECK_ROWS):
+    """Raise DataError, naming where, if `dataset` holds a token id outside the model's vocabulary [0, vocab_size),
+    for which the model has no embedding: at start-up, once the model is known, rather than as an index error in
+    the middle of a run (and again in every resumed one). Local text: each part's largest id, recorded in the token
+    cache when it was built. A stream: the first `rows` rows of each part (SampleStream(..., vocab_size=...) checks
+    every later row as it draws it). `heldout`: samples or (B, n_ctx) batches already read from it (train.py's
+    held-out batches), checked whole."""
+    if is_local(dataset):
+        for split in ("train", "eval"):
+            _check_cache_vocab(dataset, split, vocab_size)
+    else:
+        for split in ("train", "eval"):
+            start = {"rows": None, "index": 0, "in_batch": 0}
+            for _ in islice(_stream_rows(dataset, split, 0, 1, start, tokens=True, vocab_size=vocab_size), rows):
+                pass
+    if len(heldout):
+        ids = torch.cat([torch.atleast_2d(b) for b in heldout])  # (N, n_ctx): every held-out sample
+        outside = ((ids < 0) | (ids >= vocab_size)).any(dim=1)
+        if outside.any():
+            i = int(outside.nonzero()[0])
+            raise _vocab_error(f"held-out sample {i} of dataset {dataset!r}", _outside(ids[i].numpy(), vocab_size),
+                               vocab_size)
 
 
 # ---- samples ----
@@ -469,6 +629,9 @@ class SampleStream:
         ckpt["data"] = stream.state_dict()        # under DDP each rank has its own: gather them for the checkpoint
         stream.load_state_dict(ckpt["data"])      # this rank's own, on resume
 
+    With the model's vocab_size, a token id it has no embedding for is a DataError that names the row: for local
+    text at once (the token cache records each part's largest id), for a stream as each row is drawn.
+
     States (small, picklable, torch.load(weights_only=True) loads them):
         local text  {"kind": "tokens", "samples": k, "world_size": W}: each rank has taken k samples (rank r's next
                     is r + k W); it continues with another number of processes where k W divides among them
@@ -479,14 +642,16 @@ class SampleStream:
                      document not yet in a sample (under n_ctx, or the rest of a long one)}
     """
 
-    def __init__(self, dataset, n_ctx, split="train", rank=0, world_size=1, repeat=True):
+    def __init__(self, dataset, n_ctx, split="train", rank=0, world_size=1, repeat=True, vocab_size=None):
         if split not in ("train", "eval") or not 0 <= rank < world_size:
             raise ValueError(f"split={split!r}, rank={rank}, world_size={world_size}: split is 'train' or 'eval', "
                              "and 0 <= rank < world_size")
         self.dataset, self.n_ctx, self.split, self.rank, self.world_size = dataset, n_ctx, split, rank, world_size
-        self.repeat, self.kind = repeat, "tokens" if is_local(dataset) else "stream"
+        self.repeat, self.kind, self.vocab_size = repeat, "tokens" if is_local(dataset) else "stream", vocab_size
         if self.kind == "tokens":
             self.tokens = token_file(dataset, split)
+            if vocab_size is not None:
+                _check_cache_vocab(dataset, split, vocab_size)
             self.n_samples = len(self.tokens) // n_ctx  # one epoch's samples, of all ranks together
         else:
             heldout_rule(dataset)  # opens the source: a missing dataset is named now
@@ -566,7 +731,8 @@ class SampleStream:
         """Cut this rank's documents into samples. Each document is appended to what is left of the last one
         (under n_ctx tokens) once, and samples are slices: linear time in a document's length."""
         while True:
-            docs = _stream_rows(self.dataset, self.split, self.rank, self.world_size, self.position)
+            docs = _stream_rows(self.dataset, self.split, self.rank, self.world_size, self.position, tokens=True,
+                                vocab_size=self.vocab_size)
             while True:
                 while len(self.buffer) - self.at >= self.n_ctx:  # (a resumed buffer may hold samples already)
                     sample = self.buffer[self.at:self.at + self.n_ctx].copy()
@@ -575,8 +741,6 @@ class SampleStream:
                 doc = next(docs, None)
                 if doc is None:
                     break
-                if isinstance(doc, str):
-                    doc = encode(tokenizer(), doc)
                 self.buffer, self.at = np.concatenate((self.buffer[self.at:], doc)), 0
             if not self.repeat:
                 return
@@ -610,10 +774,11 @@ def count_samples(dataset, n_ctx, split, at_most):
     return sum(1 for _ in islice(SampleStream(dataset, n_ctx, split, repeat=False), at_most))
 
 
-def heldout_samples(dataset, n_ctx, n, rank=0, world_size=1):
+def heldout_samples(dataset, n_ctx, n, rank=0, world_size=1, vocab_size=None):
     """This rank's share of the first n held-out samples, in order: samples rank, rank + W, ... of them (all there
     are, if the held-out part holds fewer). What train.py, eval.py and every other script evaluate on. The same
-    samples for every W: the held-out stream is read whole, as by one process; every rank gets as many."""
+    samples for every W: the held-out stream is read whole, as by one process; every rank gets as many. With the
+    model's vocab_size, they are checked against it (SampleStream)."""
     available = count_samples(dataset, n_ctx, "eval", at_most=n)
     if available < max(world_size, 1) or available == 0:
         rule = heldout_rule(dataset)[1]
@@ -624,7 +789,8 @@ def heldout_samples(dataset, n_ctx, n, rank=0, world_size=1):
         raise DataError(f"the held-out part of dataset {dataset!r} holds fewer than n_ctx={n_ctx} tokens "
                         f"(held out: {rule}): give more text or a smaller n_ctx")
     first = available // world_size * world_size
-    return list(islice(SampleStream(dataset, n_ctx, "eval", repeat=False), rank, first, world_size))
+    return list(islice(SampleStream(dataset, n_ctx, "eval", repeat=False, vocab_size=vocab_size), rank, first,
+                       world_size))
 
 
 def in_batches(samples, batch_size):

@@ -46,10 +46,23 @@ class SaveError(OSError):
     """A file that could not be written: the message names it and the cause."""
 
 
+def _os_error(e):
+    """The OSError that `e` is or that led to it, or None. A library's writer may report a failed write as its own
+    error: torch.save on a full disk raises "RuntimeError: [enforce fail at inline_container.cc] unexpected pos"
+    while handling the OSError (No space left on device) of the file's write."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def write_atomic(path, write):
-    """Call write(f) on a temporary binary file beside `path`, then rename it to `path`. (Written through a Python
-    file object, a full disk is an OSError naming its cause, not a library's own error.) Whatever stops the write,
-    an error of `write` itself or Ctrl-C included, the temporary file is removed."""
+    """Call write(f) on a temporary binary file beside `path`, then rename it to `path`. Whatever stops the write,
+    an error of `write` itself or Ctrl-C included, the temporary file is removed. A failure of the disk (an OSError,
+    or a writer's own error raised because of one) is one SaveError naming the file and the cause."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -61,10 +74,11 @@ def write_atomic(path, write):
             os.remove(tmp)
         except OSError:
             pass
-        if not isinstance(e, OSError):
+        cause = _os_error(e)
+        if cause is None:
             raise  # not the disk's fault: the caller's own error, with nothing left behind
         kept = f"; {path} is kept as it was" if os.path.exists(path) else ""
-        raise SaveError(f"could not write {path}: {e.strerror or e}{kept}") from None
+        raise SaveError(f"could not write {path}: {cause.strerror or cause}{kept}") from None
 
 
 def write_json(path, obj, indent=2):
@@ -190,10 +204,12 @@ class Run:
       stops at once.
     - Leaving `with run:` by an error outside a step (evaluation, logging, wandb) or a divergence saves the last
       step first, and every error says which checkpoint is complete.
+    - bad_data: the exception classes of data found unusable mid-run (a row with an id outside the vocabulary): the
+      run stops with their message alone, and does not advise a resume that would meet them again.
     Under DDP only the master process writes; every process calls save (the data positions are gathered)."""
 
-    def __init__(self, config, master=True, log=print):
-        self.config, self.master, self.log = config, master, log
+    def __init__(self, config, master=True, log=print, bad_data=()):
+        self.config, self.master, self.log, self.bad_data = config, master, log, tuple(bad_data)
         out_dir = config["out_dir"]
         if not (config["resume"] or config["overwrite"]) and holds_run(out_dir):
             fresh = free_out_dir(out_dir)
@@ -318,6 +334,9 @@ class Run:
                           "weights: a resumed run would diverge again there. Start a new run with a lower lr, from "
                           f"scratch or from these SAEs (--pretrained_sae_paths=['{self.out_dir}'] "
                           "--retrain_saes=True)", file=sys.stderr)
+                elif self.saved_step is not None and isinstance(error, self.bad_data):
+                    print(f"\nthe checkpoint of step {self.saved_step} in {self.out_dir} is complete, but a resumed "
+                          "run would read the same data again: mend the data first", file=sys.stderr)
                 elif self.saved_step is not None:
                     print(f"\n{kind.__name__} at step {self.step}: the checkpoint of step {self.saved_step} in "
                           f"{self.out_dir} is complete; continue from it with --resume=True", file=sys.stderr)
@@ -328,5 +347,5 @@ class Run:
                 signal.signal(sig, handler)
         if isinstance(error, KeyboardInterrupt):
             sys.exit(130)
-        if isinstance(error, (Diverged, SaveError)):
+        if isinstance(error, (Diverged, SaveError, *self.bad_data)):
             sys.exit(f"{kind.__name__}: {error}")  # said in full already; no traceback for what is not a bug

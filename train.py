@@ -326,7 +326,8 @@ def main(argv):
     for note in notes:
         log(note)
 
-    with Run(config, master, log) as run:  # every check before any work: a checkpoint to resume, the data, the model
+    # every check before any work: a checkpoint to resume, the data, the model
+    with Run(config, master, log, bad_data=[data.DataError]) as run:
         c.out_dir = config["out_dir"]
         ckpt = run.resume_checkpoint(lambda saved: [
             (k, saved.get(k, v), config[k]) for k, v in DEFAULTS.items()
@@ -346,8 +347,11 @@ def main(argv):
         scaler = torch.amp.GradScaler(device_type, enabled=c.dtype == "float16")
         dead = DeadElements(model, c.dead_window_tokens) if c.aux_k_coeff > 0 else None
         step = ckpt["step"] if ckpt else 0
-        try:  # this process's training samples, where a checkpoint left them (never replayed)
-            stream = data.SampleStream(c.dataset, c.n_ctx, "train", rank, world_size)
+        try:  # this process's training samples, where a checkpoint left them (never replayed); ids the model has
+            # no embedding for are named now (the source's first rows, the held-out batches) or as their row is drawn
+            vocab_size = model.gpt.config.vocab_size
+            data.check_vocab(c.dataset, vocab_size, eval_batches)
+            stream = data.SampleStream(c.dataset, c.n_ctx, "train", rank, world_size, vocab_size=vocab_size)
             if ckpt:
                 stream.resume(ckpt.get("data"), replay=step * c.batch_size * c.gradient_accumulation_steps)
         except data.DataError as e:

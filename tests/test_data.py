@@ -2,9 +2,11 @@
 (+ <|endoftext|> after raw text) concatenated, cut into consecutive n_ctx-token samples, the partial last one
 dropped, the stream repeated per epoch. For local text (cached token files), the embedded corpus, and local
 datasets in the hub's formats (parquet and arrow, pre-tokenised and raw text); with resuming, ranks, the cache."""
+import json
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 
@@ -252,8 +254,8 @@ def test_a_local_stream_resumes_by_arithmetic(many_files, enc):
     assert take(again, 2) == [expected[j % n], expected[(j + 2) % n]]
 
 
-def test_batches_take_exactly_their_samples(many_files, tmp_path):
-    for dataset in (many_files, tokenised_parquet(tmp_path, 3)[0]):
+def test_batches_take_exactly_their_samples(many_files, tmp_path_factory):
+    for dataset in (many_files, tokenised_parquet(tmp_path_factory.mktemp("tables"), 3)[0]):  # not in many_files
         stream = data.SampleStream(dataset, N_CTX)
         batches = data.batches(stream, 5)
         next(batches)
@@ -413,3 +415,131 @@ def test_the_documents_rule_counts_rows_over_the_whole_stream(monkeypatch, enc):
     with pytest.raises(data.DataError, match="resumes with the same number of processes"):
         data.SampleStream("owner/rows", 4, rank=1, world_size=3).load_state_dict(stream.state_dict())
     data.heldout_rule.cache_clear()
+
+
+# ---- bad data, found before any training and named ----
+
+def bad_rows(tmp_path, bad):
+    """A pre-tokenised folder (train + test parquet) whose rows {(split, row): id} hold an id at their 3rd token."""
+    folder = tmp_path / "bad"
+    docs = {"train": random_docs(100, 0), "test": random_docs(10, 99)}
+    for (split, row), token in bad.items():
+        docs[split][row][2] = token
+    for split, rows in docs.items():
+        write_parquet(folder / f"{split}-00000-of-00001.parquet", "input_ids", rows)
+    return str(folder)
+
+
+def test_token_ids_outside_the_models_vocabulary_are_named_with_their_row(tmp_path):
+    early = bad_rows(tmp_path / "early", {("train", 37): 50_300})  # read at start-up
+    with pytest.raises(data.DataError) as e:
+        data.check_vocab(early, 50257)
+    assert str(e.value).startswith(f"dataset {early!r}, document 37 of its train part holds token id 50,300, outside "
+                                   "the model's vocabulary of 50,257 ids (0 to 50,256)")
+    with pytest.raises(data.DataError, match="document 3 of its eval part holds token id -1,"):
+        data.check_vocab(bad_rows(tmp_path / "negative", {("test", 3): -1}), 50257)
+
+    late = bad_rows(tmp_path / "late", {("train", 90): 60_000})  # past the rows read at start-up: named when drawn
+    data.check_vocab(late, 50257)
+    stream = data.SampleStream(late, N_CTX, vocab_size=50257)
+    with pytest.raises(data.DataError, match="document 90 of its train part holds token id 60,000"):
+        for _ in range(10_000):
+            next(stream)
+    assert len(as_lists(data.SampleStream(late, N_CTX, repeat=False))) > 100  # unchecked without a vocab_size
+
+    held_out = data.heldout_samples(late, N_CTX, 4)  # samples read before the model was known
+    data.check_vocab(late, 50257, heldout=held_out)
+    with pytest.raises(data.DataError, match=r"held-out sample 2 of dataset .* holds token id 50,300, outside the "
+                                             r"model's vocabulary of 50,257 ids"):
+        data.check_vocab(late, 50257, heldout=[torch.stack(held_out[:2]), torch.full((N_CTX,), 50_300)])
+
+
+def test_local_text_is_checked_against_the_vocabulary_by_its_largest_id(many_files, token_cache):
+    data.check_vocab(many_files, 50257)
+    (entry,) = [e for e in entries(token_cache) if e.startswith(os.path.basename(many_files))]
+    with open(token_cache / "tokens" / entry / "meta.json") as f:
+        assert json.load(f)["max_id"] == {"train": 50256, "eval": 50256}  # <|endoftext|>, after every document
+    message = (f"dataset {many_files!r} is raw text, tokenised with GPT-2's tokenizer, and its train part holds "
+               "token id 50,256, outside the model's vocabulary of 1,000 ids")
+    with pytest.raises(data.DataError, match=re.escape(message)):
+        data.check_vocab(many_files, 1000)
+    with pytest.raises(data.DataError, match=re.escape(message)):
+        data.SampleStream(many_files, N_CTX, vocab_size=1000)
+
+
+@pytest.mark.parametrize("damage", ["cut short", "overwritten", "overwritten, checked in blocks", "meta.json"])
+def test_a_damaged_token_cache_is_named_and_built_again(many_files, token_cache, capsys, monkeypatch, damage):
+    if damage.endswith("blocks"):  # a file larger than 4 blocks of 4 KiB: its checksum reads 4 blocks of it
+        monkeypatch.setattr(data, "CHECKSUM_BLOCKS", 4)
+    expected = as_lists(data.token_samples(many_files, N_CTX, repeat=False))
+    (entry,) = [e for e in entries(token_cache) if e.startswith(os.path.basename(many_files))]
+    folder = token_cache / "tokens" / entry
+    train = folder / "train.bin"
+    size = train.stat().st_size
+    assert size > 4 * 4096
+    if damage == "cut short":
+        n = json.loads((folder / "meta.json").read_text())["tokens"]["train"]
+        os.truncate(train, size // 2)
+        why = f"train.bin holds {size // 2:,} bytes, not the {size:,} of its {n:,} tokens"
+    elif damage.startswith("overwritten"):
+        with open(train, "r+b") as f:
+            f.seek(size // 3)
+            f.write(np.random.default_rng(0).integers(0, 256, size // 3, dtype=np.uint8).tobytes())
+        why = "train.bin does not match its checksum"
+    else:
+        (folder / "meta.json").write_text('{"tokens": {"train"')
+        why = "its meta.json cannot be read"
+    forget(many_files)
+    capsys.readouterr()
+    assert as_lists(data.token_samples(many_files, N_CTX, repeat=False)) == expected
+    out = capsys.readouterr().out
+    assert f"data: the token cache {folder} is damaged ({why}" in out and "tokenising" in out
+    forget(many_files)
+    assert as_lists(data.token_samples(many_files, N_CTX, repeat=False)) == expected
+    assert "is damaged" not in capsys.readouterr().out  # built again once
+
+
+def test_an_empty_parquet_file_is_named(tmp_path):
+    folder, _ = tokenised_parquet(tmp_path, 2)
+    empty = os.path.join(folder, "train-00001-of-00002.parquet")
+    open(empty, "wb").close()
+    with pytest.raises(data.DataError, match=re.escape(f"data file {empty} of dataset {folder!r} is empty (0 bytes)")):
+        data.SampleStream(folder, N_CTX)
+    forget(folder)
+    write_parquet(empty, "input_ids", [])
+    with pytest.raises(data.DataError, match=re.escape(f"data file {empty} of dataset {folder!r} holds no rows")):
+        data.SampleStream(folder, N_CTX)
+    forget(empty)
+    with pytest.raises(data.DataError, match="holds no rows"):
+        data.SampleStream(empty, N_CTX)
+
+
+def test_a_folder_of_text_and_parquet_files_is_refused(tmp_path):
+    folder = tmp_path / "mixed"
+    write_parquet(folder / "train-00000-of-00001.parquet", "input_ids", random_docs(30, 0))
+    for i in range(3):
+        (folder / f"notes{i}.txt").write_text(play_text(i, 0, 2000), encoding="utf-8")
+    for dataset in (str(folder), f"{folder}/*"):
+        with pytest.raises(data.DataError) as e:
+            data.SampleStream(dataset, N_CTX)
+        message = str(e.value)
+        assert message.startswith(f"dataset {dataset!r} mixes 1 parquet/arrow file(s) (train-00000-of-00001.parquet) "
+                                  "and 3 other file(s) (notes0.txt, notes1.txt, notes2.txt)")
+        assert f"--dataset='{folder}/*.txt'" in message and f"--dataset='{folder}/*.parquet'" in message
+    assert data.source_kind(f"{folder}/*.txt") == "text" and data.source_kind(f"{folder}/*.parquet") == "table"
+    (tmp_path / "card").mkdir()  # a hub dataset's card beside its files is no text of the dataset
+    write_parquet(tmp_path / "card" / "train-00000-of-00001.parquet", "input_ids", random_docs(30, 0))
+    (tmp_path / "card" / "README.md").write_text("---\nlicense: mit\n---\n# A dataset\n")
+    assert data.source_kind(str(tmp_path / "card")) == "table"
+
+
+def test_a_mistyped_local_path_is_named_as_a_missing_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    for typo in (str(tmp_path / "data" / "my_corpus.txt"), "./my_corpus.txt", "~/no-such-e2esae-corpus.txt",
+                 "corpus/my_corpus.txt"):
+        with pytest.raises(data.DataError) as e:
+            data.SampleStream(typo, N_CTX)
+        message = str(e.value)
+        assert message.startswith(f"dataset {typo!r} does not exist (a local path") and "Hugging Face" not in message
+    assert data.source_kind("owner/name") == "hub"  # no folder 'owner' here: a dataset on the hub

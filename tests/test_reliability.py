@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -30,7 +31,7 @@ from configurator import ConfigError, configure
 from conftest import ROOT, args, tiny_gpt
 from e2esae import SAE, SAETransformer
 from interop import checkpoint_kind, save_saelens
-from model import GPT
+from model import GPT, GPTConfig, save_pretrained
 
 POSITION = "blocks.1.hook_resid_pre"  # where args() puts the SAE
 
@@ -252,6 +253,58 @@ def test_a_checkpoint_that_cannot_be_replaced_stops_the_run_naming_the_file(fini
                                    f"{out / 'ckpt.pt'} is kept as it was")
     assert (out / "ckpt.pt").read_bytes() == before
     assert not [f for f in os.listdir(out) if ".tmp-" in f or f == ".lock"]
+
+
+@contextmanager
+def small_disk(path, size="400k"):
+    """A real file system of `size` at `path`, a tmpfs (mounting one needs root), unmounted again afterwards."""
+    path.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                 capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command on this machine: the test needs a small tmpfs")
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({mounted.stderr.strip()}): the test needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def fill(disk, leave):
+    """Fill the file system of `disk` up to `leave` bytes with one file, disk/filler."""
+    st = os.statvfs(disk)
+    (disk / "filler").write_bytes(bytes(max(st.f_bavail * st.f_frsize - leave, 0)))
+
+
+def test_write_atomic_on_a_really_full_file_system_keeps_the_old_file_and_says_why(tmp_path):
+    """torch.save on a full disk raises its own RuntimeError ("unexpected pos"), not an OSError: one SaveError."""
+    with small_disk(tmp_path / "disk") as disk:
+        target = disk / "ckpt.pt"
+        runs.write_atomic(str(target), lambda f: torch.save(torch.zeros(10), f))
+        before = target.read_bytes()
+        with pytest.raises(runs.SaveError) as e:
+            runs.write_atomic(str(target), lambda f: torch.save(torch.zeros(200_000), f))  # 800 kB on 400 kB
+        assert str(e.value) == f"could not write {target}: No space left on device; {target} is kept as it was"
+        assert e.value.__cause__ is None and e.value.__suppress_context__
+        assert os.listdir(disk) == ["ckpt.pt"] and target.read_bytes() == before
+
+
+def test_a_really_full_disk_stops_the_run_with_one_message_and_keeps_the_checkpoint(finished, gpt_dir, one_file,
+                                                                                   tmp_path, capsys):
+    with small_disk(tmp_path / "disk", size="1m") as disk:
+        out = disk / "out"
+        shutil.copytree(finished, out)
+        before = (out / "ckpt.pt").read_bytes()
+        fill(disk, leave=16_384)  # room for the lock and the probe of out_dir, not for a checkpoint
+        with pytest.raises(SystemExit) as e:
+            train.main(args(gpt_dir, one_file, out, overwrite=True, seed=1))
+        assert e.value.code.startswith(f"SaveError: could not write {out / 'ckpt.pt'}: No space left on device; "
+                                       f"{out / 'ckpt.pt'} is kept as it was")
+        assert (out / "ckpt.pt").read_bytes() == before
+        assert sorted(os.listdir(out)) == ["ckpt.pt", "saes.safetensors"]  # no temporary file, no lock
+        assert "Traceback" not in capsys.readouterr().err
 
 
 # ---- 4. settings that would do nothing ----
@@ -497,6 +550,29 @@ def test_the_start_up_line_counts_the_samples_every_process_evaluates(tmp_path):
     dataset = short_text(tmp_path, 3500)  # 3 held-out samples: 1 on each rank, the same number everywhere
     (n0, line0), (n1, _) = heldout(dataset, 0, 2), heldout(dataset, 1, 2)
     assert n0 == n1 == 1 and f"evaluating on {n0 + n1} samples" in line0
+
+
+def test_token_ids_outside_the_models_vocabulary_are_refused_before_training(gpt_dir, one_file, tmp_path):
+    """train.py checks the data against the model's vocabulary once the model is loaded, before the first step."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    folder = tmp_path / "tokens"
+    folder.mkdir()
+    rows = [[(7 * i + j) % 50257 for j in range(40)] for i in range(30)]
+    rows[5][3] = 50_300
+    pq.write_table(pa.table({"input_ids": rows}), folder / "train-00000-of-00001.parquet")
+    pq.write_table(pa.table({"input_ids": rows[:10]}), folder / "test-00000-of-00001.parquet")
+    small_vocab = tmp_path / "small_vocab_gpt"
+    torch.manual_seed(0)
+    save_pretrained(GPT(GPTConfig(n_layer=2, n_embd=32, n_head=4, block_size=64, vocab_size=1000)), str(small_vocab))
+    for model, dataset, message in (
+            (gpt_dir, str(folder), "document 5 of its train part holds token id 50,300, outside the model's "
+                                   "vocabulary of 50,257 ids"),
+            (str(small_vocab), one_file, "holds token id 50,256, outside the model's vocabulary of 1,000 ids")):
+        out = tmp_path / f"out-{os.path.basename(model)}"
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            train.main(args(model, dataset, out, eval_n_samples=4))
+        assert not (out / "ckpt.pt").exists()  # refused before the first step
 
 
 def test_eval_uses_the_checkpoints_own_data_and_says_so(finished, one_file, tmp_path, capsys):
