@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import autocast_dtype, tl, triton, tuning_configs, use_triton
+from .sparse import check_k
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Take the sparse path when the mean share of active codes is at most this (see the docstring).
@@ -69,19 +70,17 @@ SPARSE_MAX_DENSITY = 1 / 256
 # Reference
 
 
-def check_k(k, n_dict: int):
-    """k is None (the ReLU code) or TopK's number of codes per token, an int from 1 to n_dict; else ValueError."""
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_dict):
-        raise ValueError(f"k={k!r}: TopK keeps k codes per token, so k must be an int from 1 to n_dict={n_dict} "
-                         "(or None for the ReLU code)")
-
-
-def sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None):
-    """The definition, differentiable by autograd: returns (x_hat, c). k=None: ReLU; an int: TopK."""
+def sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_topk=False):
+    """The definition, differentiable by autograd: returns (x_hat, c). k=None: ReLU; an int: TopK; an int with
+    batch_topk=True: BatchTopK's training code, the N k largest relu(pre) of the N tokens together."""
     check_k(k, enc_weight.shape[0])
     pre = F.linear(x, enc_weight, enc_bias)  # (..., n_dict)
     if k is None:
         c = F.relu(pre)
+    elif batch_topk:  # k per token on average, any number for each
+        acts = F.relu(pre).flatten()
+        top = acts.topk(k * (acts.numel() // pre.shape[-1]))
+        c = torch.zeros_like(acts).scatter(0, top.indices, top.values).view_as(pre)
     else:  # each row's k largest pre-activations through relu, in a row of zeros
         values, indices = pre.topk(k, dim=-1)  # (..., k)
         c = torch.zeros_like(pre).scatter(-1, indices, F.relu(values))
