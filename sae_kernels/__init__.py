@@ -1,6 +1,7 @@
 """Fused kernels for end-to-end SAE training: Triton on a GPU, with a pure-PyTorch reference for each.
 
-    sae_forward(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None) -> (x_hat, c)      sae_kernels/sae.py (k: TopK)
+    sae_forward(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_topk=False) -> (x_hat, c)
+                                                       sae_kernels/sae.py (k: TopK; batch_topk: BatchTopK)
     sae_forward_sparse(x, ..., k=None, batch_topk=False, dense=False) -> (x_hat, SparseCode)
                                                        sae_kernels/sparse.py: the code as its selected pairs
     kl_div(new_logits, orig_logits) -> KL(p_orig || p_new), averaged over rows     sae_kernels/kl.py
@@ -8,7 +9,7 @@
                                                        computed in chunks of tokens
 
 E2ESAE_BACKEND=auto|triton|torch picks the implementation at every call (sae_kernels/backend.py): by default
-Triton for CUDA tensors and the reference elsewhere.
+Triton for CUDA tensors, and elsewhere the PyTorch path over the selected pairs (sae_kernels/sparse.py).
 Tests: `python -m pytest tests/test_kernels.py tests/test_sparse_sae.py`.
 """
 

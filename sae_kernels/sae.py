@@ -52,12 +52,17 @@ costs one host sync per forward. TopK never measures: its k (32 to 128) is below
 paper's sizes; a k of more than ~n/256 would be faster through dense matmuls, which TopK does not offer.
 These are estimates, not measured on a GPU yet; `python bench.py` times the ReLU paths and TopK.
 
+Where Triton does not run (a CPU, E2ESAE_BACKEND=torch) and for BatchTopK (given k and batch_topk: the N k largest
+pre-activations of the batch, any number per token), sparse.py computes the same products over the selected pairs
+in PyTorch.
+
 Checked against sae_forward_torch by `python -m pytest tests/test_kernels.py`; timed by `python bench.py`.
 """
 
 import torch
 import torch.nn.functional as F
 
+from . import sparse
 from .backend import autocast_dtype, tl, triton, tuning_configs, use_triton
 from .sparse import check_k
 
@@ -410,17 +415,27 @@ class SAEForwardTriton(torch.autograd.Function):
 # What the rest of the code calls
 
 
-def sae_forward(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None):
+def sae_forward(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_topk=False):
     """The SAE on x (..., d_in): returns (x_hat (..., d_in), c (..., n_dict)). Differentiable in every input.
 
     enc_weight (n_dict, d_in), enc_bias (n_dict), dec_weight (d_in, n_dict), dec_bias (d_in); the decoder's
     columns are normalised on every call. k=None: the ReLU code; k an int from 1 to n_dict: TopK, each token's
-    k largest pre-activations through relu (c is dense either way). Under autocast the Triton path runs in the
-    autocast dtype.
+    k largest pre-activations through relu; with batch_topk=True, BatchTopK's training code, the N k largest of
+    the N tokens together (c is dense either way). Triton on CUDA (see backend.py); elsewhere, and for BatchTopK
+    everywhere, the PyTorch path over the selected pairs (sparse.py), which ReLU takes only while a sample of
+    tokens shows at most sparse.SPARSE_MAX_DENSITY of its codes firing (the dense reference otherwise). Under
+    autocast both run in the autocast dtype.
     """
     check_k(k, enc_weight.shape[0])
-    if not use_triton(x, enc_weight, enc_bias, dec_weight, dec_bias):
-        return sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias, k)
+    if batch_topk and k is None:
+        raise ValueError("batch_topk=True selects k codes per token on average over the batch: give k")
+    on_triton = use_triton(x, enc_weight, enc_bias, dec_weight, dec_bias)
+    if batch_topk or not on_triton:
+        if k is None and sparse.relu_density(x, enc_weight, enc_bias) > sparse.SPARSE_MAX_DENSITY:
+            return sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias)
+        x_hat, code = sparse.sae_forward_sparse(x, enc_weight, enc_bias, dec_weight, dec_bias, k, batch_topk,
+                                                dense=True)
+        return x_hat, code.dense
     tensors = (x, enc_weight, enc_bias, dec_weight, dec_bias)
     dtype = autocast_dtype(x.device)
     if dtype is not None:  # what autocast would do to the matmuls, done once for every kernel

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sae_kernels
+from sae_kernels import sparse
 from sae_kernels.sae import sae_forward_torch
 
 N_TOKENS, D_IN, N_DICT, K = 37, 24, 61, 5
@@ -199,3 +200,51 @@ def test_under_autocast():
     assert_close(c, ref_c, TOL[torch.float16], "c")
     for name, grad, ref in zip(NAMES, grads, ref_grads):
         assert_close(grad, ref, TOL[torch.float16], f"d/d{name}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dispatch: sae_forward
+
+
+@pytest.mark.parametrize("name", ["torch", "auto"])
+def test_sae_forward_takes_the_sparse_path_without_triton(name, backend):
+    """TopK and BatchTopK through sae_forward on a CPU (auto) or with E2ESAE_BACKEND=torch: the sparse path,
+    returning the dense c; and the same as the reference."""
+    backend(name)
+    for code in ("topk", "batch_topk"):
+        inputs = [t.requires_grad_() for t in sae_inputs(torch.float32, code)]
+        x_hat, c = sae_kernels.sae_forward(*inputs, **CODES[code])
+        assert type(x_hat.grad_fn).__name__ == "SAEForwardSparseBackward" and c.grad_fn is x_hat.grad_fn
+        ref_x_hat, ref_c = sae_forward_torch(*inputs, **CODES[code])
+        assert_close(x_hat, ref_x_hat, TOL[torch.float32], "x_hat")
+        assert_close(c, ref_c, TOL[torch.float32], "c")
+
+
+def test_sae_forward_relu_picks_its_path_from_the_density(backend, monkeypatch):
+    backend("torch")
+    monkeypatch.setattr(sparse, "SPARSE_MAX_DENSITY", 0.2)
+    for shift, expect_sparse in ((1.0, True), (0.0, False)):  # ~10% and ~50% of the codes fire
+        inputs = [t.requires_grad_() for t in sae_inputs(torch.float32, "relu", shift=shift)]
+        x_hat, c = sae_kernels.sae_forward(*inputs)
+        density = (c > 0).float().mean().item()
+        assert (type(x_hat.grad_fn).__name__ == "SAEForwardSparseBackward") == expect_sparse, f"density {density}"
+        assert (density <= 0.2) == expect_sparse
+
+
+def test_batch_topk_takes_the_sparse_path_under_triton_too(backend):
+    """BatchTopK has no Triton kernel: E2ESAE_BACKEND=triton runs it on the sparse path; TopK stays on Triton."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and not sae_kernels.backend.INTERPRET:
+        pytest.skip("triton cannot run on this CPU without TRITON_INTERPRET=1")
+    backend("triton")
+    inputs = [t.requires_grad_() for t in sae_inputs(torch.float32, "batch_topk")]
+    assert type(sae_kernels.sae_forward(*inputs, k=K, batch_topk=True)[0].grad_fn).__name__ == \
+        "SAEForwardSparseBackward"
+    assert type(sae_kernels.sae_forward(*inputs, k=K)[0].grad_fn).__name__ == "SAEForwardTritonBackward"
+
+
+def test_batch_topk_needs_k():
+    inputs = sae_inputs(torch.float32, "topk")
+    for fn in (sae_kernels.sae_forward, sae_kernels.sae_forward_sparse):
+        with pytest.raises(ValueError, match="batch_topk=True .* give k"):
+            fn(*inputs, batch_topk=True)
