@@ -29,20 +29,22 @@ each fresh 100 MB):
     dense (the reference): 5 such matmuls (encoder, decoder, g D, g_pre^T x, c^T g; a 6th for dx), and c, the
         relu mask, g D and g_pre as fresh (N, n) tensors: ~190 GFLOP and ~0.5 GB of (N, n) traffic, ~2 s.
     here: the encoder matmul (38.7 GFLOP, ~0.4 s), topk's read of pre, c written over pre's buffer (no new
-        (N, n) tensor), then 5 passes over nnz = 65,536 pairs x d = 50 M multiply-adds each (0.5 GFLOP in all),
-        and D^T, dD^T, dW_enc and dW_dec, 37 MB each. Measured alternatives for dW_enc (same CPU): index_add of the
-        nnz outer products g_pre_ij x_i (materialises nnz x d = 200 MB) 195 ms, a CSR sparse.mm 55 ms, embedding_bag
-        on the column-sorted pattern 24 ms; for the SDDMM: gathering D's rows and a bmm 136 ms, sampled_addmm on
-        the CSR pattern 14 ms, on the CSC pattern 2 to 10 ms.
-The decoder weight is (d, n), rows of W_dec the input dimensions, as nn.Linear stores it: D^T and dW_dec each cost
-one transposing copy. A W_dec stored column-major (its .t() contiguous) costs none; both layouts work.
+        (N, n) tensor), then 4 passes (5 with dx) over nnz = 65,536 pairs of d = 768: 50 M multiply-adds each,
+        0.4 GFLOP in all; and D^T, dD^T, dW_enc and dW_dec, 37 MB each. Alternatives measured on the same CPU
+        (fastest of repeated runs, other jobs running): for dW_enc, index_add of the nnz outer products g_pre_ij
+        x_i (an nnz x d = 200 MB intermediate) 195 ms, a CSR sparse.mm 55 ms, embedding_bag on the element-sorted
+        pattern 24 ms; for the SDDMM, gathering D's rows and a bmm 136 ms, sampled_addmm on the CSR pattern
+        14 ms, on the CSC one 2 to 10 ms.
+The decoder weight is (d, n), its rows the input dimensions, as nn.Linear stores it: D^T and dW_dec each cost a
+transposing copy (~25 ms each here). With W_dec stored column-major (W_dec.t() contiguous), D^T is a straight
+copy and dW_dec a view in W_dec's own layout; both layouts work.
 
 ReLU pays only while few codes fire: per active pair the sparse path gathers ~6 rows of d, where a dense matmul
 spends ~10 d FLOPs on every pair, active or not. At the shape above (ReLU, forward + backward, 2 cores) the sparse
 path took 0.9 s at a density of 1/64, 1.5 s at 1/8 and 2.4 s at 1/4, the dense reference 2.2 to 2.3 s: so the
 dispatch in sae.py measures a sample of tokens and takes the sparse path up to SPARSE_MAX_DENSITY = 1/8 (with a
 margin: a faster BLAS moves the crossing down). TopK and BatchTopK always take the sparse path. `python bench.py
---peers` times a TopK training step against SAELens and sparsify.
+--peers` times a whole TopK training step against SAELens and sparsify.
 
 Checked against sae.sae_forward_torch by `python -m pytest tests/test_sparse_sae.py`.
 """
