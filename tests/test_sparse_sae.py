@@ -3,6 +3,7 @@
 TopK, BatchTopK and ReLU on small odd shapes (37 tokens, d_in 24, n_dict 61, k = 5), in fp32, fp16 and fp64, with
 random gradients for x_hat and for the code. References are computed in float64 from the same inputs by
 sae.sae_forward_torch (the definition); the inputs are drawn so that no rounding can change what is selected.
+On a machine with a GPU the same tests run there (the path runs on every device).
 
     python -m pytest tests/test_sparse_sae.py -q
 """
@@ -13,6 +14,7 @@ import sae_kernels
 from sae_kernels import sparse
 from sae_kernels.sae import sae_forward_torch
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N_TOKENS, D_IN, N_DICT, K = 37, 24, 61, 5
 DTYPES = [torch.float32, torch.float16, torch.float64]
 # Allowed error relative to the largest magnitude of the reference value (fp16 rounds every stored value).
@@ -77,7 +79,7 @@ def sae_inputs(dtype, code, shift=0.5, seed=0):
         raise AssertionError("could not draw tokens whose selection is clear-cut")
     dec_weight = torch.randn(D_IN, N_DICT, generator=g)
     dec_bias = torch.randn(D_IN, generator=g)
-    return [t.to(dtype) for t in (x, enc_weight, enc_bias, dec_weight, dec_bias)]
+    return [t.to(DEVICE, dtype) for t in (x, enc_weight, enc_bias, dec_weight, dec_bias)]
 
 
 def run(inputs, code, reference, requires_grad=(True,) * 5, grads=("x_hat", "c"), dense=True):
@@ -100,7 +102,7 @@ def run(inputs, code, reference, requires_grad=(True,) * 5, grads=("x_hat", "c")
              "c.sum()": (0.37 * c.sum(), torch.ones(())), "value": (0.37 * value_sum, torch.ones(()))}
     outputs, grad_outputs = zip(*(terms[name] for name in grads))
     wrt = [t for t in ins if t.requires_grad]
-    found = iter(torch.autograd.grad(outputs, wrt, [gr.to(o.dtype) for o, gr in zip(outputs, grad_outputs)],
+    found = iter(torch.autograd.grad(outputs, wrt, [gr.to(o) for o, gr in zip(outputs, grad_outputs)],
                                      allow_unused=True))
     return x_hat.detach(), c.detach(), [next(found) if t.requires_grad else None for t in ins]
 
@@ -160,7 +162,7 @@ def test_batch_topk_is_e2esaes_training_code():
     x_hat, code = sae_kernels.sae_forward_sparse(*inputs, k=K, batch_topk=True)
     per_token = code.row_ptr.diff()
     assert code.col.numel() == N_TOKENS * K and per_token[5] == 0 and per_token[7] > 2 * K, per_token
-    assert torch.equal(code.rows(), torch.arange(N_TOKENS).repeat_interleave(per_token))
+    assert torch.equal(code.rows(), torch.arange(N_TOKENS, device=DEVICE).repeat_interleave(per_token))
     module = BatchTopK(K).train()
     expected = module(torch.nn.functional.linear(inputs[0], inputs[1], inputs[2]))
     assert_close(code.to_dense(), expected, TOL[torch.float32], "c")
@@ -172,7 +174,7 @@ def test_no_code_fires():
     """ReLU with every pre-activation below 0: no pairs; x_hat is the decoder bias and only it gets a gradient."""
     inputs = sae_inputs(torch.float32, "relu", shift=100.0)
     x_hat, code = sae_kernels.sae_forward_sparse(*inputs)
-    assert code.col.numel() == 0 and torch.equal(code.row_ptr, torch.zeros(N_TOKENS + 1, dtype=torch.long))
+    assert code.col.numel() == 0 and not code.row_ptr.any() and code.row_ptr.shape == (N_TOKENS + 1,)
     check(inputs, "relu", TOL[torch.float32])
 
 
@@ -192,7 +194,7 @@ def test_column_major_decoder_weight():
 def test_under_autocast():
     """fp32 weights under fp16 autocast: the path runs in fp16 and returns fp32 gradients."""
     inputs = [t.float() for t in sae_inputs(torch.float16, "topk")]  # fp16 values, exact in fp32
-    with torch.autocast("cpu", dtype=torch.float16):
+    with torch.autocast(DEVICE, dtype=torch.float16):
         x_hat, c, grads = run(inputs, "topk", reference=False)
     ref_x_hat, ref_c, ref_grads = run(inputs, "topk", reference=True)
     assert x_hat.dtype == c.dtype == torch.float16 and all(grad.dtype == torch.float32 for grad in grads)
@@ -209,12 +211,14 @@ def test_under_autocast():
 @pytest.mark.parametrize("name", ["torch", "auto"])
 def test_sae_forward_takes_the_sparse_path_without_triton(name, backend):
     """TopK and BatchTopK through sae_forward on a CPU (auto) or with E2ESAE_BACKEND=torch: the sparse path,
-    returning the dense c; and the same as the reference."""
+    returning the dense c; and the same as the reference. (auto on a GPU: Triton for TopK.)"""
     backend(name)
     for code in ("topk", "batch_topk"):
         inputs = [t.requires_grad_() for t in sae_inputs(torch.float32, code)]
         x_hat, c = sae_kernels.sae_forward(*inputs, **CODES[code])
-        assert type(x_hat.grad_fn).__name__ == "SAEForwardSparseBackward" and c.grad_fn is x_hat.grad_fn
+        triton = name == "auto" and DEVICE == "cuda" and code == "topk"
+        expected = "SAEForwardTritonBackward" if triton else "SAEForwardSparseBackward"
+        assert type(x_hat.grad_fn).__name__ == expected and c.grad_fn is x_hat.grad_fn
         ref_x_hat, ref_c = sae_forward_torch(*inputs, **CODES[code])
         assert_close(x_hat, ref_x_hat, TOL[torch.float32], "x_hat")
         assert_close(c, ref_c, TOL[torch.float32], "c")
