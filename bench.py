@@ -501,7 +501,9 @@ def peer_steps(torch, shape):
         skipped["SAELens"] = f"not installed ({e}): pip install sae-lens"
     else:
         # SAELens's trainer: training_forward_pass (its MSE; no auxiliary loss without a dead-latent mask), backward,
-        # then (not timed here) grad-norm clipping and firing statistics, and its optimizer's step
+        # then (not timed here) grad-norm clipping and firing statistics, and its optimizer's step. Its sparse option
+        # fails in backward with the default rescale_acts_by_decoder_norm=True (sae-lens 6.54, torch 2.13:
+        # "Could not run 'aten::view' with arguments from the 'SparseCPU' backend"), so it runs with rescaling off.
         for label, sparse, rescale in (("dense", False, True), ("use_sparse_activations, rescale off", True, False)):
             torch.manual_seed(1)
             cfg = TopKTrainingSAEConfig(d_in=d, d_sae=n, k=k, use_sparse_activations=sparse,
