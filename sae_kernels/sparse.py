@@ -55,6 +55,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .backend import autocast_dtype
+
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # ReLU takes the sparse path when at most this share of the codes fires (measured on 2 CPU cores; see above).
 SPARSE_MAX_DENSITY = 1 / 8
@@ -301,7 +303,7 @@ def sae_forward_sparse(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, ba
     check_k(k, enc_weight.shape[0])
     if batch_topk and k is None:
         raise ValueError("batch_topk=True selects k codes per token on average over the batch: give k")
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+    dtype = autocast_dtype(x.device)
     tensors = (x, enc_weight, enc_bias, dec_weight, dec_bias)
     if dtype is not None:  # what autocast would do to the matmuls, done once for every product
         tensors = tuple(t.to(dtype) for t in tensors)
