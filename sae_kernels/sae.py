@@ -423,15 +423,17 @@ def sae_forward(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_top
     k largest pre-activations through relu; with batch_topk=True, BatchTopK's training code, the N k largest of
     the N tokens together (c is dense either way). Triton on CUDA (see backend.py); elsewhere, and for BatchTopK
     everywhere, the PyTorch path over the selected pairs (sparse.py), which ReLU takes only while a sample of
-    tokens shows at most sparse.SPARSE_MAX_DENSITY of its codes firing (the dense reference otherwise). Under
-    autocast both run in the autocast dtype.
+    tokens shows at most sparse.SPARSE_MAX_DENSITY of its codes firing on a CPU, SPARSE_MAX_DENSITY on a GPU (the
+    dense reference otherwise). Under autocast both run in the autocast dtype.
     """
     check_k(k, enc_weight.shape[0])
     if batch_topk and k is None:
         raise ValueError("batch_topk=True selects k codes per token on average over the batch: give k")
     on_triton = use_triton(x, enc_weight, enc_bias, dec_weight, dec_bias)
     if batch_topk or not on_triton:
-        if k is None and sparse.relu_density(x, enc_weight, enc_bias) > sparse.SPARSE_MAX_DENSITY:
+        # ReLU: the crossing measured on a CPU; on a GPU (E2ESAE_BACKEND=torch) cuBLAS's, estimated above
+        limit = sparse.SPARSE_MAX_DENSITY if x.device.type == "cpu" else SPARSE_MAX_DENSITY
+        if k is None and sparse.relu_density(x, enc_weight, enc_bias) > limit:
             return sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias)
         x_hat, code = sparse.sae_forward_sparse(x, enc_weight, enc_bias, dec_weight, dec_bias, k, batch_topk,
                                                 dense=True)

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from .backend import autocast_dtype
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# ReLU takes the sparse path when at most this share of the codes fires (measured on 2 CPU cores; see above).
+# On a CPU, ReLU takes the sparse path when at most this share of the codes fires (measured on 2 cores; see above).
 SPARSE_MAX_DENSITY = 1 / 8
 
 
