@@ -226,7 +226,8 @@ def test_sae_forward_takes_the_sparse_path_without_triton(name, backend):
 
 def test_sae_forward_relu_picks_its_path_from_the_density(backend, monkeypatch):
     backend("torch")
-    monkeypatch.setattr(sparse, "SPARSE_MAX_DENSITY", 0.2)
+    monkeypatch.setattr(sparse, "SPARSE_MAX_DENSITY", 0.2)  # a CPU's threshold
+    monkeypatch.setattr(sae_kernels.sae, "SPARSE_MAX_DENSITY", 0.2)  # a GPU's
     for shift, expect_sparse in ((1.0, True), (0.0, False)):  # ~10% and ~50% of the codes fire
         inputs = [t.requires_grad_() for t in sae_inputs(torch.float32, "relu", shift=shift)]
         x_hat, c = sae_kernels.sae_forward(*inputs)
