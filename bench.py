@@ -8,8 +8,11 @@ what was allocated before it (inputs, weights), i.e. what the operation itself a
     python bench.py --quick --out results.json
     python bench.py --device cpu --tiny       # a smoke test of this script through Triton's interpreter
     python bench.py --data                    # the data path alone (data.py), on the CPU: no CUDA, no Triton
+    python bench.py --peers                   # one TopK SAE training step on the CPU against SAELens and sparsify
 
 `python gpu_check.py` runs this with --quick, after the kernel tests and a short training run (BENCHMARKS.md).
+--peers needs `sae-lens` and `eai-sparsify` installed (neither is a dependency of this project; a missing one is
+skipped and said so).
 
 No `datasets` or `wandb` needed; GPT-2 runs on random weights (speed does not depend on their values). --data
 needs `datasets` and pyarrow, and tokenises the embedded corpus into a temporary cache (yours is not touched).
@@ -32,6 +35,10 @@ def parse_args(argv):
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200: 989)")
     p.add_argument("--out", default=None, help="write every result to this JSON file")
     p.add_argument("--data", action="store_true", help="benchmark the data path (data.py) instead, on the CPU")
+    p.add_argument("--peers", action="store_true",
+                   help="one local TopK SAE training step on the CPU, this project against SAELens and sparsify")
+    p.add_argument("--repeats", type=int, default=9, help="--peers: rounds of every implementation in turn")
+    p.add_argument("--threads", type=int, default=None, help="--peers: torch.set_num_threads (default: torch's)")
     return p.parse_args(argv)
 
 
@@ -439,6 +446,157 @@ def main_data(args):
         print(f"wrote {args.out}")
 
 
+# ---- peers (--peers): one local TopK SAE training step on the CPU, this project against SAELens and sparsify ----
+
+# "Work A": N activations of width d_in into n_dict latents, k per token, fp32: SAE forward + MSE + backward + Adam
+PEERS = dict(tokens=2048, d_in=768, n_dict=12288, k=32)
+
+
+def peer_steps(torch, shape):
+    """{name: step()} of one training step per implementation, each with its own weights and torch.optim.Adam
+    (default settings, lr 1e-9 so that nothing drifts), on one shared batch x; and {name: why} for those skipped."""
+    import torch.nn.functional as F
+
+    import sae_kernels
+    from e2esae import SAE
+    N, d, n, k = shape["tokens"], shape["d_in"], shape["n_dict"], shape["k"]
+    x = torch.randn(N, d, generator=torch.Generator().manual_seed(0))
+    steps, skipped = {}, {}
+
+    def trainer(params, loss_fn, before_step=None, after_step=None):
+        optimizer = torch.optim.Adam(params, lr=1e-9)
+
+        def step():
+            loss_fn().backward()
+            if before_step:
+                before_step()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if after_step:
+                after_step()
+        return step
+
+    def own(fused=True, column_major=False):
+        torch.manual_seed(1)
+        sae = SAE(d, n, activation="topk", k=k)
+        if column_major:  # the same values, stored so that W_dec.t() is contiguous
+            sae.decoder.weight = torch.nn.Parameter(sae.decoder.weight.detach().t().contiguous().t())
+        if not fused:
+            sae.activation.fused = None  # the module path: topk, a dense scatter, a dense decoder matmul
+        return sae
+
+    for name, sae in (("e2esae SAE(topk), sparse path (sae_forward)", own()),
+                      ("e2esae SAE(topk), sparse path, W_dec stored column-major", own(column_major=True)),
+                      ("e2esae SAE(topk), dense module path (the reference)", own(fused=False))):
+        steps[name] = trainer(sae.parameters(), lambda s=sae: F.mse_loss(s(x)[0], x))
+    sae = own()
+    code_only = lambda: F.mse_loss(sae_kernels.sae_forward_sparse(x, sae.encoder.weight, sae.encoder.bias,
+                                                                  sae.decoder.weight, sae.decoder.bias, k=k)[0], x)
+    steps["e2esae sae_forward_sparse (no dense c)"] = trainer(sae.parameters(), code_only)
+
+    try:
+        from sae_lens.saes.sae import TrainStepInput
+        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    except ImportError as e:
+        skipped["SAELens"] = f"not installed ({e}): pip install sae-lens"
+    else:
+        # SAELens's trainer: training_forward_pass (its MSE; no auxiliary loss without a dead-latent mask), backward,
+        # then (not timed here) grad-norm clipping and firing statistics, and its optimizer's step. Its sparse option
+        # fails in backward with the default rescale_acts_by_decoder_norm=True (sae-lens 6.54, torch 2.13:
+        # "Could not run 'aten::view' with arguments from the 'SparseCPU' backend"), so it runs with rescaling off.
+        for label, sparse, rescale in (("dense", False, True), ("use_sparse_activations, rescale off", True, False)):
+            torch.manual_seed(1)
+            cfg = TopKTrainingSAEConfig(d_in=d, d_sae=n, k=k, use_sparse_activations=sparse,
+                                        rescale_acts_by_decoder_norm=rescale, dtype="float32", device="cpu")
+            lens = TopKTrainingSAE(cfg)
+            batch = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0,
+                                   is_logging_step=False)
+            steps[f"SAELens TopKTrainingSAE ({label})"] = trainer(
+                lens.parameters(), lambda s=lens, b=batch: s.training_forward_pass(b).loss)
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder needs a GPU: embedding_bag instead
+    try:
+        from sparsify import SparseCoder, SparseCoderConfig
+    except ImportError as e:
+        skipped["sparsify"] = f"not installed ({e}): pip install eai-sparsify"
+    else:
+        # sparsify's trainer (fvu loss): backward, drop the gradient along each decoder row, step, renormalise rows
+        torch.manual_seed(1)
+        coder = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k))
+        steps["sparsify SparseCoder (eager embedding_bag decoder)"] = trainer(
+            coder.parameters(), lambda: coder(x).fvu, coder.remove_gradient_parallel_to_decoder_directions,
+            coder.set_decoder_norm_to_unit_norm)
+    return steps, skipped
+
+
+def peak_rss_of(fn):
+    """Bytes by which one call of fn raises this process's peak resident memory above its resident memory before
+    (Linux: /proc/self/clear_refs resets the peak); None elsewhere."""
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    before = status("VmRSS:")
+    fn()
+    return status("VmHWM:") - before
+
+
+def main_peers(args):
+    """Every implementation in turn, args.repeats rounds (each round starting one further along), after one
+    warm-up step each; then each one's peak memory over one more step."""
+    import importlib.metadata
+
+    import torch
+    set_backend("torch")  # the PyTorch path over the selected pairs, as on any CPU
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    versions = {}
+    for dist in ("torch", "sae-lens", "eai-sparsify"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    env = dict(python=platform.python_version(), **versions, cores=os.cpu_count(), threads=torch.get_num_threads(),
+               shape=PEERS, load_before=os.getloadavg())
+    print(json.dumps(env))
+    steps, skipped = peer_steps(torch, PEERS)
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+    names = list(steps)
+    for name in names:
+        steps[name]()  # warm-up: optimizer state, first allocations
+    times = {name: [] for name in names}
+    repeats = 3 if args.quick else args.repeats
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name].append(1e3 * (time.perf_counter() - t0))
+        print(f"  round {r + 1}/{repeats}: " + ", ".join(f"{times[n][-1]:.0f}" for n in names), flush=True)
+    peaks = {name: peak_rss_of(steps[name]) for name in names}
+    env["load_after"] = os.getloadavg()
+    rows = [dict(implementation=n, min_ms=min(times[n]), median_ms=statistics.median(times[n]), peak_bytes=peaks[n],
+                 times_ms=times[n]) for n in names]
+    peers = [r["median_ms"] for r in rows if not r["implementation"].startswith("e2esae")]
+    fastest = min(peers or [r["median_ms"] for r in rows])
+    print(f"\nOne TopK SAE training step, {PEERS['tokens']:,} x {PEERS['d_in']} activations, {PEERS['n_dict']:,} "
+          f"latents, k = {PEERS['k']}, fp32, CPU ({env['cores']} cores, {env['threads']} threads), {repeats} rounds; "
+          f"load average before {env['load_before']}, after {env['load_after']}\n")
+    print("| implementation | min ms | median ms | median / fastest peer's | peak MB above the step's start |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        peak = f"{r['peak_bytes'] / 2**20:,.0f}" if r["peak_bytes"] is not None else "-"
+        print(f"| {r['implementation']} | {r['min_ms']:,.0f} | {r['median_ms']:,.0f} | "
+              f"{r['median_ms'] / fastest:.2f} | {peak} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(env=env, skipped=skipped, results=rows), f, indent=1)
+        print(f"wrote {args.out}")
+
+
 # ---- report ----
 
 def print_table(results):
@@ -487,6 +645,9 @@ if __name__ == "__main__":
     args = parse_args(sys.argv[1:])
     if args.data:  # no kernels, no Triton, no CUDA
         main_data(args)
+        sys.exit()
+    if args.peers:  # the PyTorch path on the CPU: no CUDA, no Triton
+        main_peers(args)
         sys.exit()
     if args.device == "cpu":  # the kernels can only run interpreted; this must precede importing triton
         os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -77,6 +77,9 @@ class Activation(nn.Module):
         """The sparsity term of each token, before the mean over tokens and the division by d_in."""
         return torch.linalg.vector_norm(code, ord=p_norm, dim=-1, dtype=torch.float32)
 
+    def observe(self, code):
+        """See the code a fused kernel computed (where forward did not run): nothing to learn from it for most."""
+
 
 class ReLU(Activation):
     """c = ReLU(pre): the paper's SAE, sparse only through the L_p penalty."""
@@ -118,19 +121,29 @@ class BatchTopK(TopK):
 
     def __init__(self, k, n_dict):
         super().__init__(k, n_dict)
-        self.fused = None  # its selection spans the batch, which the fused kernel's per-token one does not
         self.register_buffer("threshold", torch.zeros(()))
+
+    @property
+    def fused(self):  # the batch selection in training; inference's threshold is a plain elementwise op
+        return {"k": self.k, "batch_topk": True} if self.training else None
+
+    @fused.setter
+    def fused(self, value):  # (TopK's constructor sets its own; BatchTopK's is the property above)
+        pass
 
     def forward(self, pre):
         if not self.training:
             return pre * (pre > self.threshold)
         tokens = pre.numel() // pre.shape[-1]
         code = sae_kernels.topk_relu(pre.flatten(), min(self.k * tokens, pre.numel())).view_as(pre)
-        with torch.no_grad():
-            kept = code[code > 0]
-            if kept.numel():
-                self.threshold.lerp_(kept.min().float(), self.momentum)
+        self.observe(code)
         return code
+
+    @torch.no_grad()
+    def observe(self, code):
+        kept = code[code > 0]
+        if self.training and kept.numel():
+            self.threshold.lerp_(kept.min().float(), self.momentum)
 
 
 class _JumpReLUFunction(torch.autograd.Function):
@@ -259,8 +272,10 @@ class SAE(nn.Module):
         """(x_hat, c, pre): pre for the sparsity terms that need it (JumpReLU's), None where a fused kernel
         computed the activation (sae_kernels.sae_forward: on a GPU, without ever writing pre and c separately)."""
         if self.activation.fused is not None:
-            return *sae_kernels.sae_forward(x, self.encoder.weight, self.encoder.bias, self.decoder.weight,
-                                            self.decoder.bias, **self.activation.fused), None
+            x_hat, code = sae_kernels.sae_forward(x, self.encoder.weight, self.encoder.bias, self.decoder.weight,
+                                                  self.decoder.bias, **self.activation.fused)
+            self.activation.observe(code)
+            return x_hat, code, None
         pre = self.encoder(x)
         code = self.activation(pre)
         return self.decode(code), code, pre

@@ -52,13 +52,19 @@ costs one host sync per forward. TopK never measures: its k (32 to 128) is below
 paper's sizes; a k of more than ~n/256 would be faster through dense matmuls, which TopK does not offer.
 These are estimates, not measured on a GPU yet; `python bench.py` times the ReLU paths and TopK.
 
+Where Triton does not run (a CPU, E2ESAE_BACKEND=torch) and for BatchTopK (given k and batch_topk: the N k largest
+pre-activations of the batch, any number per token), sparse.py computes the same products over the selected pairs
+in PyTorch.
+
 Checked against sae_forward_torch by `python -m pytest tests/test_kernels.py`; timed by `python bench.py`.
 """
 
 import torch
 import torch.nn.functional as F
 
+from . import sparse
 from .backend import autocast_dtype, tl, triton, tuning_configs, use_triton
+from .sparse import check_k
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Take the sparse path when the mean share of active codes is at most this (see the docstring).
@@ -69,24 +75,23 @@ SPARSE_MAX_DENSITY = 1 / 256
 # Reference
 
 
-def check_k(k, n_dict: int):
-    """k is None (the ReLU code) or TopK's number of codes per token, an int from 1 to n_dict; else ValueError."""
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_dict):
-        raise ValueError(f"k={k!r}: TopK needs k, the codes it keeps per token, an int from 1 to n_dict={n_dict} "
-                         "(or None for the ReLU code)")
-
-
 def topk_relu(pre, k):
     """Each row's k largest pre-activations (..., n) through relu, in a row of zeros: TopK's code."""
     values, indices = pre.topk(k, dim=-1)  # (..., k)
     return torch.zeros_like(pre).scatter(-1, indices, F.relu(values))
 
 
-def sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None):
-    """The definition, differentiable by autograd: returns (x_hat, c). k=None: ReLU; an int: TopK."""
+def sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_topk=False):
+    """The definition, differentiable by autograd: returns (x_hat, c). k=None: ReLU; an int: TopK; an int with
+    batch_topk=True: BatchTopK's training code, the N k largest relu(pre) of the N tokens together."""
     check_k(k, enc_weight.shape[0])
     pre = F.linear(x, enc_weight, enc_bias)  # (..., n_dict)
-    c = F.relu(pre) if k is None else topk_relu(pre, k)
+    if k is None:
+        c = F.relu(pre)
+    elif batch_topk:  # k per token on average, any number for each
+        c = topk_relu(pre.flatten(), k * (pre.numel() // pre.shape[-1])).view_as(pre)
+    else:
+        c = topk_relu(pre, k)
     dictionary = dec_weight / dec_weight.norm(dim=0, keepdim=True)  # (d_in, n_dict), unit-norm columns
     x_hat = F.linear(c, dictionary, dec_bias)  # (..., d_in)
     return x_hat, c
@@ -413,17 +418,29 @@ class SAEForwardTriton(torch.autograd.Function):
 # What the rest of the code calls
 
 
-def sae_forward(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None):
+def sae_forward(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_topk=False):
     """The SAE on x (..., d_in): returns (x_hat (..., d_in), c (..., n_dict)). Differentiable in every input.
 
     enc_weight (n_dict, d_in), enc_bias (n_dict), dec_weight (d_in, n_dict), dec_bias (d_in); the decoder's
     columns are normalised on every call. k=None: the ReLU code; k an int from 1 to n_dict: TopK, each token's
-    k largest pre-activations through relu (c is dense either way). Under autocast the Triton path runs in the
-    autocast dtype.
+    k largest pre-activations through relu; with batch_topk=True, BatchTopK's training code, the N k largest of
+    the N tokens together (c is dense either way). Triton on CUDA (see backend.py); elsewhere, and for BatchTopK
+    everywhere, the PyTorch path over the selected pairs (sparse.py), which ReLU takes only while a sample of
+    tokens shows at most sparse.SPARSE_MAX_DENSITY of its codes firing on a CPU, SPARSE_MAX_DENSITY on a GPU (the
+    dense reference otherwise). Under autocast both run in the autocast dtype.
     """
     check_k(k, enc_weight.shape[0])
-    if not use_triton(x, enc_weight, enc_bias, dec_weight, dec_bias):
-        return sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias, k)
+    if batch_topk and k is None:
+        raise ValueError("batch_topk=True selects k codes per token on average over the batch: give k")
+    on_triton = use_triton(x, enc_weight, enc_bias, dec_weight, dec_bias)
+    if batch_topk or not on_triton:
+        # ReLU: the crossing measured on a CPU; on a GPU (E2ESAE_BACKEND=torch) cuBLAS's, estimated above
+        limit = sparse.SPARSE_MAX_DENSITY if x.device.type == "cpu" else SPARSE_MAX_DENSITY
+        if k is None and sparse.relu_density(x, enc_weight, enc_bias) > limit:
+            return sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias)
+        x_hat, code = sparse.sae_forward_sparse(x, enc_weight, enc_bias, dec_weight, dec_bias, k, batch_topk,
+                                                dense=True)
+        return x_hat, code.dense
     tensors = (x, enc_weight, enc_bias, dec_weight, dec_bias)
     dtype = autocast_dtype(x.device)
     if dtype is not None:  # what autocast would do to the matmuls, done once for every kernel

@@ -420,7 +420,7 @@ def test_triton_backend_explains_what_is_missing(case):
 @pytest.mark.parametrize("full_metrics, path", [(False, "sparse"), (True, "dense")])
 def test_compute_loss_is_the_same_with_either_backend(full_metrics, path, backend, monkeypatch):
     """e2e + downstream + local terms on a tiny GPT: loss and every SAE gradient, Triton vs the reference."""
-    from e2esae import SAETransformer, compute_loss
+    from e2esae import LossConfig, SAETransformer, compute_loss
     from model import GPT, GPTConfig
 
     monkeypatch.setattr(sae_kernels.sae, "SPARSE_MAX_DENSITY", 1.0 if path == "sparse" else 0.0)
@@ -432,9 +432,9 @@ def test_compute_loss_is_the_same_with_either_backend(full_metrics, path, backen
     for name in ("triton", "torch"):
         backend(name)
         model.zero_grad()
-        loss, metrics = compute_loss(model, idx, sparsity_coeff=0.5, kl_coeff=1.0, in_to_orig_coeff=0.3,
-                                     in_to_orig_positions=["blocks.1.hook_resid_post"], out_to_in_coeff=0.2,
-                                     full_metrics=full_metrics)
+        loss, metrics = compute_loss(model, idx, LossConfig(sparsity_coeff=0.5, kl_coeff=1.0, in_to_orig_coeff=0.3,
+                                                            in_to_orig_positions=["blocks.1.hook_resid_post"],
+                                                            out_to_in_coeff=0.2), full_metrics=full_metrics)
         loss.backward()
         results.append((loss.detach(), metrics["kl"], [p.grad.clone() for p in model.saes.parameters()]))
     (loss, kl, grads), (ref_loss, ref_kl, ref_grads) = results
