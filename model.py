@@ -95,6 +95,20 @@ class Block(nn.Module):
 _POSITION = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|post)")
 
 
+def check_token_ids(idx, vocab_size, block_size):
+    """Refuse, saying what is wrong, what no embedding can read: anything but token ids (B, T) of an integer
+    dtype, a sequence longer than the context, an id outside the vocabulary."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
+        got = f"{tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise ValueError(f"expected token ids as an integer tensor of shape (batch, seq_len), got {got}")
+    if idx.shape[1] > block_size:
+        raise ValueError(f"sequence of length {idx.shape[1]} is longer than the model's block_size {block_size}; "
+                         "crop it (idx[:, -block_size:])")
+    if idx.numel() and (idx.min() < 0 or idx.max() >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got values in "
+                         f"[{idx.min().item()}, {idx.max().item()}]")
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -144,17 +158,8 @@ class GPT(nn.Module):
 
     def embed(self, idx):
         """Token ids (B, T) -> the residual stream entering block 0, (B, T, n_embd)."""
-        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
-            got = f"{tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
-            raise ValueError(f"expected token ids as an integer tensor of shape (batch, seq_len), got {got}")
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than the model's block_size {self.config.block_size}; "
-                             "crop it (idx[:, -block_size:])")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got values in "
-                             f"[{idx.min().item()}, {idx.max().item()}]")
-        pos = torch.arange(T, device=idx.device)
+        check_token_ids(idx, self.config.vocab_size, self.config.block_size)
+        pos = torch.arange(idx.shape[1], device=idx.device)
         return self.transformer.wte(idx) + self.transformer.wpe(pos)
 
     def run_blocks(self, x, start=0, stop=None):
@@ -165,9 +170,22 @@ class GPT(nn.Module):
             x = block(x)
         return x
 
+    def final_norm(self, x):
+        """The residual after the last block -> what the unembedding reads."""
+        return self.transformer.ln_f(x)
+
+    # The unembedding as the losses read it, the same for every model: logits = final_norm(x) @ head_weight.T, plus
+    # head_bias and a soft cap (cap * tanh(logits / cap)) where a model has them (hf_model.py); GPT-2 has neither.
+    head_bias = None
+    logit_softcap = None
+
+    @property
+    def head_weight(self):
+        return self.lm_head.weight  # (vocab, n_embd), tied to wte
+
     def unembed(self, x):
         """The residual after the last block -> logits (B, T, vocab)."""
-        return self.lm_head(self.transformer.ln_f(x))
+        return self.lm_head(self.final_norm(x))
 
     def forward(self, idx, edits=None):
         """Logits (B, T, vocab) for every position. `edits` maps position names to functions that replace the
