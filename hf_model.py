@@ -27,7 +27,7 @@ only when a model is loaded, so this file imports without it.
 
 Usage:
     model = HFModel.from_pretrained("EleutherAI/pythia-70m-deduped")     # or a local directory
-    sae_model = SAETransformer(model, ["blocks.3.hook_resid_post"], dict_size_to_input_ratio=32)
+    logits = model(idx, edits={"blocks.3.hook_resid_post": lambda x: sae(x)[0]})   # as with model.GPT
 """
 
 import inspect
@@ -176,7 +176,7 @@ class HFModel(nn.Module):
         inputs = self._layer_inputs(x, sorted(set(kinds)))
         for layer, kind in zip(self.layers[start:stop], kinds):
             out = layer(x, **inputs[kind])
-            x = out[0] if isinstance(out, tuple) else out  # some layers still return (hidden_states, ...)
+            x = out[0] if isinstance(out, tuple) else out  # transformers 4's layers return (hidden_states, ...)
         return x
 
     def final_norm(self, x):
@@ -203,22 +203,32 @@ class HFModel(nn.Module):
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         local = os.path.isdir(name_or_dir)
-        try:
-            config = AutoConfig.from_pretrained(name_or_dir)
-        except Exception as e:
-            if local:
-                raise ValueError(f"{name_or_dir} holds no readable Hugging Face config.json ({type(e).__name__}: "
-                                 f"{e}); supported: {SUPPORTED}") from e
-            raise RuntimeError(f"{name_or_dir!r} is not a local directory, and loading it as a hub id failed "
-                               f"({type(e).__name__}: {e}). Offline, download it elsewhere and pass the directory "
-                               "holding its config.json and weights instead") from e
+        if local and not os.path.isfile(os.path.join(name_or_dir, "config.json")):
+            raise ValueError(f"{name_or_dir} holds no config.json: a model directory is in the hub's layout (as "
+                             f"save_pretrained writes it: config.json and weights); supported: {SUPPORTED}")
+        config = _fetch(AutoConfig.from_pretrained, name_or_dir)
         if getattr(config, "is_encoder_decoder", False) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             raise ValueError(f"{name_or_dir}: model_type {config.model_type!r} is not a decoder-only causal language "
                              f"model; supported: {SUPPORTED}")
         kwargs = {} if dtype is None else {"dtype": dtype}
         if getattr(config, "attn_logit_softcapping", None) is not None:
-            kwargs["attn_implementation"] = "eager"  # Gemma 2: only eager attention soft-caps its attention logits
-        hf = AutoModelForCausalLM.from_pretrained(name_or_dir, **kwargs)
+            # Gemma 2 soft-caps its attention logits: ask for eager attention, which applies the cap, rather than
+            # depend on the library's default choice
+            kwargs["attn_implementation"] = "eager"
+        hf = _fetch(AutoModelForCausalLM.from_pretrained, name_or_dir, **kwargs)
         model = cls(hf)
         model.name_or_path = os.path.abspath(name_or_dir) if local else name_or_dir
         return model
+
+
+def _fetch(load, name_or_dir, **kwargs):
+    """load(name_or_dir): a local directory as it is; a hub id through the library's download and cache, whose
+    failure (offline, a typo) is explained with what was tried and what to do."""
+    try:
+        return load(name_or_dir, **kwargs)
+    except Exception as e:
+        if os.path.isdir(name_or_dir):
+            raise
+        raise RuntimeError(f"{name_or_dir!r} is not a local directory, and loading it as a Hugging Face hub id failed "
+                           f"({type(e).__name__}: {e}). Offline, download it elsewhere and pass the directory holding "
+                           "its config.json and weights instead") from e

@@ -93,8 +93,8 @@ def test_residual_stream_matches_hidden_states(family):
     model_type, hf, ours, _ = family
     idx = tokens(seed=1)
     caught = []
-    hook = hf.base_model.layers[-1] if model_type != "gpt2" else hf.transformer.h[-1]
-    hook = hook.register_forward_hook(lambda m, args, out: caught.append(out[0] if isinstance(out, tuple) else out))
+    last = hf.base_model.layers[-1] if model_type != "gpt2" else hf.transformer.h[-1]
+    hook = last.register_forward_hook(lambda m, args, out: caught.append(out[0] if isinstance(out, tuple) else out))
     try:
         with torch.no_grad():
             hidden = hf(idx, output_hidden_states=True).hidden_states  # [layer 0 in, ..., layer n-1 in, normed out]
@@ -138,6 +138,15 @@ def test_identity_splice_and_split_ranges_are_exact(family):
         for start, stop in ((0, 1), (1, 2), (2, n)):
             x = ours.run_blocks(x, start, stop)
         torch.testing.assert_close(ours.unembed(x), clean, atol=1e-5, rtol=0)
+
+
+def test_gradients_reach_the_stream_and_not_the_weights(family):
+    """What SAE training needs of the frozen model: a loss on the logits has a gradient with respect to the stream."""
+    _, _, ours, _ = family
+    x = ours.embed(tokens(seed=9)).detach().requires_grad_()
+    ours.unembed(ours.run_blocks(x, 1)).logsumexp(-1).sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in ours.parameters())
 
 
 def test_an_edit_changes_the_stream_from_its_layer_on(family):
@@ -244,7 +253,7 @@ def test_unsupported_layouts_are_refused(tmp_path):
                                                 num_attention_heads=4, intermediate_size=64)).save_pretrained(bert)
     with pytest.raises(ValueError, match="found 0 lists of 2 decoder layers.*supported"):
         HFModel.from_pretrained(bert)
-    with pytest.raises(ValueError, match="no readable Hugging Face config.json"):
+    with pytest.raises(ValueError, match="holds no config.json"):
         HFModel.from_pretrained(str(tmp_path))
 
 
