@@ -209,7 +209,7 @@ def logit_effects(model, directions, k):
     over the lm_head's distinct rows. Returns ([[(token, effect)] promoted], [[...] suppressed], tokens left out):
     rows shared by several tokens (the embedded default's unseen tokens) are left out."""
     head = model.head
-    single = head.bias == 0  # log(tokens in the row) == 0: a row of one token
+    single = head.log_count == 0  # a row of one token
     rows, tokens = head.weight[single], head.row_token[single]
     effects = rows.float() @ directions.float()  # (n_rows, n)
     k = min(k, len(tokens))

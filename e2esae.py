@@ -57,6 +57,7 @@ import torch.nn.functional as F
 import interop
 import sae_kernels
 from language_models import load_model
+from model import Unembedding
 
 # ---- the activations: pre-activations (..., n_dict) -> the code c ----
 
@@ -387,7 +388,7 @@ class SAETransformer(nn.Module):
                                  "wide: give the model it was trained on (eval.py: --init_from=...)")
         self.saes = nn.ModuleDict({interop.sae_key(p): saes.get(p) or SAE(d_in, int(d_in * dict_size_to_input_ratio),
                                                                          **sae_kwargs) for p in self.sae_positions})
-        self.head = gpt.unembedding()  # the lm_head, identical rows merged where some tokens share one
+        self.head = Unembedding.of(gpt)  # the lm_head, identical rows merged where some tokens share one
         self.config = {}  # the training config, where a checkpoint records one
 
     def train(self, mode=True):
@@ -655,7 +656,7 @@ def compute_loss(model, idx, loss, *, full_metrics=True, feature_counts=None, de
             with torch.no_grad():
                 metrics.update(output_metrics(logits_orig, logits_new, idx, model.head))
         else:  # fused: neither model's (tokens, vocab) logits are ever held whole
-            kl = sae_kernels.linear_kl_div(h_new, h_orig, model.head.weight, model.head.bias)
+            kl = sae_kernels.linear_kl_div(h_new, h_orig, model.head.weight, model.head.bias, model.head.softcap)
         if loss.kl_rescale:
             alpha = (mse / kl.clamp_min(1e-12)).detach()
             total = total + 0.5 * (loss.out_to_in_coeff * mse + loss.kl_coeff * alpha * kl)

@@ -93,10 +93,12 @@ class Block(nn.Module):
 
 
 class Unembedding(nn.Module):
-    """The lm_head with identical rows merged: one logit per distinct row, exact for every figure over tokens.
+    """The unembedding as the losses read it, any model's: logits = cap tanh((h W^T) / cap) + b, with identical rows
+    of W merged into one logit each, exactly.
 
-    Tokens whose unembedding rows are equal always get equal logits. (The embedded default's small model gives the
-    ~31,000 tokens that never occur in Shakespeare one shared row; see train_gpt.py.) If n_r tokens share row r,
+    W (V, d) is the lm_head; the soft cap is Gemma 2's (none elsewhere); b is the lm_head's bias where a model has
+    one. Tokens whose rows (and biases) are equal always get equal logits. (The embedded default's small model gives
+    the ~31,000 tokens that never occur in Shakespeare one shared row; see train_gpt.py.) If n_r tokens share row r,
     whose logit is z_r, a softmax over the V tokens is a softmax over the U distinct rows with log n_r added:
 
         P(row r) = n_r exp(z_r) / sum_s n_s exp(z_s),       p(token v) = P(row of v) / n_(row of v)
@@ -107,13 +109,14 @@ class Unembedding(nn.Module):
     most of a step's FLOPs in a narrow model, costs U / V as much. Without repeated rows U = V, every log n_r is 0
     and this is the plain lm_head.
 
-        head = Unembedding.of(gpt.lm_head.weight)     # a frozen lm_head, its identical rows found
-        logits = head(h)                              # (..., U): the rows' logits, log n_r added
+        head = Unembedding.of(gpt)      # a frozen model's head (head_weight, head_bias, logit_softcap), rows merged
+        logits = head(h)                # (..., U): the rows' logits, b or log n_r added
         head.cross_entropy(logits, targets), head.predictions(logits)    # over tokens again
     """
 
-    def __init__(self, token_row, rows=None):
-        """token_row (V,): the row of each token, rows 0..U-1; rows (U, d), or None where forward is given them."""
+    def __init__(self, token_row, rows=None, bias=None, softcap=None):
+        """token_row (V,): the row of each token, rows 0..U-1; rows (U, d), or None where forward is given them;
+        bias (U,): the lm_head's own, added after the cap (log n_r where rows are merged)."""
         super().__init__()
         n_rows, V = int(token_row.max()) + 1, len(token_row)
         first = torch.full((n_rows,), V, device=token_row.device)
@@ -122,36 +125,61 @@ class Unembedding(nn.Module):
             self.weight = rows  # (V, d) the lm_head's own weight, shared: moved with the model, never copied
         else:
             self.register_buffer("weight", rows, persistent=False)  # (U, d) the distinct rows, or None: per call
-        self.register_buffer("bias", torch.bincount(token_row, minlength=n_rows).float().log(), persistent=False)
+        log_count = torch.bincount(token_row, minlength=n_rows).float().log()  # (U,) log n_r
+        self.register_buffer("log_count", log_count, persistent=False)
+        self.register_buffer("bias", log_count if bias is None else bias.detach().float(), persistent=False)
         self.register_buffer("token_row", token_row, persistent=False)  # (V,) the row of each token
         self.register_buffer("row_token", first, persistent=False)  # (U,) the first token of each row
+        self.softcap = softcap
 
     @classmethod
-    def of(cls, weight):
-        """The Unembedding of a frozen lm_head weight (V, d): its distinct rows, found once."""
+    def of(cls, model):
+        """A frozen model's head (its head_weight (V, d), head_bias and logit_softcap), its identical rows found."""
+        weight, bias, softcap = model.head_weight, model.head_bias, model.logit_softcap
+        if bias is not None and softcap is not None:
+            raise ValueError("an lm_head bias under a logit soft cap: no model this project loads has both")
         identity = torch.arange(len(weight), device=weight.device)
         direction = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.device)
         probe = weight.detach().float() @ direction  # (V,)
-        if len(torch.unique(probe)) == len(weight):  # distinct projections: distinct rows, no sort of the matrix
-            return cls(identity, weight)  # the weight itself, in token order (no copy)
+        if bias is not None or len(torch.unique(probe)) == len(weight):  # distinct projections: distinct rows
+            return cls(identity, weight, bias, softcap)  # the weight itself, in token order (no copy)
         rows, token_row = torch.unique(weight.detach(), dim=0, return_inverse=True)
-        return cls(token_row, rows) if len(rows) < len(weight) else cls(identity, weight)
+        if len(rows) == len(weight):
+            return cls(identity, weight, None, softcap)
+        return cls(token_row, rows, softcap=softcap)
 
     def forward(self, h, rows=None):
-        """The U row logits (log n_r added) of the normed stream h; `rows` replaces the stored ones (training)."""
-        return F.linear(h, self.weight if rows is None else rows, self.bias)
+        """The U row logits of the normed stream h; `rows` replaces the stored ones (training)."""
+        logits = F.linear(h, self.weight if rows is None else rows)
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits + self.bias.to(logits.dtype)
 
     def cross_entropy(self, logits, targets):
         """Mean cross-entropy over tokens of row logits (N, U) against token ids (N,): the row's, plus log n_row."""
         rows = self.token_row[targets]
-        return F.cross_entropy(logits.float(), rows) + self.bias[rows].mean()
+        return F.cross_entropy(logits.float(), rows) + self.log_count[rows].mean()
 
     def predictions(self, logits):
         """The most likely token at each position of row logits (..., U)."""
-        return self.row_token[(logits - self.bias).argmax(-1)]
+        return self.row_token[(logits - self.log_count).argmax(-1)]
 
 
 _POSITION = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|post)")
+
+
+def check_token_ids(idx, vocab_size, block_size):
+    """Refuse, saying what is wrong, what no embedding can read: anything but token ids (B, T) of an integer
+    dtype, a sequence longer than the context, an id outside the vocabulary."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
+        got = f"{tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise ValueError(f"expected token ids as an integer tensor of shape (batch, seq_len), got {got}")
+    if idx.shape[1] > block_size:
+        raise ValueError(f"sequence of length {idx.shape[1]} is longer than the model's block_size {block_size}; "
+                         "crop it (idx[:, -block_size:])")
+    if idx.numel() and (idx.min() < 0 or idx.max() >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got values in "
+                         f"[{idx.min().item()}, {idx.max().item()}]")
 
 
 class GPT(nn.Module):
@@ -203,17 +231,8 @@ class GPT(nn.Module):
 
     def embed(self, idx):
         """Token ids (B, T) -> the residual stream entering block 0, (B, T, n_embd)."""
-        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
-            got = f"{tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
-            raise ValueError(f"expected token ids as an integer tensor of shape (batch, seq_len), got {got}")
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than the model's block_size {self.config.block_size}; "
-                             "crop it (idx[:, -block_size:])")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got values in "
-                             f"[{idx.min().item()}, {idx.max().item()}]")
-        pos = torch.arange(T, device=idx.device)
+        check_token_ids(idx, self.config.vocab_size, self.config.block_size)
+        pos = torch.arange(idx.shape[1], device=idx.device)
         return self.transformer.wte(idx) + self.transformer.wpe(pos)
 
     def run_blocks(self, x, start=0, stop=None):
@@ -225,16 +244,21 @@ class GPT(nn.Module):
         return x
 
     def final_norm(self, x):
-        """The residual after the last block -> what the lm_head reads."""
+        """The residual after the last block -> what the unembedding reads."""
         return self.transformer.ln_f(x)
+
+    # The unembedding as the losses read it, the same for every model: logits = final_norm(x) @ head_weight.T, plus
+    # head_bias and a soft cap (cap * tanh(logits / cap)) where a model has them (hf_model.py); GPT-2 has neither.
+    head_bias = None
+    logit_softcap = None
+
+    @property
+    def head_weight(self):
+        return self.lm_head.weight  # (vocab, n_embd), tied to wte
 
     def unembed(self, x):
         """The residual after the last block -> logits (B, T, vocab)."""
         return self.lm_head(self.final_norm(x))
-
-    def unembedding(self):
-        """The lm_head as the losses read it, with tokens that share a row merged (Unembedding): for a frozen model."""
-        return Unembedding.of(self.lm_head.weight)
 
     def forward(self, idx, edits=None):
         """Logits (B, T, vocab) for every position. `edits` maps position names to functions that replace the

@@ -44,7 +44,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # linear_kl_div's default chunk: rows whose logits hold about 2^25 values per model (64 MB each in bf16).
 LOGITS_PER_CHUNK = 2**25
 # On a CPU smaller chunks stay in the allocator's cache: buffers above ~32 MB are mmapped and page-faulted afresh
-# on every use, which made an e2e step of the embedded default twice as slow (1.8 s vs 0.9 s, 2 cores).
+# on every use, which made an e2e step of the embedded default about twice as slow.
 CPU_LOGITS_PER_CHUNK = 2**22
 
 
@@ -230,27 +230,38 @@ class KLDivTriton(torch.autograd.Function):
 
 
 class ChunkedLinearKL(torch.autograd.Function):
-    """Mean KL of h_new @ W^T against h_orig @ W^T, chunk by chunk; gradient for h_new only.
+    """Mean KL of cap(h_new @ W^T) + b against cap(h_orig @ W^T) + b, chunk by chunk; gradient for h_new only.
+    cap(z) = s tanh(z / s) where a soft cap s is given (Gemma 2's), z itself otherwise; its derivative, 1 - tanh^2,
+    multiplies the gradient of the capped logits.
 
     kl_and_grad(new_logits, orig_logits, grad_scale) -> (kl_rows, grad_scale * dKL/dnew_logits) is either
     the Triton kernel (which writes the gradient over the new logits) or the PyTorch reference.
     """
 
     @staticmethod
-    def forward(ctx, h_new, h_orig, weight, bias, chunk_rows, kl_and_grad):
+    def forward(ctx, h_new, h_orig, weight, bias, softcap, chunk_rows, kl_and_grad):
         d = h_new.shape[-1]
         h_new2, h_orig2 = h_new.reshape(-1, d), h_orig.reshape(-1, d)  # (R, d)
         rows = h_new2.shape[0]
         grad_h = torch.empty_like(h_new2)  # (R, d)
         kl_sum = torch.zeros((), device=h_new.device, dtype=torch.float32)
-        logits = (lambda h: h @ weight.t()) if bias is None else (lambda h: torch.addmm(bias, h, weight.t()))
+
+        def logits(h):  # (C, V), and the cap's tanh where there is one
+            z = h @ weight.t() if bias is None or softcap is not None else torch.addmm(bias, h, weight.t())
+            if softcap is None:
+                return z, None
+            tanh = torch.tanh(z / softcap)
+            return softcap * tanh + (bias if bias is not None else 0), tanh
+
         for start in range(0, rows, chunk_rows):
             chunk = slice(start, start + chunk_rows)
-            new_logits = logits(h_new2[chunk])  # (C, V)
-            orig_logits = logits(h_orig2[chunk])  # (C, V)
+            new_logits, tanh = logits(h_new2[chunk])
+            orig_logits, _ = logits(h_orig2[chunk])
             kl_rows, grad_logits = kl_and_grad(new_logits, orig_logits, 1.0 / rows)
             del orig_logits
             kl_sum += kl_rows.sum()
+            if tanh is not None:  # through the cap: d (s tanh(z / s)) / dz = 1 - tanh^2
+                grad_logits = grad_logits * (1 - tanh * tanh)
             torch.matmul(grad_logits, weight, out=grad_h[chunk])  # (C, V) @ (V, d) -> (C, d)
         # A gradient computed in forward is the right one only for this scalar: backward checks that.
         ctx.save_for_backward(grad_h.view(h_new.shape))
@@ -260,7 +271,7 @@ class ChunkedLinearKL(torch.autograd.Function):
     def backward(ctx, grad_output):
         assert grad_output.numel() == 1, "linear_kl_div precomputes its gradient, valid for a scalar loss only"
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_output.to(grad_h.dtype), None, None, None, None, None
+        return grad_h * grad_output.to(grad_h.dtype), None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -279,11 +290,12 @@ def kl_div(new_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch.Tensor:
 
 
 def linear_kl_div(h_new: torch.Tensor, h_orig: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  chunk_rows: int | None = None) -> torch.Tensor:
-    """kl_div(h_new @ weight.T + bias, h_orig @ weight.T + bias) without ever holding either model's full logits.
+                  softcap: float | None = None, chunk_rows: int | None = None) -> torch.Tensor:
+    """kl_div(cap(h_new @ weight.T) + bias, cap(h_orig @ weight.T) + bias) without ever holding either model's full
+    logits; cap(z) = softcap * tanh(z / softcap), or z without a softcap.
 
-    h_new, h_orig: (..., d) final (layer-normed) hidden states; weight: (vocab, d), the frozen lm_head; bias:
-    (vocab,) or None (e2esae.MergedUnembedding's log multiplicities). Differentiable in h_new only (h_orig,
+    h_new, h_orig: (..., d) final (normed) hidden states; weight: (vocab, d), the frozen lm_head; bias: (vocab,) or
+    None (an lm_head's bias, or model.Unembedding's log multiplicities). Differentiable in h_new only (h_orig,
     weight and bias are treated as constants). chunk_rows defaults to LOGITS_PER_CHUNK // vocab rows
     (CPU_LOGITS_PER_CHUNK on a CPU; at least 16). Under autocast, the matmuls run in the autocast dtype.
     """
@@ -301,4 +313,4 @@ def linear_kl_div(h_new: torch.Tensor, h_orig: torch.Tensor, weight: torch.Tenso
         h_new, h_orig, weight = h_new.to(dtype), h_orig.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     with torch.autocast(h_new.device.type, enabled=False):
-        return ChunkedLinearKL.apply(h_new, h_orig, weight, bias, chunk_rows, kl_and_grad)
+        return ChunkedLinearKL.apply(h_new, h_orig, weight, bias, softcap, chunk_rows, kl_and_grad)

@@ -339,21 +339,26 @@ def test_kl_div_peaked_and_large_logits(case, dtype, backend):
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_kl_div_matches_the_full_logits_kl(impl, dtype, with_bias, backend):
+@pytest.mark.parametrize("with_bias, softcap", [(False, None), (True, None), (True, 1.5)])
+def test_linear_kl_div_matches_the_full_logits_kl(impl, dtype, with_bias, softcap, backend):
     """Chunks of 16 rows over 37 tokens (and the default chunking) against kl_div on whole logits; with a bias
-    (the log multiplicities of merged lm_head rows) added to both models' logits."""
+    (the log multiplicities of merged lm_head rows) added to both models' logits; with Gemma 2's soft cap,
+    s tanh(z / s), on the logits before the bias (a cap of 1.5 bends logits of this size a lot)."""
     backend(impl)
     g = torch.Generator().manual_seed(5)
     h_new, h_orig = (torch.randn(37, 48, generator=g).to(DEVICE, dtype) for _ in range(2))
     weight = (torch.randn(301, 48, generator=g) / 48**0.5).to(DEVICE, dtype)
     bias = torch.randint(1, 50, (301,), generator=g).float().log().to(DEVICE) if with_bias else None
     w, b = weight.double(), (bias.double() if with_bias else 0.0)
-    ref_loss, ref_grad_logits = kl_reference(h_new.double() @ w.t() + b, h_orig.double() @ w.t() + b)
-    ref_grad = ref_grad_logits @ w  # (37, 301) @ (301, 48)
+    cap = (lambda z: softcap * torch.tanh(z / softcap)) if softcap else (lambda z: z)
+    h_ref = h_new.double().requires_grad_()
+    logits = cap(h_ref @ w.t()) + b  # (37, 301)
+    ref_loss, ref_grad_logits = kl_reference(logits, cap(h_orig.double() @ w.t()) + b)
+    logits.backward(ref_grad_logits)  # d kl / d h_new through the lm_head (and the cap), in float64
+    ref_grad = h_ref.grad
     for chunk_rows in (16, None):
         h = h_new.clone().requires_grad_()
-        loss = sae_kernels.linear_kl_div(h, h_orig, weight, bias, chunk_rows=chunk_rows)
+        loss = sae_kernels.linear_kl_div(h, h_orig, weight, bias, softcap, chunk_rows=chunk_rows)
         loss.backward(torch.tensor(0.37, device=DEVICE))
         assert_close(loss, ref_loss, TOL[dtype], f"kl, chunk_rows={chunk_rows}")
         assert_close(h.grad, ref_grad, TOL[dtype], f"d kl / d h_new, chunk_rows={chunk_rows}")
