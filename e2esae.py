@@ -239,8 +239,22 @@ def make_activation(activation, n_dict, k=None, bandwidth=None, init_threshold=N
 # ---- the SAE ----
 
 
+def geometric_median(x, iterations=50):
+    """The point minimising the sum of Euclidean distances to the rows of x (N, d): Weiszfeld's iteration from the
+    mean, each step the average of the rows weighted by 1 / distance."""
+    median = x.mean(0)
+    for _ in range(iterations):
+        weights = 1 / (x - median).norm(dim=1).clamp_min(1e-8)  # (N,)
+        median = (weights[:, None] * x).sum(0) / weights.sum()
+    return median
+
+
 class SAE(nn.Module):
-    """A sparse autoencoder with a column-normalised decoder. `sae(x)` returns (x_hat, c)."""
+    """A sparse autoencoder with a column-normalised decoder. `sae(x)` returns (x_hat, c).
+
+    input_scale s (1 unless set; SAELens's "expected_average_only_in" normalisation): the SAE reads s x, so that its
+    inputs have a mean squared norm of d_in, and writes x_hat / s; its codes, thresholds and reconstruction terms are
+    in those units. folded_state_dict() folds s into the weights (an SAE of scale 1 with the same outputs)."""
 
     def __init__(self, d_in, n_dict, activation="relu", k=None, bandwidth=None, init_threshold=None):
         super().__init__()
@@ -249,6 +263,33 @@ class SAE(nn.Module):
         self.decoder = nn.Linear(n_dict, d_in)  # weight (d_in, n_dict): column j is dictionary element j
         nn.init.orthogonal_(self.decoder.weight)
         self.activation = make_activation(activation, n_dict, k, bandwidth, init_threshold)
+        self.register_buffer("input_scale", torch.ones(()))
+
+    def _load_from_state_dict(self, state, prefix, *args):
+        state.setdefault(prefix + "input_scale", torch.ones(()))  # files from before input normalisation: 1
+        super()._load_from_state_dict(state, prefix, *args)
+
+    @torch.no_grad()
+    def init_tied_(self, x, decoder_bias="mean"):
+        """The TopK paper's initialisation (Gao et al. 2024) on a sample of inputs x (N, d_in): the encoder is the
+        dictionary's transpose, and the decoder bias the inputs' mean or geometric median, subtracted before
+        encoding (this SAE encodes x itself, so b_enc = -W_enc b_dec)."""
+        x = x.float() * self.input_scale
+        center = x.mean(0) if decoder_bias == "mean" else geometric_median(x)
+        self.encoder.weight.copy_(self.dict_elements.T)
+        self.decoder.bias.copy_(center)
+        self.encoder.bias.copy_(-self.encoder.weight.float() @ center)
+
+    def folded_state_dict(self):
+        """The state with input_scale folded in. The activations are positively homogeneous (ReLU, TopK, BatchTopK's
+        and JumpReLU's thresholds scaled too), so act(W s x + b) / s = act(W x + b / s): the encoder bias, the
+        thresholds and the decoder bias divided by s, and the scale 1, give the same x_hat from unscaled x."""
+        state, s = {k: v.detach().clone() for k, v in self.state_dict().items()}, self.input_scale.detach()
+        for key in ("encoder.bias", "decoder.bias", "activation.threshold"):
+            if key in state:
+                state[key] = state[key] / s
+        state["input_scale"] = torch.ones_like(s)
+        return state
 
     @property
     def dict_elements(self):
@@ -261,9 +302,10 @@ class SAE(nn.Module):
         return {"activation": self.activation.name, **self.activation.settings()}
 
     def encode(self, x):
-        return self.activation(self.encoder(x))
+        return self.activation(self.encoder(x * self.input_scale.to(x.dtype)))
 
     def decode(self, code):
+        """x_hat in the SAE's own units (times input_scale)."""
         return F.linear(code, self.dict_elements, self.decoder.bias)
 
     def forward(self, x):
@@ -272,14 +314,17 @@ class SAE(nn.Module):
     def forward_with_pre(self, x):
         """(x_hat, c, pre): pre for the sparsity terms that need it (JumpReLU's), None where a fused kernel
         computed the activation (sae_kernels.sae_forward: on a GPU, without ever writing pre and c separately)."""
+        x = x * self.input_scale.to(x.dtype)
         if self.activation.fused is not None:
             x_hat, code = sae_kernels.sae_forward(x, self.encoder.weight, self.encoder.bias, self.decoder.weight,
                                                   self.decoder.bias, **self.activation.fused)
             self.activation.observe(code)
-            return x_hat, code, None
-        pre = self.encoder(x)
-        code = self.activation(pre)
-        return self.decode(code), code, pre
+            pre = None
+        else:
+            pre = self.encoder(x)
+            code = self.activation(pre)
+            x_hat = self.decode(code)
+        return x_hat / self.input_scale.to(x_hat.dtype), code, pre
 
     # ---- other formats (interop.py reads and writes the files) ----
 
@@ -315,9 +360,9 @@ def aux_k_loss(sae, x, x_hat, dead):
     dead_ids = dead.nonzero().squeeze(1)  # (n_dead,); the host sync sizes the selection
     if len(dead_ids) == 0 or k_aux == 0:
         return x_hat.new_zeros((), dtype=torch.float32)
-    pre = F.linear(x, sae.encoder.weight[dead_ids], sae.encoder.bias[dead_ids])  # (..., n_dead)
+    pre = F.linear(x * sae.input_scale, sae.encoder.weight[dead_ids], sae.encoder.bias[dead_ids])  # (..., n_dead)
     codes = sae_kernels.topk_relu(pre, min(k_aux, len(dead_ids)))
-    e_hat = F.linear(codes, sae.dict_elements[:, dead_ids])  # (..., d_in)
+    e_hat = F.linear(codes, sae.dict_elements[:, dead_ids]) / sae.input_scale  # (..., d_in), unscaled
     return min(len(dead_ids) / k_aux, 1.0) * F.mse_loss(e_hat.float(), (x - x_hat).detach().float())
 
 
@@ -338,20 +383,38 @@ def reconstruction_metrics(prefix, pred, target):
             f"{prefix}explained_variance_ln": ev_ln.mean(), f"{prefix}explained_variance_ln_std": ev_ln.std()}
 
 
-def output_metrics(logits_orig, logits_sae, idx, head):
-    """How the spliced model's next-token predictions compare with the original's: logits (B, T, U) over the
-    rows of `head` (model.Unembedding), every figure over tokens. The logits at t predict token t + 1."""
-    targets = idx[:, 1:].flatten()
-    ce_orig, ce_sae = (head.cross_entropy(z[:, :-1].flatten(0, 1), targets) for z in (logits_orig, logits_sae))
-    top_orig, top_sae = head.predictions(logits_orig), head.predictions(logits_sae)
-    p_orig, p_sae = F.softmax(logits_orig.float(), -1), F.softmax(logits_sae.float(), -1)
-    return {
-        "ce_orig": ce_orig, "ce_sae": ce_sae, "ce_increase": ce_sae - ce_orig,
-        "top1_acc_orig": (top_orig[:, :-1] == idx[:, 1:]).float().mean(),
-        "top1_acc_sae": (top_sae[:, :-1] == idx[:, 1:]).float().mean(),
-        "top1_consistency": (top_orig == top_sae).float().mean(),
-        "stat_distance": 0.5 * (p_orig - p_sae).abs().sum(-1).mean(),
-    }
+@torch.no_grad()
+def output_metrics(h_orig, h_new, idx, head, keep=None, chunk_rows=None):
+    """How the spliced model's next-token predictions compare with the original's, from both final normed streams
+    (B, T, d) through `head` (model.Unembedding): kl, ce_orig, ce_sae, ce_increase, top1_acc_orig, top1_acc_sae,
+    top1_consistency, stat_distance = 0.5 sum_v |p_orig - p_new|, each over the positions in `keep` (B, T) (all by
+    default); the logits at t predict token t + 1. Computed chunk by chunk of positions, so no (tokens x vocab)
+    logits are held, as in training's fused KL. Over a merged head's rows (log n_r in its logits) a token's
+    log-probability is its row's minus log n_r; the KL and the statistical distance are the rows'."""
+    targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -1)], 1)  # (B, T): -1 where nothing follows
+    at = torch.ones_like(idx, dtype=torch.bool) if keep is None else keep
+    h_orig, h_new, targets = h_orig[at], h_new[at], targets[at]  # (N, d), (N, d), (N,)
+    chunk_rows = chunk_rows or max(16, sae_kernels.kl.CPU_LOGITS_PER_CHUNK // len(head.row_token))
+    sums = dict.fromkeys(("kl", "ce_orig", "ce_sae", "top1_acc_orig", "top1_acc_sae", "top1_consistency",
+                          "stat_distance"), 0.0)
+    for start in range(0, len(targets), chunk_rows):
+        chunk = slice(start, start + chunk_rows)
+        log_p = [F.log_softmax(head(h[chunk]).float(), -1) for h in (h_orig, h_new)]  # 2 x (C, U)
+        sums["kl"] += (log_p[0].exp() * (log_p[0] - log_p[1])).sum()
+        sums["stat_distance"] += 0.5 * (log_p[0].exp() - log_p[1].exp()).abs().sum()
+        top = [head.row_token[(lp - head.log_count).argmax(-1)] for lp in log_p]  # the most likely tokens
+        sums["top1_consistency"] += (top[0] == top[1]).sum()
+        target = targets[chunk]
+        has, rows = target >= 0, head.token_row[target.clamp(min=0)]
+        for name, lp, t in (("orig", log_p[0], top[0]), ("sae", log_p[1], top[1])):
+            token_log_p = lp.gather(1, rows[:, None]).squeeze(1) - head.log_count[rows]  # log p(target)
+            sums[f"ce_{name}"] -= token_log_p[has].sum()
+            sums[f"top1_acc_{name}"] += (t == target)[has].sum()
+    n, n_predicted = max(len(targets), 1), max(int((targets >= 0).sum()), 1)
+    figures = {k: torch.as_tensor(v, dtype=torch.float32, device=idx.device)
+               / (n_predicted if k.startswith(("ce", "top1_acc")) else n) for k, v in sums.items()}
+    figures["ce_increase"] = figures["ce_sae"] - figures["ce_orig"]
+    return figures
 
 
 def nonfinite_parameters(module):
@@ -389,6 +452,7 @@ class SAETransformer(nn.Module):
         self.saes = nn.ModuleDict({interop.sae_key(p): saes.get(p) or SAE(d_in, int(d_in * dict_size_to_input_ratio),
                                                                          **sae_kwargs) for p in self.sae_positions})
         self.head = Unembedding.of(gpt)  # the lm_head, identical rows merged where some tokens share one
+        self.bos_token_id = None  # a token whose positions the SAEs leave alone (BOS: train.py's include_bos)
         self.config = {}  # the training config, where a checkpoint records one
 
     def train(self, mode=True):
@@ -412,9 +476,10 @@ class SAETransformer(nn.Module):
         """Logits with every SAE spliced in, chained."""
         return self.gpt(idx, edits={p: (lambda x, s=self.sae(p): s(x)[0]) for p in self.sae_positions})
 
-    def run(self, x, start, stop, record=(), splice=False):
+    def run(self, x, start, stop, record=(), splice=False, keep=None):
         """Run the residual x (at index `start`) to index `stop`. At each index in `record` keep the stream; at each
-        SAE position replace the stream with its SAE's reconstruction if `splice`. The recorded stream at an SAE
+        SAE position replace the stream with its SAE's reconstruction if `splice`: at every position, or at those in
+        `keep` (B, T) alone, the SAE then reading those tokens only, as a flat (N, d). The recorded stream at an SAE
         position is the SAE's input. Returns (x at stop, {index: stream}, {position: (x_hat, c, pre)})."""
         sae_at = {self.gpt.resid_index(p): p for p in self.sae_positions} if splice else {}
         kept, outs, at = {}, {}, start
@@ -423,15 +488,15 @@ class SAETransformer(nn.Module):
             if r in record:
                 kept[r] = x
             if r in sae_at:
-                outs[sae_at[r]] = self.sae(sae_at[r]).forward_with_pre(x)
-                x = outs[sae_at[r]][0]
+                outs[sae_at[r]] = self.sae(sae_at[r]).forward_with_pre(x if keep is None else x[keep])
+                x = outs[sae_at[r]][0] if keep is None else x.index_put((keep,), outs[sae_at[r]][0])
         return self.gpt.run_blocks(x, at, stop), kept, outs
 
     def flops_per_token(self, local):
         """Dense FLOPs of one training step per token (matmuls only), for MFU. The frozen model's backward computes
         input gradients only (one matmul per forward matmul); the SAE's backward also computes weight gradients."""
         gpt = self.gpt
-        block = 2 * sum(p.numel() for p in gpt.transformer.h[0].parameters() if p.dim() == 2)  # 2 FLOPs per MAC
+        block = 2 * sum(p.numel() for p in gpt.layers[0].parameters() if p.dim() == 2)  # 2 FLOPs per MAC
         head = 2 * self.head.bias.numel() * gpt.config.n_embd
         at = [gpt.resid_index(p) for p in self.sae_positions]
         sae = sum(6 * 2 * s.d_in * s.n_dict for s in self.saes.values())  # encode + decode, forward and backward
@@ -445,8 +510,9 @@ class SAETransformer(nn.Module):
     def save(self, f, config=None):
         """Write the SAEs to `f` (a path or a binary file) in this project's format, with the training config."""
         saes = {p: dict(d_in=self.sae(p).d_in, n_dict=self.sae(p).n_dict, **self.sae(p).settings,
-                        state=self.sae(p).state_dict()) for p in self.sae_positions}
-        interop.write_ours(f, saes, self.dict_size_to_input_ratio, getattr(self.gpt, "name_or_path", ""), config)
+                        state=self.sae(p).folded_state_dict()) for p in self.sae_positions}
+        interop.write_ours(f, saes, self.dict_size_to_input_ratio, getattr(self.gpt, "name_or_path", ""), config,
+                           self.bos_token_id)
 
     @classmethod
     def from_checkpoint(cls, spec, gpt=None):
@@ -476,11 +542,11 @@ class SAETransformer(nn.Module):
             try:
                 gpt = load_model(checkpoint.model)
             except (OSError, ValueError, RuntimeError) as e:
-                raise type(e)(f"the model the checkpoint was trained on, {checkpoint.model!r}, could not be loaded "
-                              f"({e}): pass the model as gpt= (eval.py: --init_from=...)") from e
+                raise ValueError(f"the model the checkpoint was trained on, {checkpoint.model!r}, could not be loaded "
+                             f"({e}): pass the model as gpt= (eval.py: --init_from=...)") from e
         saes = {p: SAE.from_spec(spec) for p, spec in checkpoint.saes.items()}
         model = cls(gpt, list(saes), checkpoint.dict_size_to_input_ratio, saes=saes)
-        model.config = checkpoint.config
+        model.config, model.bos_token_id = checkpoint.config, checkpoint.bos_token_id
         return model.to(next(gpt.parameters()).device)
 
 
@@ -558,11 +624,11 @@ def training_type(kl_coeff, in_to_orig_coeff):
     return "e2e" if kl_coeff > 0 else "local"
 
 
-def forward_passes(model, idx, loss, downstream, need_logits):
+def forward_passes(model, idx, loss, downstream, need_logits, keep):
     """The clean pass, and the SAEs on it (local) or spliced into a second pass (end-to-end), sharing the prefix
-    before the first SAE. Returns a namespace: h_orig and h_new, the final streams (h_new None where the spliced
-    model never runs); orig and new, the streams recorded by residual index; outs, each SAE's (x_hat, c, pre), and
-    inputs, what each SAE read, by position."""
+    before the first SAE; the SAEs read the positions in `keep` (all where it is None). Returns a dict: h_orig and
+    h_new, the final streams (h_new None where the spliced model never runs); orig and new, the streams recorded by
+    residual index; outs, each SAE's (x_hat, c, pre), and inputs, what each SAE read, by position."""
     gpt, L = model.gpt, model.gpt.config.n_layer
     sae_at = {p: gpt.resid_index(p) for p in model.sae_positions}
     first, last = min(sae_at.values()), max(sae_at.values())
@@ -572,26 +638,30 @@ def forward_passes(model, idx, loss, downstream, need_logits):
         shared = gpt.run_blocks(gpt.embed(idx), 0, first)
         clean_stop = L if need_logits else (last if loss.local else deepest)
         h_orig, orig, _ = model.run(shared, first, clean_stop, record=record)
+    select = (lambda t: t) if keep is None else (lambda t: t[keep])
     if loss.local:
-        outs = {p: model.sae(p).forward_with_pre(orig[r]) for p, r in sae_at.items()}
-        inputs = {p: orig[r] for p, r in sae_at.items()}
+        inputs = {p: select(orig[r]) for p, r in sae_at.items()}
+        outs = {p: model.sae(p).forward_with_pre(inputs[p]) for p in sae_at}
         h_new, new = None, {}
         if need_logits or downstream:  # the spliced model, for the metrics only
             with torch.no_grad():
-                h_new, new, _ = model.run(shared, first, L, record=downstream.values(), splice=True)
+                h_new, new, _ = model.run(shared, first, L, record=downstream.values(), splice=True, keep=keep)
     else:
-        h_new, new, outs = model.run(shared, first, L if need_logits else deepest, record=record, splice=True)
-        inputs = {p: new[r] for p, r in sae_at.items()}
+        h_new, new, outs = model.run(shared, first, L if need_logits else deepest, record=record, splice=True,
+                                     keep=keep)
+        inputs = {p: select(new[r]) for p, r in sae_at.items()}
     return dict(h_orig=h_orig, orig=orig, h_new=h_new, new=new, outs=outs, inputs=inputs)
 
 
 def sae_term(name, sae, x, x_hat, code, pre, x_orig, p_norm, dead):
-    """One SAE's term: sparsity, out_to_in, out_to_orig or aux_k (the module docstring has them)."""
+    """One SAE's term: sparsity, out_to_in, out_to_orig or aux_k (the module docstring has them). The
+    reconstruction terms are in the SAE's own units (x times its input_scale, 1 unless normalised)."""
     if name == "sparsity":
         return sae.activation.penalty(code, pre, p_norm).mean() / sae.d_in
+    units = sae.input_scale.float() ** 2
     if name == "aux_k":
-        return aux_k_loss(sae, x, x_hat, dead)
-    return F.mse_loss(x_hat.float(), (x if name == "out_to_in" else x_orig).float())
+        return units * aux_k_loss(sae, x, x_hat, dead)
+    return units * F.mse_loss(x_hat.float(), (x if name == "out_to_in" else x_orig).float())
 
 
 def compute_loss(model, idx, loss, *, full_metrics=True, feature_counts=None, dead=None):
@@ -615,13 +685,15 @@ def compute_loss(model, idx, loss, *, full_metrics=True, feature_counts=None, de
     if loss.local and not full_metrics:
         downstream = {}  # nothing downstream enters a local loss, and its metrics are not asked for
     need_logits = loss.kl_coeff > 0 or full_metrics
-    run = forward_passes(model, idx, loss, downstream, need_logits)
+    keep = None if model.bos_token_id is None else idx != model.bos_token_id  # (B, T): BOS positions left out
+    select = (lambda t: t) if keep is None else (lambda t: t[keep])
+    run = forward_passes(model, idx, loss, downstream, need_logits, keep)
     weight = dict(sparsity=loss.sparsity_coeff, out_to_in=0.0 if loss.kl_rescale else loss.out_to_in_coeff,
                   out_to_orig=loss.out_to_orig_coeff, aux_k=loss.aux_k_coeff if dead is not None else 0.0)
     total, mse, metrics = 0.0, 0.0, {}
 
     for p, (x_hat, code, pre) in run["outs"].items():  # the terms of each SAE
-        sae, x, x_orig = model.sae(p), run["inputs"][p], run["orig"][gpt.resid_index(p)]
+        sae, x, x_orig = model.sae(p), run["inputs"][p], select(run["orig"][gpt.resid_index(p)])
         for name, coeff in weight.items():
             rescaled = name == "out_to_in" and loss.kl_rescale  # enters with the KL term, below
             if coeff > 0 or rescaled or (full_metrics and name != "aux_k"):
@@ -640,23 +712,23 @@ def compute_loss(model, idx, loss, *, full_metrics=True, feature_counts=None, de
                 feature_counts.update(p, active)
 
     for p, r in downstream.items():  # the downstream term, split evenly over its positions
-        term = F.mse_loss(run["new"][r].float(), run["orig"][r].float())
+        new, orig = select(run["new"][r]), select(run["orig"][r])
+        term = F.mse_loss(new.float(), orig.float())
         total = total + loss.in_to_orig_coeff / len(downstream) * term
         metrics[f"in_to_orig/{p}"] = term.detach()
         if full_metrics:
             with torch.no_grad():
-                metrics.update({f"{k}/{p}": v for k, v in
-                                reconstruction_metrics("in_to_orig_", run["new"][r], run["orig"][r]).items()})
+                metrics.update({f"{k}/{p}": v for k, v in reconstruction_metrics("in_to_orig_", new, orig).items()})
 
-    if need_logits:  # the KL term, through the lm_head
+    if need_logits:  # the KL term, through the lm_head in chunks: neither model's (tokens, vocab) logits held whole
         h_new, h_orig = gpt.final_norm(run["h_new"]), gpt.final_norm(run["h_orig"])
         if full_metrics:
-            logits_orig, logits_new = model.head(h_orig), model.head(h_new)  # (B, T, U)
-            kl = sae_kernels.kl_div(logits_new, logits_orig)
-            with torch.no_grad():
-                metrics.update(output_metrics(logits_orig, logits_new, idx, model.head))
-        else:  # fused: neither model's (tokens, vocab) logits are ever held whole
-            kl = sae_kernels.linear_kl_div(h_new, h_orig, model.head.weight, model.head.bias, model.head.softcap)
+            metrics.update(output_metrics(h_orig, h_new, idx, model.head, keep))
+        if full_metrics and not torch.is_grad_enabled():
+            kl = metrics["kl"]  # evaluation: the figures' own
+        else:
+            kl = sae_kernels.linear_kl_div(select(h_new), select(h_orig), model.head.weight, model.head.bias,
+                                           model.head.softcap)
         if loss.kl_rescale:
             alpha = (mse / kl.clamp_min(1e-12)).detach()
             total = total + 0.5 * (loss.out_to_in_coeff * mse + loss.kl_coeff * alpha * kl)

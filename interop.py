@@ -54,6 +54,7 @@ class Checkpoint:
     config: dict = field(default_factory=dict)
     hook_name: str = ""  # SAELens's: where its one SAE sits
     saelens_cfg: dict = field(default_factory=dict)
+    bos_token_id: int | None = None  # a token whose positions the SAEs leave alone (ours: BOS, unless included)
 
 
 def sae_key(position):
@@ -63,14 +64,15 @@ def sae_key(position):
 
 # ---- this project's own ----
 
-def write_ours(f, saes, dict_size_to_input_ratio, model, config):
+def write_ours(f, saes, dict_size_to_input_ratio, model, config, bos_token_id=None):
     """Write SAEs to `f` (a path or a binary file): saes as Checkpoint.saes holds them."""
     from safetensors.torch import save
     tensors = {f"{sae_key(p)}.{name}": t.detach().contiguous().cpu()
                for p, sae in saes.items() for name, t in sae["state"].items()}
     specs = {p: {k: v for k, v in s.items() if k != "state"} for p, s in saes.items()}
     meta = {"sae_positions": json.dumps(list(saes)), "dict_size_to_input_ratio": json.dumps(dict_size_to_input_ratio),
-            "saes": json.dumps(specs), "gpt": json.dumps(model), "config": json.dumps(config or {})}
+            "saes": json.dumps(specs), "gpt": json.dumps(model), "config": json.dumps(config or {}),
+            "bos_token_id": json.dumps(bos_token_id)}
     data = save(tensors, metadata=meta)
     if isinstance(f, (str, os.PathLike)):
         with open(f, "wb") as out:
@@ -109,7 +111,8 @@ def read_ours(path):
         saes[p] = {"d_in": d_in, "n_dict": n_dict, "activation": "relu", **specs[p], "state": state}
     recorded = json.loads(meta.get("gpt", '""'))
     model = recorded if config.get("init_from", "shakespeare") == "shakespeare" else config["init_from"]
-    return Checkpoint(saes, json.loads(meta["dict_size_to_input_ratio"]), model, config)
+    return Checkpoint(saes, json.loads(meta["dict_size_to_input_ratio"]), model, config,
+                      bos_token_id=json.loads(meta.get("bos_token_id", "null")))
 
 
 # ---- SAELens ----
@@ -125,7 +128,7 @@ def save_saelens(sae, path, hook_name, model_name="gpt2", context_size=1024, dat
     decoder normalisation, so W_dec holds our normalised dictionary: the same outputs."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
-    name, state = sae.settings["activation"], sae.state_dict()
+    name, state = sae.settings["activation"], sae.folded_state_dict()  # one that reads unscaled activations
     dictionary = state["decoder.weight"] / state["decoder.weight"].norm(dim=0, keepdim=True)  # (d_in, n_dict)
     tensors = {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"],  # (d_in, n_dict), (n_dict,)
                "W_dec": dictionary.T, "b_dec": state["decoder.bias"]}                # (n_dict, d_in), (d_in,)

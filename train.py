@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from itertools import islice
 from types import SimpleNamespace
 
 import torch
@@ -56,6 +57,11 @@ activation = "relu"  # 'relu' (the paper's) | 'topk' | 'batchtopk' | 'jumprelu' 
 k = 0  # topk and batchtopk: active codes per token (they need it; the others refuse it)
 jumprelu_bandwidth = 0.001  # jumprelu: the straight-through estimator's bandwidth
 jumprelu_init_threshold = 0.001  # jumprelu: every threshold's starting value
+sae_init = "orthogonal"  # 'orthogonal' (a random orthogonal dictionary) | 'tied_mean' | 'tied_median': the encoder as
+#                          the dictionary's transpose, the decoder bias at the first batches' mean or geometric median
+normalize_activations = "none"  # or "expected_average_only_in": inputs scaled to a mean squared norm of d_in,
+#                                 estimated on the first batches (SAELens's); folded back into the saved SAEs
+include_bos = False  # False: BOS positions (where the tokenizer adds one) are left out of the SAEs' terms and metrics
 pretrained_sae_paths = []  # checkpoint specs (interop.py: ours, e2e_sae's, SAELens's) of SAEs placed at their positions
 retrain_saes = False  # False: the pretrained SAEs stay as they are, spliced in, while the others train
 # loss: sum of coefficient x term (e2esae.py's docstring has the formulas)
@@ -112,6 +118,10 @@ RULES = [  # (key, test, what the value must be): every range, checked before an
     ("sae_positions", lambda v: bool(v) and all_strings(v), "a non-empty list like ['blocks.6.hook_resid_pre']"),
     ("dict_size_to_input_ratio", positive, "positive (n_dict = ratio x the model's width)"),
     ("activation", lambda v: v in ACTIVATIONS, " or ".join(map(repr, ACTIVATIONS))),
+    ("sae_init", lambda v: v in ("orthogonal", "tied_mean", "tied_median"), "'orthogonal', 'tied_mean' or "
+                                                                            "'tied_median'"),
+    ("normalize_activations", lambda v: v in ("none", "expected_average_only_in"),
+     "'none' or 'expected_average_only_in'"),
     *[(key, positive, "positive") for key in ("jumprelu_bandwidth", "dead_window_tokens", "p_norm", "n_samples",
                                               "batch_size", "gradient_accumulation_steps", "lr", "max_grad_norm",
                                               "eval_every_n_samples", "eval_n_samples", "save_every_n_samples",
@@ -305,6 +315,31 @@ def build_model(c, phases, log):
     return model.train()
 
 
+def prepare_saes(model, c, log, n_batches=8):
+    """Input normalisation and the tied initialisation of the new SAEs, from the clean stream at each on the first
+    n_batches of training data (read afresh, so the same on every process; BOS positions left out as the SAEs leave
+    them). Pretrained SAEs keep their own."""
+    new = [p for p in model.sae_positions if not hasattr(model.sae(p), "source")]
+    if not new or (c.sae_init == "orthogonal" and c.normalize_activations == "none"):
+        return
+    at = {model.gpt.resid_index(p): p for p in new}
+    seen = {p: [] for p in new}
+    with torch.no_grad():
+        for idx in islice(data.batches(data.SampleStream(c.dataset, c.n_ctx, "train"), c.batch_size), n_batches):
+            idx = idx.to(c.device)
+            keep = torch.ones_like(idx, dtype=torch.bool) if model.bos_token_id is None else idx != model.bos_token_id
+            _, streams, _ = model.run(model.gpt.embed(idx), 0, max(at), record=at)
+            for r, p in at.items():
+                seen[p].append(streams[r][keep].float())  # (N, d)
+    for p in new:
+        sae, x = model.sae(p), torch.cat(seen[p])
+        if c.normalize_activations == "expected_average_only_in":
+            sae.input_scale.fill_((sae.d_in / x.pow(2).sum(-1).mean()).sqrt().item())
+        if c.sae_init != "orthogonal":
+            sae.init_tied_(x, decoder_bias=c.sae_init.removeprefix("tied_"))
+        log(f"{p}: input_scale {sae.input_scale.item():.4g}, initialisation {c.sae_init}, from {len(x):,} tokens")
+
+
 def main(argv):
     config, notes = settings(argv)
     c = SimpleNamespace(**config)
@@ -356,10 +391,12 @@ def main(argv):
                 stream.resume(ckpt.get("data"), replay=step * c.batch_size * c.gradient_accumulation_steps)
         except data.DataError as e:
             raise ConfigError(str(e)) from None
+        if not ckpt:
+            prepare_saes(model, c, log)
         run.track(model, optimizer, scaler, dead, global_batch, step, stream, ddp, ckpt)
         train_batches = data.batches(stream, c.batch_size)
         if c.compile:
-            for block in model.gpt.transformer.h:
+            for block in model.gpt.layers:
                 block.compile()
         log_start(model, c, n_steps, local_steps, global_batch, world_size, ckpt, run, log)
         wandb = start_wandb(c, config) if c.wandb_log and master else None
@@ -394,6 +431,10 @@ def main(argv):
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
                 check_finite(loss, grad_norm, scaler, optimizer, c, step)  # the one host sync of a step
+                for p in model.sae_positions:  # the share of the dictionary the step's gradient reached
+                    grad = model.sae(p).encoder.weight.grad
+                    if grad is not None:
+                        sums[f"reached/{p}"] = sums.get(f"reached/{p}", 0.0) + (grad != 0).any(1).float().mean()
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -530,6 +571,8 @@ def log_line(step, figures, positions, lr, dt, tokens_per_s, mfu):
     line += ["l0 " + "/".join(f"{figures['l0/' + p]:.1f}" for p in positions)]
     if "dead/" + positions[0] in figures:
         line += ["dead " + "/".join(f"{figures['dead/' + p]:.0f}" for p in positions)]
+    if "reached/" + positions[0] in figures:  # the share of dictionary elements the gradient reached
+        line += ["reached " + "/".join(f"{100 * figures['reached/' + p]:.0f}%" for p in positions)]
     line += [f"lr {lr:.1e}", f"norm {figures['grad_norm']:.2f}", f"{dt * 1000:.0f} ms", f"{tokens_per_s:,.0f} tok/s"]
     line += [f"mfu {100 * mfu:.1f}%"] if mfu is not None else []
     return " | ".join(line)

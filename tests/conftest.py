@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: a hub id fails at once, as it would offline
 if not torch.cuda.is_available():
     # Triton's interpreter runs the kernels on the CPU; it must be chosen before anything imports triton
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -91,8 +91,11 @@ def test_explained_variance_per_token(shape):
 
 def test_output_metrics():
     idx = tokens(B=2, T=6)
-    orig, new = torch.randn(2, 6, V), torch.randn(2, 6, V)
-    m = output_metrics(orig, new, idx, Unembedding(torch.arange(V)))  # every token its own row: the plain lm_head
+    weight = torch.randn(V, 8)
+    h_orig, h_new = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    orig, new = h_orig @ weight.T, h_new @ weight.T  # (2, 6, V)
+    head = Unembedding(torch.arange(V), weight)  # every token its own row: the plain lm_head
+    m = output_metrics(h_orig, h_new, idx, head, chunk_rows=5)  # chunks of 5 of the 12 positions
     def ce(logits):
         lp = torch.log_softmax(logits.double(), -1)
         return -torch.stack([lp[b, t, idx[b, t + 1]] for b in range(2) for t in range(5)]).mean()
@@ -102,6 +105,16 @@ def test_output_metrics():
     torch.testing.assert_close(m["stat_distance"].double(), 0.5 * (p - q).abs().sum(-1).mean(), rtol=1e-5, atol=0)
     assert abs(m["top1_consistency"] - (orig.argmax(-1) == new.argmax(-1)).double().mean()) < 1e-6
     assert abs(m["top1_acc_sae"] - (new[:, :-1].argmax(-1) == idx[:, 1:]).double().mean()) < 1e-6
+    kl = (p * (p.log() - q.log())).sum(-1)  # (2, 6) per position
+    torch.testing.assert_close(m["kl"].double(), kl.mean(), rtol=1e-5, atol=1e-7)
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[:, 0] = keep[1, 3] = False  # positions left out (BOS): every figure over the others only
+    m = output_metrics(h_orig, h_new, idx, head, keep=keep, chunk_rows=4)
+    torch.testing.assert_close(m["kl"].double(), kl[keep].mean(), rtol=1e-5, atol=1e-7)
+    predicted = keep[:, :-1]  # the kept positions that predict a next token
+    lp = torch.log_softmax(orig.double(), -1)[:, :-1][predicted]  # (n, V)
+    torch.testing.assert_close(m["ce_orig"].double(), -lp.gather(1, idx[:, 1:][predicted][:, None]).mean(),
+                               rtol=1e-5, atol=0)
 
 
 def test_sae_shapes_names_and_normalised_dictionary():

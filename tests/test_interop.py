@@ -139,7 +139,7 @@ def test_reference_checkpoint_errors(tmp_path):
     config = yaml.safe_load(config_path.read_text())
     config["tlens_model_name"] = "pythia-14m"
     config_path.write_text(yaml.safe_dump(config))
-    with pytest.raises(ValueError, match="'pythia-14m', could not be loaded .* pass the model as gpt="):
+    with pytest.raises(ValueError, match="(?s)'pythia-14m', could not be loaded .* pass the model as gpt="):
         SAETransformer.from_checkpoint(str(tmp_path / "other"))
 
 
@@ -307,6 +307,29 @@ def test_saelens_export_encodes_and_decodes_in_saelens_itself(tmp_path, activati
         torch.testing.assert_close(theirs.encode(x), c, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(theirs.decode(c), x_hat, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(theirs(x), x_hat, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", list(SETTINGS))
+def test_an_input_normalised_sae_exports_folded_and_computes_the_same_in_saelens(tmp_path, activation):
+    """An SAE trained on inputs scaled by s (input_scale, as train.py's normalize_activations sets it) is exported
+    with s folded in: SAELens's SAE, reading the unscaled activations, reconstructs them exactly as ours does; our
+    own checkpoint (SAETransformer.save) is folded too."""
+    sae_lens = pytest.importorskip("sae_lens")
+    sae = trained_like(SAE(32, 64, activation=activation, **SETTINGS[activation]), 7)
+    sae.input_scale.fill_(0.05)  # inputs 20x larger than this SAE's units
+    save_saelens(sae, str(tmp_path / "sl"), POS)
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sl"))
+    x = torch.randn(3, 7, 32) * 20.0
+    x_hat, _ = sae(x)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), x_hat, rtol=1e-5, atol=1e-4)
+    back = SAE.from_saelens(str(tmp_path / "sl")).eval()
+    assert back.input_scale.item() == 1.0
+    torch.testing.assert_close(back(x)[0], x_hat, rtol=1e-5, atol=1e-4)
+    model = SAETransformer(small_gpt(), [POS], 2.0, saes={POS: sae}).eval()
+    model.save(str(tmp_path / "ours.safetensors"))
+    ours = SAETransformer.from_checkpoint(str(tmp_path / "ours.safetensors"), small_gpt()).eval()
+    torch.testing.assert_close(ours.sae(POS)(x)[0], x_hat, rtol=1e-5, atol=1e-4)
 
 
 def write_saelens_dir(directory, w, **fields):

@@ -107,8 +107,16 @@ def test_torchrun_two_processes_equals_one(gpt_dir, text_dir, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-def test_interrupt_and_resume_equals_an_uninterrupted_run(gpt_dir, text_dir, tmp_path):
-    settings = dict(n_samples=160, log_every_n_steps=1, save_every_n_samples=10_000, eval_every_n_samples=10_000)
+TIED_NORMALISED = dict(activation="topk", k=4, out_to_in_coeff=1.0, kl_coeff=0.0, sae_init="tied_median",
+                       normalize_activations="expected_average_only_in")
+
+
+@pytest.mark.parametrize("variant", [{}, TIED_NORMALISED], ids=["relu-e2e", "topk-local-tied-normalised"])
+def test_interrupt_and_resume_equals_an_uninterrupted_run(gpt_dir, text_dir, tmp_path, variant):
+    """Also with the initialisation and the input scale taken from the first batches: a resumed run keeps both (it
+    does not estimate them again), and ends with the same SAEs."""
+    settings = dict(n_samples=160, log_every_n_steps=1, save_every_n_samples=10_000, eval_every_n_samples=10_000,
+                    **variant)
     whole = run(args(gpt_dir, text_dir, tmp_path / "whole", **settings))
     assert whole.returncode == 0, whole.stderr[-3000:]
 
@@ -126,9 +134,14 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(gpt_dir, text_dir, tmp
     resumed = run(argv + ["--resume=True"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {tmp_path / 'cut' / 'ckpt.pt'} at step {stopped}" in resumed.stdout
+    assert ("input_scale" in whole.stdout) == bool(variant) and "input_scale" not in resumed.stdout
     a, b = sae_weights(tmp_path / "whole"), sae_weights(tmp_path / "cut")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    if variant:  # the checkpoint holds the scale; the SAEs the scripts read have it folded in
+        saes = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["saes"]
+        key = "blocks-1-hook_resid_pre.input_scale"
+        assert saes[key].item() != 1.0 and a[key].item() == 1.0
 
 
 def test_damaged_or_incompatible_checkpoint_is_refused_and_kept(gpt_dir, text_dir, tmp_path):

@@ -12,6 +12,7 @@ from e2esae import (
     SAETransformer,
     aux_k_loss,
     compute_loss,
+    geometric_median,
     make_activation,
 )
 from model import GPT, GPTConfig
@@ -265,3 +266,66 @@ def test_kl_rescale_is_karvonens_combination():
     torch.testing.assert_close(loss.detach(), 0.5 * (mse + (mse / kl) * kl))
     with pytest.raises(ValueError, match="kl_rescale scales the KL term"):
         compute_loss(model, idx, LossConfig(sparsity_coeff=0.0, kl_coeff=1.0, kl_rescale=True))
+
+
+# ---- the TopK paper's initialisation and input normalisation ----
+
+def test_geometric_median_minimises_the_sum_of_distances():
+    x = torch.randn(200, 5, generator=torch.Generator().manual_seed(3)) * torch.tensor([1.0, 2, 3, 4, 50])
+    x[:20] += 100.0  # outliers pull the mean, not the median
+    median = geometric_median(x.double(), iterations=200)
+    cost = lambda m: (x.double() - m).norm(dim=1).sum()
+    for step in (1e-3, -1e-3):  # a minimum: moving any coordinate costs more
+        for i in range(5):
+            moved = median.clone()
+            moved[i] += step
+            assert cost(moved) > cost(median)
+    assert (median - x.double().mean(0)).norm() > 5  # and not the mean
+
+
+@pytest.mark.parametrize("decoder_bias", ["mean", "median"])
+def test_tied_initialisation(decoder_bias):
+    """The encoder is the dictionary's transpose and b_dec the data's centre, subtracted before encoding: the
+    pre-activations are D^T (x - b_dec)."""
+    torch.manual_seed(0)
+    sae, x = SAE(8, 20, activation="topk", k=3), torch.randn(64, 8) + 5.0
+    sae.init_tied_(x, decoder_bias)
+    center = x.mean(0) if decoder_bias == "mean" else geometric_median(x)
+    torch.testing.assert_close(sae.decoder.bias, center, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.encoder.weight, sae.dict_elements.T)
+    torch.testing.assert_close(sae.encoder(x), (x - center) @ sae.dict_elements, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_input_scale_reads_and_writes_unscaled_activations_and_folds_exactly(activation):
+    """An SAE with input_scale s works on s x and returns x_hat / s; its folded state (scale 1) gives the same x_hat
+    from unscaled x, for every activation (thresholds and biases scaled by 1 / s), and so does its SAELens export."""
+    torch.manual_seed(1)
+    sae = SAE(8, 24, activation=activation, **ACTIVATIONS[activation])
+    with torch.no_grad():
+        sae.encoder.bias.normal_(0, 0.5)
+        sae.decoder.bias.normal_(0, 0.5)
+        if activation == "jumprelu":
+            sae.activation.threshold.uniform_(0.0, 0.6)
+        if activation == "batchtopk":
+            sae.activation.threshold.fill_(0.3)
+    sae.eval()
+    x = torch.randn(30, 8) * 40.0  # activations far from unit scale
+    plain_x_hat, plain_code = sae(x / 40.0)
+    sae.input_scale.fill_(1 / 40.0)
+    x_hat, code = sae(x)
+    torch.testing.assert_close(x_hat, plain_x_hat * 40.0, rtol=1e-5, atol=1e-4)  # x_hat in the input's units
+    torch.testing.assert_close(code, plain_code)  # the code in the SAE's own
+    folded = SAE(8, 24, activation=activation, **ACTIVATIONS[activation]).eval()
+    folded.load_state_dict(sae.folded_state_dict())
+    assert folded.input_scale.item() == 1.0
+    torch.testing.assert_close(folded(x)[0], x_hat, rtol=1e-5, atol=1e-4)
+    assert set(sae.state_dict()) == set(SAE(8, 24, activation=activation, **ACTIVATIONS[activation]).state_dict())
+
+
+def test_a_file_from_before_input_normalisation_loads_with_scale_one():
+    sae = SAE(8, 16)
+    state = {k: v for k, v in sae.state_dict().items() if k != "input_scale"}
+    sae.input_scale.fill_(3.0)
+    sae.load_state_dict(state)
+    assert sae.input_scale.item() == 1.0
