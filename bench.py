@@ -334,7 +334,7 @@ def bench_data(args):
     os.environ["E2ESAE_CACHE"] = os.path.join(tmp, "cache")  # not yours: the first build is timed
     import data
     n_ctx, copies, repeats = 1024, 2 if args.quick else 8, 1 if args.quick else 3
-    data.tokenizer()  # loaded once per process: not part of any row
+    data.load_tokenizer()  # loaded once per process: not part of any row
     rows = []
 
     def row(source, ranks, measured, note=""):

