@@ -67,8 +67,7 @@ from configurator import (
 )
 from e2esae import LossConfig, SAETransformer
 from interop import check_specs
-from language_models import load_model
-from model import gpt2_tokenizer
+from language_models import load_model, tokenizer_of
 from report import TYPE_STYLE, result_rows
 from runs import write_atomic, write_json
 
@@ -232,10 +231,11 @@ def label_of(row, config):
     return f"{row['type']}{sparsity}" + (f" seed {config['seed']}" if "seed" in config else "")
 
 
-def analyse_checkpoint(spec, c, samples, enc):
+def analyse_checkpoint(spec, c, samples_of):
     """Evaluate one checkpoint and describe each of its SAEs. Returns (records, dictionaries): per SAE a dict for
     the JSON's `saes` (its figures, alive elements, nearest-neighbour similarities and chosen elements) and its
-    alive dictionary (d_in, n_alive), kept to compare across checkpoints."""
+    alive dictionary (d_in, n_alive), kept to compare across checkpoints. samples_of: the held-out samples by
+    tokenizer, read once for the checkpoints of one model family."""
     try:
         gpt = load_model(c.init_from) if c.init_from else None
         model = SAETransformer.from_checkpoint(spec, gpt).to(c.device).eval()
@@ -248,6 +248,13 @@ def analyse_checkpoint(spec, c, samples, enc):
     gpt = model.gpt
     if c.n_ctx > gpt.config.block_size:
         raise ConfigError(f"n_ctx={c.n_ctx} is longer than the model's context of {gpt.config.block_size} tokens")
+    tokenizer = tokenizer_of(gpt)  # the text as this checkpoint's model reads it
+    try:
+        if tokenizer not in samples_of:
+            samples_of[tokenizer] = data.heldout_samples(c.dataset, c.n_ctx, c.eval_n_samples, tokenizer=tokenizer)
+    except data.DataError as e:
+        raise ConfigError(str(e)) from None
+    samples, enc = samples_of[tokenizer], data.load_tokenizer(tokenizer)
     L, last = gpt.config.n_layer, max(gpt.resid_index(p) for p in model.sae_positions)
     downstream = model.later_positions()
     downstream += [f"blocks.{L - 1}.hook_resid_post"] if last < L else []  # the final stream, read by ln_f
@@ -300,8 +307,11 @@ def describe_features(model, records, batches, chained, samples, c, enc):
 
 
 def token_text(enc, token):
-    """One token's text (a token can hold part of a UTF-8 character: shown as the replacement character)."""
-    return enc.decode_single_token_bytes(token).decode("utf-8", errors="replace")
+    """One token's text (a token can hold part of a UTF-8 character: shown as the replacement character); enc is
+    GPT-2's tiktoken encoding or a transformers tokenizer."""
+    if hasattr(enc, "decode_single_token_bytes"):
+        return enc.decode_single_token_bytes(token).decode("utf-8", errors="replace")
+    return enc.decode([token])
 
 
 def context_record(sample, position, activation, acts, c, enc):
@@ -559,15 +569,14 @@ def main(argv):
     print_config(config)
     try:
         print(f"data: {c.dataset!r}, held out: {data.heldout_rule(c.dataset)[1]}")
-        samples, enc = data.heldout_samples(c.dataset, c.n_ctx, c.eval_n_samples), gpt2_tokenizer()
     except data.DataError as e:
         raise ConfigError(str(e)) from None
 
-    saes, dictionaries = [], []
+    saes, dictionaries, samples_of = [], [], {}
     for spec in c.checkpoints:
         t0 = time.time()
         print(f"{spec}:")
-        records, dicts = analyse_checkpoint(spec, c, samples, enc)
+        records, dicts = analyse_checkpoint(spec, c, samples_of)
         saes, dictionaries = saes + records, dictionaries + dicts
         print(f"  done in {time.time() - t0:.1f} s")
     unique_labels(saes)
@@ -582,7 +591,7 @@ def main(argv):
                   f"median closest in another {fmt(untrained[shape(s)]['cross']['median'])}")
 
     os.makedirs(c.out_dir, exist_ok=True)
-    n_tokens = len(samples) * c.n_ctx
+    n_tokens = len(next(iter(samples_of.values()))) * c.n_ctx
     page = os.path.join(c.out_dir, "features.html")
     write_atomic(page, lambda f: f.write(browser_html(saes, config, n_tokens).encode("utf-8")))
     everything = dict(settings=config, n_tokens=n_tokens, saes=saes, cross_similarity=pairs, untrained=untrained)

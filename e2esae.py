@@ -48,6 +48,7 @@ Usage:
 """
 
 import contextlib
+import os
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -513,6 +514,14 @@ class SAETransformer(nn.Module):
                         state=self.sae(p).folded_state_dict()) for p in self.sae_positions}
         interop.write_ours(f, saes, self.dict_size_to_input_ratio, getattr(self.gpt, "name_or_path", ""), config,
                            self.bos_token_id)
+
+    def save_saelens(self, directory):
+        """Write every SAE as a SAELens directory, directory/<position>, naming the model (its hub id, GPT-2 name or
+        directory), the hook, the context and the data it was trained on, and whether samples start with BOS."""
+        for p in self.sae_positions:
+            interop.save_saelens(self.sae(p), os.path.join(directory, p), p, model_name=self.gpt.name_or_path,
+                                 context_size=self.config.get("n_ctx", self.gpt.config.block_size),
+                                 dataset_path=self.config.get("dataset", ""), prepend_bos=self.bos_token_id is not None)
 
     @classmethod
     def from_checkpoint(cls, spec, gpt=None):

@@ -45,7 +45,7 @@ from configurator import (
 )
 from e2esae import LossConfig, SAETransformer
 from interop import check_specs
-from language_models import load_model
+from language_models import load_model, tokenizer_of
 from runs import write_json
 
 # -----------------------------------------------------------------------------
@@ -88,10 +88,13 @@ def evaluate_checkpoint(spec, c, samples_of):
         raise ConfigError(f"n_ctx={c.n_ctx} is longer than the model's context of {model.gpt.config.block_size} "
                           f"tokens: use --n_ctx={model.gpt.config.block_size} or less")
     dataset = c.dataset or model.config.get("dataset") or "shakespeare"
-    if dataset not in samples_of:  # read once per dataset: checkpoints of one dataset share their samples
+    tokenizer = tokenizer_of(model.gpt)  # the text as this checkpoint's model reads it
+    if (dataset, tokenizer) not in samples_of:  # read once: checkpoints of one dataset and model share their samples
         print(f"data: {dataset!r}, held out: {data.heldout_rule(dataset)[1]}")
-        samples_of[dataset] = data.heldout_samples(dataset, c.n_ctx, c.eval_n_samples)
-        n = len(samples_of[dataset])
+        samples_of[dataset, tokenizer] = data.heldout_samples(dataset, c.n_ctx, c.eval_n_samples,
+                                                              vocab_size=model.gpt.config.vocab_size,
+                                                              tokenizer=tokenizer)
+        n = len(samples_of[dataset, tokenizer])
         print(f"data: {n} held-out samples x {c.n_ctx} tokens = {n * c.n_ctx:,} tokens"
               + (f" (the held-out part holds no more than {n})" if n < c.eval_n_samples else ""))
     print(f"{spec}: SAEs at {', '.join(model.sae_positions)}; evaluated on {dataset!r}"
@@ -100,7 +103,7 @@ def evaluate_checkpoint(spec, c, samples_of):
     def progress(i, n, m):
         if i % 10 == 0 or i == n:
             print(f"  batch {i}/{n} | ce_increase {m['ce_increase']:.4f} | kl {m['kl']:.4f}", flush=True)
-    metrics, counts = e2esae.evaluate(model, data.in_batches(samples_of[dataset], c.batch_size),
+    metrics, counts = e2esae.evaluate(model, data.in_batches(samples_of[dataset, tokenizer], c.batch_size),
                                       LossConfig.for_evaluation(model.config, downstream), progress=progress)
     metrics = {k: v for k, v in metrics.items() if k not in ("loss", "eval_tokens") and not k.startswith("alive/")}
     rows = [dict(r, dataset=dataset) for r in report.result_rows(spec, model, metrics, counts, downstream)]

@@ -42,6 +42,15 @@ def is_gpt2(name):
         return json.load(f).get("model_type", "gpt2") == "gpt2"
 
 
+def tokenizer_of(model):
+    """The tokenizer a model reads (data.py's `tokenizer` argument), from a loaded model or its init_from: 'gpt2' for
+    every model model.py reads (OpenAI's, a GPT-2 directory, the embedded default's 'shakespeare'), else the model's
+    own directory or hub id, whose tokenizer files transformers loads."""
+    if not isinstance(model, str):
+        return "gpt2" if isinstance(model, GPT) else model.name_or_path
+    return "gpt2" if model == "shakespeare" or is_gpt2(hub_name(model)) else hub_name(model)
+
+
 def load_model(init_from, dtype=None):
     """The frozen model `init_from` names (see the docstring). dtype (e.g. torch.bfloat16) loads another family's
     weights in that dtype, which halves a large model's memory; GPT-2's stay float32 (a run's autocast does the

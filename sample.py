@@ -13,11 +13,11 @@ from types import SimpleNamespace
 
 import torch
 
+import data
 from configurator import ConfigError, check_settings, configure, default_device, defaults, device_rule, print_config
 from e2esae import SAETransformer, nonfinite_parameters
 from interop import check_specs
-from language_models import load_model
-from model import gpt2_tokenizer
+from language_models import load_model, tokenizer_of
 
 # -----------------------------------------------------------------------------
 checkpoint = "out/saes.safetensors"
@@ -59,10 +59,13 @@ def main(argv):
     if broken:
         raise ConfigError(f"checkpoint {c.checkpoint!r}: its SAE weights are not finite ({', '.join(broken[:4])}): "
                           "the run diverged, so there is nothing to sample from; retrain it with a lower lr")
-    enc = gpt2_tokenizer()
-    idx = torch.tensor([enc.encode(c.prompt, allowed_special={"<|endoftext|>"})], device=c.device)  # (1, T)
-    if idx.shape[1] == 0:
-        idx = torch.tensor([[enc.eot_token]], device=c.device)  # an empty prompt starts a fresh document
+    tokenizer = tokenizer_of(model.gpt)
+    enc = data.load_tokenizer(tokenizer)  # the model's own: GPT-2's (tiktoken) or a transformers tokenizer
+    if tokenizer == "gpt2":
+        ids = enc.encode(c.prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]  # empty: a fresh document
+    else:  # with the BOS in front where the model's tokenizer adds one
+        ids = enc.encode(c.prompt) or [t for t in (enc.bos_token_id, enc.eos_token_id) if t is not None][:1]
+    idx = torch.tensor([ids], device=c.device)  # (1, T)
     spliced = {p: (lambda x, s=model.sae(p): s(x)[0]) for p in model.sae_positions}
     for title, edits in (("GPT-2", None), (f"GPT-2 with SAEs at {', '.join(model.sae_positions)}", spliced)):
         torch.manual_seed(c.seed)  # the same seed for both: differences come from the SAEs, not the sampling

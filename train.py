@@ -41,15 +41,15 @@ from e2esae import (
     make_activation,
     training_type,
 )
-from language_models import load_model
+from language_models import load_model, tokenizer_of
 from report import print_summary
 from runs import Diverged, Run, get_lr
 from train_gpt import small_model, unigram_cross_entropy
 
 # -----------------------------------------------------------------------------
 # model and SAEs
-init_from = "shakespeare"  # 'gpt2' (-medium, -large, -xl) | a directory with config.json + model.safetensors |
-#                            'shakespeare': the small model of the embedded default, trained and cached on first use
+init_from = "shakespeare"  # 'gpt2' (-medium, -large, -xl) | any causal LM's hub id or directory (language_models.py)
+#                            | 'shakespeare': the small model of the embedded default, trained and cached on first use
 small_model_config = ""  # with 'shakespeare': a train_gpt.py config file for that model (cached per recipe)
 sae_positions = ["blocks.2.hook_resid_pre"]
 dict_size_to_input_ratio = 16.0  # n_dict = 16 x 128 = 2,048 dictionary elements
@@ -248,11 +248,13 @@ def setup_distributed(c):
 
 def load_heldout(c, rank, world_size, log):
     """This process's held-out batches, after checking that both parts of the data hold samples (and every local
-    file is readable): before the model, which may have to be trained first."""
+    file is readable): before the model, which may have to be trained first. The text is tokenised as the model
+    reads it (c.tokenizer)."""
     try:
         rule = data.heldout_rule(c.dataset)
-        eval_samples = data.heldout_samples(c.dataset, c.n_ctx, c.eval_n_samples, rank, world_size)
-        if data.count_samples(c.dataset, c.n_ctx, "train", at_most=world_size) < world_size:
+        eval_samples = data.heldout_samples(c.dataset, c.n_ctx, c.eval_n_samples, rank, world_size,
+                                            tokenizer=c.tokenizer)
+        if data.count_samples(c.dataset, c.n_ctx, "train", at_most=world_size, tokenizer=c.tokenizer) < world_size:
             raise data.DataError(f"the training part of dataset {c.dataset!r} holds fewer than {world_size} samples "
                                  f"of n_ctx={c.n_ctx} tokens (held out: {rule[1]}): give more text or a smaller n_ctx")
     except data.DataError as e:
@@ -269,8 +271,9 @@ def build_model(c, phases, log):
     against the settings: the context, the dictionary's size, and the loss's own checks in each phase of the run
     (`phases`: the LossConfig of each)."""
     torch.manual_seed(c.seed)  # the SAEs' initialisation
+    dtype = None if c.dtype == "float32" else getattr(torch, c.dtype)  # another family's weights in the run's dtype
     try:
-        gpt = load_model(small_model(c.small_model_config) if c.init_from == "shakespeare" else c.init_from)
+        gpt = load_model(small_model(c.small_model_config) if c.init_from == "shakespeare" else c.init_from, dtype)
     except (OSError, ValueError, RuntimeError) as e:
         raise ConfigError(f"init_from={c.init_from!r}: {e}") from None
     if c.n_ctx > gpt.config.block_size:
@@ -303,6 +306,8 @@ def build_model(c, phases, log):
     try:
         model = SAETransformer(gpt, list(dict.fromkeys([*c.sae_positions, *pretrained])), c.dict_size_to_input_ratio,
                                saes=pretrained, activation=activation, **extra)
+        # BOS positions (where the tokenizer adds one) left to the model: the SAEs neither read nor replace them
+        model.bos_token_id = None if c.include_bos else data.bos_token_id(c.tokenizer)
         model.to(c.device).eval()  # eval: a dry run must not move BatchTopK's threshold
         with torch.no_grad():
             for loss in phases:  # one short sequence through the loss of each phase of the run
@@ -325,7 +330,8 @@ def prepare_saes(model, c, log, n_batches=8):
     at = {model.gpt.resid_index(p): p for p in new}
     seen = {p: [] for p in new}
     with torch.no_grad():
-        for idx in islice(data.batches(data.SampleStream(c.dataset, c.n_ctx, "train"), c.batch_size), n_batches):
+        first = data.SampleStream(c.dataset, c.n_ctx, "train", tokenizer=c.tokenizer)
+        for idx in islice(data.batches(first, c.batch_size), n_batches):
             idx = idx.to(c.device)
             keep = torch.ones_like(idx, dtype=torch.bool) if model.bos_token_id is None else idx != model.bos_token_id
             _, streams, _ = model.run(model.gpt.embed(idx), 0, max(at), record=at)
@@ -342,7 +348,7 @@ def prepare_saes(model, c, log, n_batches=8):
 
 def main(argv):
     config, notes = settings(argv)
-    c = SimpleNamespace(**config)
+    c = SimpleNamespace(**config, tokenizer=tokenizer_of(config["init_from"]))  # the model's own, for the data
     ddp, rank, world_size = setup_distributed(c)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
@@ -385,8 +391,9 @@ def main(argv):
         try:  # this process's training samples, where a checkpoint left them (never replayed); ids the model has
             # no embedding for are named now (the source's first rows, the held-out batches) or as their row is drawn
             vocab_size = model.gpt.config.vocab_size
-            data.check_vocab(c.dataset, vocab_size, eval_batches)
-            stream = data.SampleStream(c.dataset, c.n_ctx, "train", rank, world_size, vocab_size=vocab_size)
+            data.check_vocab(c.dataset, vocab_size, eval_batches, tokenizer=c.tokenizer)
+            stream = data.SampleStream(c.dataset, c.n_ctx, "train", rank, world_size, vocab_size=vocab_size,
+                                       tokenizer=c.tokenizer)
             if ckpt:
                 stream.resume(ckpt.get("data"), replay=step * c.batch_size * c.gradient_accumulation_steps)
         except data.DataError as e:
