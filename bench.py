@@ -9,6 +9,7 @@ what was allocated before it (inputs, weights), i.e. what the operation itself a
     python bench.py --device cpu --tiny       # a smoke test of this script through Triton's interpreter
     python bench.py --data                    # the data path alone (data.py), on the CPU: no CUDA, no Triton
     python bench.py --peers                   # one TopK SAE training step on the CPU against SAELens and sparsify
+    python bench.py --memory                  # the memory one e2e step needs, per model family (computed)
 
 `python gpu_check.py` runs this with --quick, after the kernel tests and a short training run (BENCHMARKS.md).
 --peers needs `sae-lens` and `eai-sparsify` installed (neither is a dependency of this project; a missing one is
@@ -37,6 +38,8 @@ def parse_args(argv):
     p.add_argument("--data", action="store_true", help="benchmark the data path (data.py) instead, on the CPU")
     p.add_argument("--peers", action="store_true",
                    help="one local TopK SAE training step on the CPU, this project against SAELens and sparsify")
+    p.add_argument("--memory", action="store_true", help="the memory of one e2e step per model family (computed)")
+    p.add_argument("--ratio", type=float, default=16.0, help="--memory: dict_size_to_input_ratio (GPT-2: 60)")
     p.add_argument("--repeats", type=int, default=9, help="--peers: rounds of every implementation in turn")
     p.add_argument("--threads", type=int, default=None, help="--peers: torch.set_num_threads (default: torch's)")
     return p.parse_args(argv)
@@ -618,6 +621,47 @@ def print_table(results):
         print(f"{r['op']:<52} {r['variant']:<28} {r['ms']:9.3f} {speedup:>8} {mb:>9} {mem:>8}{extra}")
 
 
+# ---- the memory of one e2e+ds step (--memory): computed from the models' published configs, not measured ----
+
+# hub id: (layers, width, vocabulary, parameters) as each model's config.json and model card give them
+MEMORY_MODELS = {
+    "gpt2": (12, 768, 50_257, 124e6),
+    "EleutherAI/pythia-160m": (12, 768, 50_304, 162e6),
+    "HuggingFaceTB/SmolLM2-135M": (30, 576, 49_152, 135e6),
+    "meta-llama/Llama-3.2-1B": (16, 2048, 128_256, 1.24e9),
+    "Qwen/Qwen3-0.6B": (28, 1024, 151_936, 0.60e9),
+    "google/gemma-3-1b-pt": (26, 1152, 262_144, 1.00e9),
+    "google/gemma-2-2b": (26, 2304, 256_000, 2.61e9),
+    "mistralai/Mistral-7B-v0.1": (32, 4096, 32_000, 7.24e9),
+}
+
+
+def step_memory(layers, width, vocab, params, ratio, tokens=8 * 1024, chunk_logits=2**25):
+    """GB of one e2e+ds training step with the SAE at the middle layer: the frozen model in bf16 (2 bytes a
+    parameter); the SAE's parameters, gradients and Adam's two moments in fp32 (16 bytes a parameter); its
+    pre-activations and their gradient (2 x tokens x n_dict, bf16); the activations kept for the backward pass
+    through the spliced layers after the SAE (about 34 x width bytes per token and layer in bf16, attention
+    without its T x T matrix, as with FlashAttention); the KL's chunk of logits for both models and the gradient
+    of the final stream. The clean pass runs without gradients: it keeps nothing."""
+    n_dict = int(ratio * width)
+    parts = dict(model=2 * params, sae_and_adam=16 * (2 * n_dict * width + n_dict + width),
+                 sae_codes=2 * 2 * tokens * n_dict, kept_for_backward=34 * width * tokens * (layers - layers // 2),
+                 logits=2 * 2 * chunk_logits + 2 * tokens * width)
+    return {k: v / 1e9 for k, v in parts.items()}, n_dict
+
+
+def main_memory(args):
+    print("one e2e+ds training step of 8 samples x 1,024 tokens, the SAE at the middle layer, bf16 (GB, computed)")
+    print(f"{'model':<28} {'n_dict':>8} {'model':>6} {'SAE+Adam':>9} {'codes':>6} {'backward':>9} {'logits':>7}"
+          f" {'total':>6}")
+    for name, (layers, width, vocab, params) in MEMORY_MODELS.items():
+        ratio = 60.0 if name == "gpt2" else args.ratio  # the paper's for GPT-2 small
+        parts, n_dict = step_memory(layers, width, vocab, params, ratio)
+        print(f"{name:<28} {n_dict:>8,} {parts['model']:>6.1f} {parts['sae_and_adam']:>9.1f} "
+              f"{parts['sae_codes']:>6.1f} {parts['kept_for_backward']:>9.1f} {parts['logits']:>7.2f} "
+              f"{sum(parts.values()):>6.1f}")
+
+
 def main(args):
     import torch  # imported here, after TRITON_INTERPRET is settled (see the bottom of the file)
     import triton
@@ -648,6 +692,9 @@ if __name__ == "__main__":
         sys.exit()
     if args.peers:  # the PyTorch path on the CPU: no CUDA, no Triton
         main_peers(args)
+        sys.exit()
+    if args.memory:  # arithmetic only
+        main_memory(args)
         sys.exit()
     if args.device == "cpu":  # the kernels can only run interpreted; this must precede importing triton
         os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -55,6 +55,7 @@ sweep = "sparsity_coeff"  # what the lists below set per run: 'sparsity_coeff', 
 local_coeffs = [0.3, 1.0, 3.0, 10.0]  # sparsity_coeff sweeps (x3 apart); out_to_in_coeff = 1; 30 collapses 6 x 256
 e2e_coeffs = [0.1, 0.3, 1.0, 3.0]  # kl_coeff = 1
 e2e_ds_coeffs = [1.0, 3.0, 10.0, 30.0]  # kl_coeff = 0.5, in_to_orig_coeff below
+kl_mse_coeffs = []  # type 'kl+mse' (Karvonen 2025's full e2e): KL + MSE from the start, the KL rescaled to the MSE's
 in_to_orig_coeff = 1.0
 train_args = []  # more train.py settings for every run, e.g. ["--lr=1e-3", "--dict_size_to_input_ratio=32"]
 compare = []  # results CSVs of other sweeps on the same model and budget, drawn beside this one's Pareto curves
@@ -65,13 +66,19 @@ device = ""  # '' = train.py's default (cuda if available)
 train = True  # False: train nothing, report the runs of the plan that are finished (and list the others)
 out_root = "out/scaling"  # runs live in out_root/<model>/<tokens>/<type>_<coeff>: every preset shares them
 results_dir = "results"
+combine = []  # results CSVs of earlier sweeps: nothing is trained; their rows become one table, results/<name>.csv
 name = "small_scale"  # results/<name>.csv etc.; a grid of several points also writes <name>_ratio.csv and plots
 # -----------------------------------------------------------------------------
 
 DEFAULTS = defaults(globals())
 PAPER_L0_RATIO = 27.5 / 69.4  # GPT-2 small, layer 6, runs of similar CE increase (Braun et al. 2024)
+RECIPE = ("lr", "sae_init", "normalize_activations", "seed")
 SMALL_SCALE_COLUMNS = ["type", "sparsity_coeff", "l0", "ce_increase", "alive", "kl", "ce_orig", "ce_sae",
-                       "explained_variance", "explained_variance_downstream", "activation", "k", "train_seconds"]
+                       "explained_variance", "explained_variance_downstream", "activation", "k", "train_seconds",
+                       "sae_tokens", *RECIPE]
+# the one table of a combined recipe study (combine)
+RECIPE_COLUMNS = ["type", "activation", "k", "sparsity_coeff", "lr", "sae_init", "normalize_activations", "sae_tokens",
+                  "seed", "l0", "alive", "ce_increase", "kl", "explained_variance", "train_minutes", "source"]
 SCALING_COLUMNS = ["model", "model_ce", "sae_tokens", "type", "sparsity_coeff", "l0", "ce_increase", "alive", "kl",
                    "ce_orig", "ce_sae", "explained_variance", "explained_variance_downstream", "n_dict", "out_dir"]
 
@@ -116,7 +123,7 @@ def plan(c):
     """Every run of the grid: dicts with model, sae_tokens, type, the swept value, out_dir and train.py's argv. A
     fine-tune run (finetune_fractions) trains locally, then for its last share of the steps with KL + MSE, the KL
     rescaled to the MSE's size (Karvonen 2025's recipe), at each of the local sweep's values."""
-    sweeps = {"local": c.local_coeffs, "e2e": c.e2e_coeffs, "e2e+ds": c.e2e_ds_coeffs}
+    sweeps = {"local": c.local_coeffs, "e2e": c.e2e_coeffs, "e2e+ds": c.e2e_ds_coeffs, "kl+mse": c.kl_mse_coeffs}
     sweeps |= {finetune_type(f): c.local_coeffs for f in c.finetune_fractions}
     runs = []
     for tokens in sorted(c.sae_tokens):  # the cheap budgets first: a first look at every model early
@@ -125,7 +132,8 @@ def plan(c):
             position, downstream = positions(c, config_file)
             loss = {"local": dict(kl_coeff=0.0, out_to_in_coeff=1.0),
                     "e2e": dict(kl_coeff=1.0),
-                    "e2e+ds": dict(kl_coeff=0.5, in_to_orig_coeff=c.in_to_orig_coeff, in_to_orig_positions=downstream)}
+                    "e2e+ds": dict(kl_coeff=0.5, in_to_orig_coeff=c.in_to_orig_coeff, in_to_orig_positions=downstream),
+                    "kl+mse": dict(kl_coeff=1.0, out_to_in_coeff=1.0, kl_rescale=True)}
             loss |= {finetune_type(f): dict(kl_coeff=1.0, out_to_in_coeff=1.0, kl_rescale=True, finetune_fraction=f)
                      for f in c.finetune_fractions}
             for kind in [*c.types, *(finetune_type(f) for f in c.finetune_fractions)]:
@@ -415,9 +423,9 @@ def check(c):
     if c.position and not re.fullmatch(r"blocks\.\d+\.hook_resid_pre", c.position):
         raise ConfigError(f"position must be '' (each model's middle) or a name like 'blocks.2.hook_resid_pre', "
                           f"got {c.position!r}")
-    bad = [k for k in c.types if k not in ("local", "e2e", "e2e+ds")]
+    bad = [k for k in c.types if k not in ("local", "e2e", "e2e+ds", "kl+mse")]
     if bad:
-        raise ConfigError(f"types {bad} unknown: choose from 'local', 'e2e', 'e2e+ds'")
+        raise ConfigError(f"types {bad} unknown: choose from 'local', 'e2e', 'e2e+ds', 'kl+mse'")
     for t in c.sae_tokens:
         if t < c.n_ctx * 16:
             raise ConfigError(f"sae_tokens {t:,} is less than one step (16 samples x n_ctx={c.n_ctx} tokens)")
@@ -448,7 +456,7 @@ def check_sweep(c):
     if c.sweep not in ("sparsity_coeff", "k") or (c.sweep == "k") != (c.activation in ("topk", "batchtopk")):
         raise ConfigError(f"sweep={c.sweep!r} with activation={c.activation!r}: topk and batchtopk sweep 'k' (their "
                           "sparsity is k), relu and jumprelu sweep 'sparsity_coeff'")
-    lists = {"local": "local_coeffs", "e2e": "e2e_coeffs", "e2e+ds": "e2e_ds_coeffs"}
+    lists = {"local": "local_coeffs", "e2e": "e2e_coeffs", "e2e+ds": "e2e_ds_coeffs", "kl+mse": "kl_mse_coeffs"}
     for key in [lists[t] for t in c.types if t in lists]:
         values = getattr(c, key)
         if c.sweep == "k" and any(not isinstance(v, int) or v < 1 for v in values):
@@ -511,8 +519,9 @@ def evaluate_all(runs, c):
     for run in runs:
         r = evaluate_run(run, held_out, eval_device)
         ckpt = torch.load(os.path.join(run["out_dir"], "ckpt.pt"), map_location="cpu", weights_only=False)
+        recipe = {k: ckpt["config"].get(k) for k in RECIPE}  # the settings a recipe sweep varies, as trained
         rows.append(dict(run, **{k: r[k] for k in ("l0", "ce_increase", "alive", "kl", "ce_orig", "ce_sae",
-                                                   "explained_variance", "n_dict")},
+                                                   "explained_variance", "n_dict")}, **recipe,
                          model_ce=r["ce_orig"], train_seconds=ckpt.get("train_seconds"),
                          explained_variance_downstream=r["downstream_explained_variance"].get(
                              (run["downstream"] or [None])[-1], float("nan"))))
@@ -628,8 +637,24 @@ def write_results(rows, ratio_rows, c, grid):
     return written + [os.path.join(c.results_dir, f"{c.name}_pareto.png")]
 
 
+def combine_results(c):
+    """The rows of earlier sweeps' CSVs as one table with each run's recipe (RECIPE_COLUMNS), no training."""
+    rows = []
+    for path in c.combine:
+        for r in read_compare([path]):
+            minutes = r.get("train_seconds")
+            rows.append({**{k: r.get(k) for k in RECIPE_COLUMNS}, "sae_tokens": r.get("sae_tokens") or c.sae_tokens[0],
+                         "train_minutes": round(minutes / 60, 1) if isinstance(minutes, float) else None,
+                         "source": os.path.basename(path)})
+    path = os.path.join(c.results_dir, f"{c.name}.csv")
+    write_csv(path, rows, RECIPE_COLUMNS)
+    print(f"{len(rows)} runs of {len(c.combine)} sweeps -> {path}")
+
+
 def main(argv):
     c = SimpleNamespace(**configure(DEFAULTS, argv))
+    if c.combine:
+        return combine_results(c)
     check(c)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     t0 = time.time()

@@ -120,7 +120,8 @@ def test_output_metrics():
 def test_sae_shapes_names_and_normalised_dictionary():
     sae = SAE(8, 20)
     assert {k: tuple(v.shape) for k, v in sae.state_dict().items()} == {
-        "encoder.weight": (20, 8), "encoder.bias": (20,), "decoder.weight": (8, 20), "decoder.bias": (8,)}
+        "encoder.weight": (20, 8), "encoder.bias": (20,), "decoder.weight": (8, 20), "decoder.bias": (8,),
+        "input_scale": ()}  # 1 unless the inputs are normalised (train.py's normalize_activations)
     torch.testing.assert_close(sae.dict_elements.norm(dim=0), torch.ones(20))
     with torch.no_grad():
         sae.decoder.weight.mul_(3.0)  # the normalisation is recomputed on every call
