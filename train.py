@@ -410,7 +410,7 @@ def main(argv):
         flops_per_token = model.flops_per_token(local=c.kl_coeff == 0 and c.in_to_orig_coeff == 0)
         params = [p for p in model.saes.parameters() if p.requires_grad]
 
-        sums, n_logged, t_log, eval_metrics = {}, 0, time.time(), None
+        sums, n_logged, t_log, eval_metrics, reached = {}, 0, time.time(), None, {}
         while step < n_steps:
             if stop_everywhere(run.stop_requested, ddp, c.device):
                 run.save(step)
@@ -438,10 +438,10 @@ def main(argv):
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
                 check_finite(loss, grad_norm, scaler, optimizer, c, step)  # the one host sync of a step
-                for p in model.sae_positions:  # the share of the dictionary the step's gradient reached
-                    grad = model.sae(p).encoder.weight.grad
-                    if grad is not None:
-                        sums[f"reached/{p}"] = sums.get(f"reached/{p}", 0.0) + (grad != 0).any(1).float().mean()
+                if (step + 1) % c.log_every_n_steps == 0 or step + 1 == n_steps:  # (a pass the step does not need)
+                    reached = {f"reached/{p}": (sae.encoder.weight.grad != 0).any(1).float().mean().item()
+                               for p, sae in zip(model.sae_positions, model.saes.values())
+                               if sae.encoder.weight.grad is not None}  # the share of elements the gradient reached
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -457,6 +457,7 @@ def main(argv):
 
             if step % c.log_every_n_steps == 0 or step == n_steps:
                 figures, dt = log_figures(sums, n_logged, t_log, ddp, world_size)
+                figures.update(reached)  # the logging step's own
                 tokens_per_s = global_batch * c.n_ctx / dt
                 mfu = flops_per_token * tokens_per_s / world_size / c.peak_flops if device_type == "cuda" else None
                 log(log_line(step, figures, model.sae_positions, lr, dt, tokens_per_s, mfu))
@@ -578,7 +579,7 @@ def log_line(step, figures, positions, lr, dt, tokens_per_s, mfu):
     line += ["l0 " + "/".join(f"{figures['l0/' + p]:.1f}" for p in positions)]
     if "dead/" + positions[0] in figures:
         line += ["dead " + "/".join(f"{figures['dead/' + p]:.0f}" for p in positions)]
-    if "reached/" + positions[0] in figures:  # the share of dictionary elements the gradient reached
+    if "reached/" + positions[0] in figures:  # the share of dictionary elements the logging step's gradient reached
         line += ["reached " + "/".join(f"{100 * figures['reached/' + p]:.0f}%" for p in positions)]
     line += [f"lr {lr:.1e}", f"norm {figures['grad_norm']:.2f}", f"{dt * 1000:.0f} ms", f"{tokens_per_s:,.0f} tok/s"]
     line += [f"mfu {100 * mfu:.1f}%"] if mfu is not None else []
