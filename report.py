@@ -1,6 +1,6 @@
 """
-Tables and plots of evaluated SAEs: one row per SAE, the table eval.py prints, the summary train.py ends with, the
-paper's Pareto plot (L0 and alive elements against CE increase) and its activation-frequency histogram. eval.py,
+Tables, lines and plots of SAEs: train.py's log line and the summary it ends with, one row per SAE, the table eval.py
+prints, the paper's Pareto plot (L0 and alive elements against CE increase) and its activation-frequency histogram. eval.py,
 train.py, reproduce.py, analysis.py and mlp.py share them. matplotlib is imported where a plot is drawn.
 """
 
@@ -160,3 +160,24 @@ def print_summary(m, model, dataset, out_dir, unigram=None):
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
     print(f"\nthe SAEs: {os.path.join(out_dir, 'saes.safetensors')} (python eval.py --checkpoints=\"['{out_dir}']\")")
+
+
+def log_line(step, figures, positions, lr, dt, tokens_per_s, mfu):
+    """train.py's line per logging step: the figures a practitioner scans, per SAE where there are several."""
+    line = [f"step {step}", f"loss {figures['loss']:.4f}"]
+    line += [f"{k} {figures[k]:.4f}" for k in ("kl",) if k in figures]
+    for term in ("out_to_in", "out_to_orig", "in_to_orig"):  # summed over positions
+        values = [v for k, v in figures.items() if k.startswith(term + "/")]
+        line += [f"{term} {sum(values):.4f}"] if values else []
+    line += ["l0 " + "/".join(f"{figures['l0/' + p]:.1f}" for p in positions)]
+    if "dead/" + positions[0] in figures:
+        line += ["dead " + "/".join(f"{figures['dead/' + p]:.0f}" for p in positions)]
+    if "reached/" + positions[0] in figures:  # the share of dictionary elements the logging step's gradient reached
+        line += ["reached " + "/".join(f"{100 * figures['reached/' + p]:.0f}%" for p in positions)]
+    line += [f"lr {lr:.1e}", f"norm {figures['grad_norm']:.2f}", f"{dt * 1000:.0f} ms", f"{tokens_per_s:,.0f} tok/s"]
+    line += [f"mfu {100 * mfu:.1f}%"] if mfu is not None else []
+    return " | ".join(line)
+
+
+def fmt(v):
+    return f"{v:,}" if isinstance(v, int) else f"{v:.4f}"

@@ -349,3 +349,49 @@ class Run:
             sys.exit(130)
         if isinstance(error, (Diverged, SaveError, *self.bad_data)):
             sys.exit(f"{kind.__name__}: {error}")  # said in full already; no traceback for what is not a bug
+
+
+# ---- many processes (torchrun): one per GPU, every one in step ----
+
+def setup_distributed(device):
+    """(ddp, rank, world_size, device) of this process: under torchrun its GPU, else (False, 0, 1, device)."""
+    import torch
+    import torch.distributed as dist
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 1, device
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def stop_everywhere(requested, ddp, device):
+    """Whether to stop now: under DDP every process must agree to stop at the same step."""
+    import torch
+    import torch.distributed as dist
+    if not ddp:
+        return requested
+    flag = torch.tensor([float(requested)], device=device)
+    dist.all_reduce(flag)
+    return flag.item() > 0
+
+
+def average_over_processes(tensors, world_size):
+    """Average each tensor in place over the processes (the SAEs' gradients and floating buffers)."""
+    import torch.distributed as dist
+    for t in tensors:
+        dist.all_reduce(t)
+        t /= world_size
+
+
+def check_finite(loss, grad_norm, lr, max_grad_norm, step, fp16=False):
+    """Raise Diverged unless the step's loss and gradient norm are finite (fp16's inf gradients are the GradScaler's
+    to skip): before the step is applied, so the weights stay as they were. The one host sync of a step."""
+    import torch
+    finite = torch.isfinite(loss) if fp16 else torch.isfinite(loss) & torch.isfinite(grad_norm)
+    if not finite.item():
+        raise Diverged(f"at step {step + 1} the loss is {loss.item():.4g} and the gradient norm "
+                       f"{grad_norm.item():.4g}: training diverged, and that step was not applied. Try a lower "
+                       f"learning rate (lr={lr:g} now; e.g. --lr={lr / 10:g}) or a smaller max_grad_norm (now "
+                       f"{max_grad_norm:g}) in a new run")

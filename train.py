@@ -42,8 +42,8 @@ from e2esae import (
     training_type,
 )
 from language_models import load_model, tokenizer_of
-from report import print_summary
-from runs import Diverged, Run, get_lr
+from report import fmt, log_line, print_summary
+from runs import Run, average_over_processes, check_finite, get_lr, setup_distributed, stop_everywhere
 from train_gpt import small_model, unigram_cross_entropy
 
 # -----------------------------------------------------------------------------
@@ -235,17 +235,6 @@ def loss_at(c, step, local_steps):
 
 # ---- the steps of main, in order ----
 
-def setup_distributed(c):
-    """One process per GPU under torchrun: (ddp, rank, world_size); c.device becomes this process's GPU."""
-    if int(os.environ.get("RANK", -1)) == -1:
-        return False, 0, 1
-    dist.init_process_group("nccl" if c.device.startswith("cuda") else "gloo")
-    if c.device.startswith("cuda"):
-        c.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(c.device)
-    return True, dist.get_rank(), dist.get_world_size()
-
-
 def load_heldout(c, rank, world_size, log):
     """This process's held-out batches, after checking that both parts of the data hold samples (and every local
     file is readable): before the model, which may have to be trained first. The text is tokenised as the model
@@ -349,7 +338,7 @@ def prepare_saes(model, c, log, n_batches=8):
 def main(argv):
     config, notes = settings(argv)
     c = SimpleNamespace(**config, tokenizer=tokenizer_of(config["init_from"]))  # the model's own, for the data
-    ddp, rank, world_size = setup_distributed(c)
+    ddp, rank, world_size, c.device = setup_distributed(c.device)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     device_type = "cuda" if c.device.startswith("cuda") else "cpu"
@@ -433,11 +422,16 @@ def main(argv):
                     scaler.scale(loss / c.gradient_accumulation_steps).backward()
                     for k, v in metrics.items():  # the step's figures: the mean over its micro-steps
                         sums[k] = sums.get(k, 0.0) + v.float() / c.gradient_accumulation_steps
-                if ddp:  # average the SAE gradients (and BatchTopK's running thresholds) over the processes
-                    average_over_processes(model, params, fired, world_size)
+                if ddp:  # the SAE gradients (and BatchTopK's running thresholds) averaged, the firing counts summed
+                    average_over_processes([p.grad for p in params if p.grad is not None]
+                                           + [b for b in model.saes.buffers() if b.is_floating_point()], world_size)
+                    for counts in fired.counts.values() if fired is not None else ():
+                        dist.all_reduce(counts)  # summed
+                    if fired is not None:
+                        fired.n_tokens = {p: n * world_size for p, n in fired.n_tokens.items()}
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
-                check_finite(loss, grad_norm, scaler, optimizer, c, step)  # the one host sync of a step
+                check_finite(loss, grad_norm, c.lr, c.max_grad_norm, step, fp16=scaler.is_enabled())
                 if (step + 1) % c.log_every_n_steps == 0 or step + 1 == n_steps:  # (a pass the step does not need)
                     reached = {f"reached/{p}": (sae.encoder.weight.grad != 0).any(1).float().mean().item()
                                for p, sae in zip(model.sae_positions, model.saes.values())
@@ -504,38 +498,6 @@ def crossed(step, global_batch, every):
     return step * global_batch // every > (step - 1) * global_batch // every
 
 
-def stop_everywhere(requested, ddp, device):
-    """Under DDP every process must agree to stop at the same step."""
-    if not ddp:
-        return requested
-    flag = torch.tensor([float(requested)], device=device)
-    dist.all_reduce(flag)
-    return flag.item() > 0
-
-
-def average_over_processes(model, params, fired, world_size):
-    """The SAEs' gradients and floating buffers (BatchTopK's thresholds) averaged, the firing counts summed."""
-    buffers = [b for b in model.saes.buffers() if b.is_floating_point()]
-    for t in [p.grad for p in params if p.grad is not None] + buffers:
-        dist.all_reduce(t)
-        t /= world_size
-    if fired is not None:
-        for counts in fired.counts.values():
-            dist.all_reduce(counts)
-        fired.n_tokens = {p: n * world_size for p, n in fired.n_tokens.items()}
-
-
-def check_finite(loss, grad_norm, scaler, optimizer, c, step):
-    """Divergence stops the run before the step is applied (fp16's inf gradients are the GradScaler's to skip)."""
-    finite = torch.isfinite(loss) if scaler.is_enabled() else torch.isfinite(loss) & torch.isfinite(grad_norm)
-    if not finite.item():
-        optimizer.zero_grad(set_to_none=True)
-        raise Diverged(f"at step {step + 1} the loss is {loss.item():.4g} and the gradient norm "
-                       f"{grad_norm.item():.4g}: training diverged, and that step was not applied. Try a lower "
-                       f"learning rate (lr={c.lr:g} now; e.g. --lr={c.lr / 10:g}) or a smaller max_grad_norm (now "
-                       f"{c.max_grad_norm:g}) in a new run")
-
-
 def start_wandb(c, config):
     import wandb
     os.makedirs(c.out_dir, exist_ok=True)
@@ -568,26 +530,6 @@ def log_figures(sums, n_logged, t_log, ddp, world_size):
         dist.all_reduce(values)
         values /= world_size
     return dict(zip(keys, values.tolist())), (time.time() - t_log) / n_logged
-
-
-def log_line(step, figures, positions, lr, dt, tokens_per_s, mfu):
-    line = [f"step {step}", f"loss {figures['loss']:.4f}"]
-    line += [f"{k} {figures[k]:.4f}" for k in ("kl",) if k in figures]
-    for term in ("out_to_in", "out_to_orig", "in_to_orig"):  # summed over positions
-        values = [v for k, v in figures.items() if k.startswith(term + "/")]
-        line += [f"{term} {sum(values):.4f}"] if values else []
-    line += ["l0 " + "/".join(f"{figures['l0/' + p]:.1f}" for p in positions)]
-    if "dead/" + positions[0] in figures:
-        line += ["dead " + "/".join(f"{figures['dead/' + p]:.0f}" for p in positions)]
-    if "reached/" + positions[0] in figures:  # the share of dictionary elements the logging step's gradient reached
-        line += ["reached " + "/".join(f"{100 * figures['reached/' + p]:.0f}%" for p in positions)]
-    line += [f"lr {lr:.1e}", f"norm {figures['grad_norm']:.2f}", f"{dt * 1000:.0f} ms", f"{tokens_per_s:,.0f} tok/s"]
-    line += [f"mfu {100 * mfu:.1f}%"] if mfu is not None else []
-    return " | ".join(line)
-
-
-def fmt(v):
-    return f"{v:,}" if isinstance(v, int) else f"{v:.4f}"
 
 
 if __name__ == "__main__":
