@@ -20,7 +20,7 @@ e2e_ds_kl_coeff, ...). Every figure of the final table is measured on held-out i
 L0, alive dictionary elements, accuracy and cross-entropy of the MLP without and with the SAE, the KL, and the
 explained variance at the SAE and at the later hidden layers.
 
-    python mlp.py                                   # the three types, one table (15 to 25 s on 2 CPU cores)
+    python mlp.py                                   # the three types, one table (seconds on a CPU)
     python mlp.py --sweep=True                      # each type at several sparsity coefficients + a Pareto plot
     python mlp.py --hidden_sizes="[64, 64, 64]" --sae_layer=1 --e2e_sparsity_coeff=2
 """

@@ -1,6 +1,6 @@
 # The scaling measurement on one GPU: a stronger model (8 layers x 512, trained there in about a minute and cached)
-# and larger SAE budgets, offline (Shakespeare). Sized for about 8 minutes of one H200, but not yet run on a GPU:
-# its time is unmeasured. The CPU grid (config/scaling_cpu.py) covers the two smaller models.
+# and larger SAE budgets, offline (Shakespeare). Sized for about 8 minutes of one H200 (BENCHMARKS.md says what is
+# measured). The CPU grid (config/scaling_cpu.py) covers the two smaller models.
 # python reproduce.py config/scaling_gpu.py  ->  results/scaling_gpu*.{csv,png}
 models = ["config/gpt_shakespeare_8x512.py"]
 sae_tokens = [1_048_576, 4_194_304, 16_777_216]  # 4x apart, up to 64x the CPU grid's smallest

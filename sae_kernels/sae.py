@@ -50,7 +50,7 @@ The sparse path loses when codes are not sparse (at initialisation about half fi
 1/256 of the codes fire on average (180 per token at n = 46,080), the dense (cuBLAS) path otherwise; measuring
 costs one host sync per forward. TopK never measures: its k (32 to 128) is below that threshold at the
 paper's sizes; a k of more than ~n/256 would be faster through dense matmuls, which TopK does not offer.
-These are estimates, not measured on a GPU yet; `python bench.py` times the ReLU paths and TopK.
+These are estimates from the hardware's figures; `python bench.py` times the ReLU paths and TopK (BENCHMARKS.md).
 
 Where Triton does not run (a CPU, E2ESAE_BACKEND=torch) and for BatchTopK (given k and batch_topk: the N k largest
 pre-activations of the batch, any number per token), sparse.py computes the same products over the selected pairs

@@ -40,9 +40,8 @@ transposing copy (~25 ms each here). With W_dec stored column-major (W_dec.t() c
 copy and dW_dec a view in W_dec's own layout; both layouts work.
 
 ReLU pays only while few codes fire: per active pair the sparse path gathers ~6 rows of d, where a dense matmul
-spends ~10 d FLOPs on every pair, active or not. At the shape above (ReLU, forward + backward, 2 cores) the sparse
-path took 0.9 s at a density of 1/64, 1.5 s at 1/8 and 2.4 s at 1/4, the dense reference 2.2 to 2.3 s: so the
-dispatch in sae.py measures a sample of tokens and takes the sparse path up to SPARSE_MAX_DENSITY = 1/8 (with a
+spends ~10 d FLOPs on every pair, active or not. On a CPU the two cross near a density of 1/5 (BENCHMARKS.md), so
+the dispatch in sae.py measures a sample of tokens and takes the sparse path up to SPARSE_MAX_DENSITY = 1/8 (with a
 margin: a faster BLAS moves the crossing down). TopK and BatchTopK always take the sparse path. `python bench.py
 --peers` times a whole TopK training step against SAELens and sparsify.
 
