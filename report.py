@@ -1,7 +1,8 @@
 """
-Tables, lines and plots of SAEs: train.py's log line and the summary it ends with, one row per SAE, the table eval.py
-prints, the paper's Pareto plot (L0 and alive elements against CE increase) and its activation-frequency histogram. eval.py,
-train.py, reproduce.py, analysis.py and mlp.py share them. matplotlib is imported where a plot is drawn.
+Tables, lines and plots of SAEs: train.py's log line and the summary it ends with, one row per SAE, the table
+eval.py prints, the paper's Pareto plot (L0 and alive elements against CE increase) and its activation-frequency
+histogram. eval.py, train.py, reproduce.py, analysis.py and mlp.py share them. matplotlib is imported where a plot
+is drawn.
 """
 
 import os

@@ -238,9 +238,10 @@ class Run:
         self.stop_requested = True
         self.log(f"\nsignal {signum}: stopping after this step and saving a checkpoint (Ctrl-C again: stop at once)")
 
-    def resume_checkpoint(self, differences):
+    def resume_checkpoint(self, differences, global_batch):
         """The checkpoint to resume, read and checked before any model is built (the model may have to be trained
-        first). differences(saved config) lists, as (key, saved, now), the settings that make it another run."""
+        first). differences(saved config) lists, as (key, saved, now), the settings that make it another run; the
+        global batch (samples per step, over every process) must be the same, for the data and the schedule."""
         import torch
         if not os.path.isfile(self.ckpt_path):
             raise ConfigError(f"resume=True but there is no checkpoint at {self.ckpt_path}; drop --resume "
@@ -257,6 +258,11 @@ class Run:
             raise ConfigError(f"{self.ckpt_path} was trained with {shown}: a resumed run keeps its own "
                            "settings. Resume without changing them, or train these SAEs further as a new run: "
                            f"--pretrained_sae_paths=['{self.out_dir}'] --retrain_saes=True --out_dir=...")
+        saved_batch = ckpt.get("global_batch", saved["batch_size"] * saved["gradient_accumulation_steps"])
+        if saved_batch != global_batch:
+            raise ConfigError(f"{self.ckpt_path} was trained with a global batch of {saved_batch} samples, this run "
+                              f"has {global_batch} (batch_size x gradient_accumulation_steps x processes): resume with "
+                              "the same global batch, so that the data and the schedule continue where they stopped")
         return ckpt
 
     def track(self, model, optimizer, scaler, dead, global_batch, step, stream, ddp, ckpt=None):

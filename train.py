@@ -361,12 +361,7 @@ def main(argv):
         c.out_dir = config["out_dir"]
         ckpt = run.resume_checkpoint(lambda saved: [
             (k, saved.get(k, v), config[k]) for k, v in DEFAULTS.items()
-            if k not in HOW_IT_RUNS and saved.get(k, v) != config[k]]) if c.resume else None
-        if ckpt and ckpt.get("global_batch", global_batch) != global_batch:
-            raise ConfigError(f"{run.ckpt_path} was trained with a global batch of {ckpt['global_batch']} samples, "
-                              f"this run has {global_batch} (batch_size x gradient_accumulation_steps x processes): "
-                              "resume with the same global batch, so that the data and the schedule continue where "
-                              "they stopped")
+            if k not in HOW_IT_RUNS and saved.get(k, v) != config[k]], global_batch) if c.resume else None
         eval_batches = load_heldout(c, rank, world_size, log)
         if ddp and not master:
             dist.barrier()  # the master trains the small model first, if it must
