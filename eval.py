@@ -30,19 +30,11 @@ import sys
 import time
 from types import SimpleNamespace
 
+import configurator
 import data
 import e2esae
 import report
-from configurator import (
-    ConfigError,
-    check_settings,
-    check_writable,
-    configure,
-    default_device,
-    defaults,
-    device_rule,
-    print_config,
-)
+from configurator import ConfigError
 from e2esae import LossConfig, SAETransformer
 from interop import check_specs
 from language_models import load_model, tokenizer_of
@@ -55,26 +47,26 @@ dataset = ""  # '' = each checkpoint's own training data | 'shakespeare' | text 
 n_ctx = 128
 eval_n_samples = 200  # 200 samples x 128 tokens = 25,600 tokens (the paper: 500 x 1024)
 batch_size = 8
-device = default_device()
+device = configurator.default_device()
 out_json = "eval.json"
 plot_dir = ""  # if set: a Pareto plot and one activation-frequency histogram per SAE
 # -----------------------------------------------------------------------------
 
-DEFAULTS = defaults(globals())
+DEFAULTS = configurator.defaults(globals())
 SETTINGS = [  # (key, test, what the value must be)
     ("checkpoints", lambda v: bool(v) and all(isinstance(s, str) for s in v),
      "a non-empty list of paths or specs, e.g. ['out/saes.safetensors']"),
     ("n_ctx", lambda v: v >= 2, "at least 2 (a sample's tokens predict the next ones)"),
     ("eval_n_samples", lambda v: v > 0, "positive"),
     ("batch_size", lambda v: v > 0, "positive"),
-    device_rule,
+    configurator.device_rule,
 ]
 
 
 def check_output_file(path, what):
     if os.path.isdir(path):
         raise ConfigError(f"{what} {path!r} is a directory: give a file name, e.g. {os.path.join(path, 'eval.json')!r}")
-    check_writable(os.path.dirname(path) or ".", f"the folder of {what}")
+    configurator.check_writable(os.path.dirname(path) or ".", f"the folder of {what}")
 
 
 def evaluate_checkpoint(spec, c, samples_of):
@@ -121,8 +113,8 @@ def plot_histograms(spec, rows, counts, plot_dir):
 
 
 def main(argv):
-    config = configure(DEFAULTS, argv)
-    check_settings(config, SETTINGS)
+    config = configurator.configure(DEFAULTS, argv)
+    configurator.check_settings(config, SETTINGS)
     c = SimpleNamespace(**config)
     try:  # every checkpoint and output place is checked before the first evaluation
         check_specs(c.checkpoints)
@@ -130,9 +122,9 @@ def main(argv):
         raise ConfigError(str(e)) from None
     check_output_file(c.out_json, "out_json")
     if c.plot_dir:
-        check_writable(c.plot_dir, "plot_dir")
+        configurator.check_writable(c.plot_dir, "plot_dir")
     print("config:")
-    print_config(config)
+    configurator.print_config(config)
 
     rows, details, failed, samples_of = [], [], [], {}
     for spec in c.checkpoints:

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from . import sparse
 from .backend import autocast_dtype, tl, triton, tuning_configs, use_triton
-from .sparse import check_k
+from .sparse import check_k, check_sae_inputs
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Take the sparse path when the mean share of active codes is at most this (see the docstring).
@@ -331,13 +331,7 @@ class SAEForwardTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, enc_weight, enc_bias, dec_weight, dec_bias, k):
-        n_dict, d = enc_weight.shape
-        tensors = (x, enc_weight, enc_bias, dec_weight, dec_bias)
-        assert x.shape[-1] == d and dec_weight.shape == (d, n_dict) and enc_bias.shape == (n_dict,) \
-            and dec_bias.shape == (d,), f"shapes {[tuple(t.shape) for t in tensors]}"
-        assert len({t.dtype for t in tensors}) == 1 and x.dtype in SUPPORTED_DTYPES, \
-            f"all inputs must share one of {SUPPORTED_DTYPES}, got {[t.dtype for t in tensors]}"
-        assert len({t.device for t in tensors}) == 1, "all inputs must be on one device"
+        n_dict, d = check_sae_inputs(x, enc_weight, enc_bias, dec_weight, dec_bias, SUPPORTED_DTYPES)
         x2 = x.reshape(-1, d).contiguous()  # (N, d)
         enc_weight = enc_weight.contiguous()
 

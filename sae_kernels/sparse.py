@@ -61,6 +61,19 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SPARSE_MAX_DENSITY = 1 / 8
 
 
+def check_sae_inputs(x, enc_weight, enc_bias, dec_weight, dec_bias, dtypes):
+    """(n_dict, d) of an SAE's tensors, after checking that their shapes fit and that they share a dtype of dtypes
+    and a device."""
+    n_dict, d = enc_weight.shape
+    tensors = (x, enc_weight, enc_bias, dec_weight, dec_bias)
+    assert x.shape[-1] == d and dec_weight.shape == (d, n_dict) and enc_bias.shape == (n_dict,) \
+        and dec_bias.shape == (d,), f"shapes {[tuple(t.shape) for t in tensors]}"
+    assert len({t.dtype for t in tensors}) == 1 and x.dtype in dtypes, \
+        f"all inputs must share one of {dtypes}, got {[t.dtype for t in tensors]}"
+    assert len({t.device for t in tensors}) == 1, "all inputs must be on one device"
+    return n_dict, d
+
+
 def check_k(k, n_dict: int):
     """k is None (the ReLU code) or TopK's number of codes per token, an int from 1 to n_dict; else ValueError."""
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_dict):
@@ -182,12 +195,7 @@ class SAEForwardSparse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, enc_weight, enc_bias, dec_weight, dec_bias, select, k, dense):
-        n_dict, d = enc_weight.shape
-        tensors = (x, enc_weight, enc_bias, dec_weight, dec_bias)
-        assert x.shape[-1] == d and dec_weight.shape == (d, n_dict) and enc_bias.shape == (n_dict,) \
-            and dec_bias.shape == (d,), f"shapes {[tuple(t.shape) for t in tensors]}"
-        assert len({t.dtype for t in tensors}) == 1 and x.dtype in SUPPORTED_DTYPES, \
-            f"all inputs must share one of {SUPPORTED_DTYPES}, got {[t.dtype for t in tensors]}"
+        n_dict, d = check_sae_inputs(x, enc_weight, enc_bias, dec_weight, dec_bias, SUPPORTED_DTYPES)
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         x2 = x.reshape(-1, d).contiguous()  # (N, d)
         pre = torch.addmm(enc_bias, x2, enc_weight.t())  # (N, n), the one dense matmul

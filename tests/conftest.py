@@ -29,6 +29,22 @@ def save_random_hf_gpt2(directory, n_layer, n_embd, n_head, vocab_size=50257, n_
     return hf
 
 
+@pytest.fixture
+def backend(monkeypatch):
+    """Set E2ESAE_BACKEND (the kernels' choice of implementation) for one test: backend("triton")."""
+    return lambda name: monkeypatch.setenv("E2ESAE_BACKEND", name)
+
+
+def assert_close(actual, expected, tol, name=""):
+    """actual within tol x the largest magnitude of expected (a kernel against its reference), and finite."""
+    assert actual is not None and expected is not None, f"{name}: a gradient is missing"
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} vs {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{name}: not finite"
+    err = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1e-6)
+    assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol} x {scale:.3g}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def own_cache(tmp_path_factory):
     """The token files and small models the tests make go to a temporary folder, not the user's cache (subprocesses

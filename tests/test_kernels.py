@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import sae_kernels  # noqa: E402
+from conftest import assert_close  # noqa: E402
 from sae_kernels.kl import kl_div_torch  # noqa: E402
 from sae_kernels.sae import sae_forward_torch  # noqa: E402
 
@@ -30,21 +31,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 # Allowed error relative to the largest magnitude of the reference value (fp16 / bf16 round every stored value).
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-
-
-@pytest.fixture
-def backend(monkeypatch):
-    """Set E2ESAE_BACKEND for one test: backend("triton")."""
-    return lambda name: monkeypatch.setenv("E2ESAE_BACKEND", name)
-
-
-def assert_close(actual, expected, tol, name=""):
-    assert actual is not None and expected is not None, f"{name}: a gradient is missing"
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} vs {expected.shape}"
-    assert torch.isfinite(actual).all(), f"{name}: not finite"
-    err = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
-    scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1e-6)
-    assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol} x {scale:.3g}"
 
 
 # ---------------------------------------------------------------------------------------------------------

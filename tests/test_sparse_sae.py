@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import sae_kernels
+from conftest import assert_close
 from sae_kernels import sparse
 from sae_kernels.sae import sae_forward_torch
 
@@ -24,21 +25,6 @@ TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.float64: 1e-12}
 MARGIN = 0.01
 NAMES = ["x", "enc_weight", "enc_bias", "dec_weight", "dec_bias"]
 CODES = {"topk": dict(k=K), "batch_topk": dict(k=K, batch_topk=True), "relu": {}}
-
-
-@pytest.fixture
-def backend(monkeypatch):
-    """Set E2ESAE_BACKEND for one test: backend("torch")."""
-    return lambda name: monkeypatch.setenv("E2ESAE_BACKEND", name)
-
-
-def assert_close(actual, expected, tol, name=""):
-    assert actual is not None and expected is not None, f"{name}: a gradient is missing"
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} vs {expected.shape}"
-    assert torch.isfinite(actual).all(), f"{name}: not finite"
-    err = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
-    scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1e-6)
-    assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol} x {scale:.3g}"
 
 
 def unclear(pre, code):
