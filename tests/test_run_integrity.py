@@ -1,0 +1,198 @@
+"""Nothing lost, nothing run, nothing silently wrong, round three (issue 30): a checkpoint from a shared folder never
+runs code, whichever script opens it; the two files of a run stay one unit whatever stops a save; a resume checks
+the pretrained SAEs and the data it depends on; a BatchTopK run too short for its threshold says so; and every
+damaged checkpoint is one message naming the file, in every script. Each on the tiny model and text of conftest.py."""
+import os
+import re
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import eval as eval_script
+import interop
+import sample
+import train
+from configurator import ConfigError
+from conftest import args
+from e2esae import SAE, SAETransformer
+
+POSITION = "blocks.1.hook_resid_pre"  # where args() puts the SAE
+OTHER = "blocks.0.hook_resid_pre"  # where a run with a pretrained SAE at POSITION trains its own
+
+
+@pytest.fixture(scope="module")
+def finished(gpt_dir, one_file, tmp_path_factory):
+    """A finished train.py run of 12 steps (saved at steps 6 and 12); tests that change it work on a copy."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    train.main(args(gpt_dir, one_file, out))
+    return out
+
+
+def copy_of(run, tmp_path, name="out"):
+    shutil.copytree(run, tmp_path / name)
+    return tmp_path / name
+
+
+def equal_tensors(a, b):
+    return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def eval_args(checkpoint, tmp_path, gpt_dir):
+    return [f"--checkpoints=['{checkpoint}']", f"--init_from={gpt_dir}", "--n_ctx=32", "--eval_n_samples=8",
+            "--device=cpu", f"--out_json={tmp_path / 'eval.json'}"]
+
+
+def sample_args(checkpoint, gpt_dir):
+    return [f"--checkpoint={checkpoint}", f"--init_from={gpt_dir}", "--max_new_tokens=2", "--device=cpu"]
+
+
+# ---- 1. a checkpoint never runs code ----
+
+class RunsCode:
+    """Unpickled in full, it leaves a file: a stand-in for whatever code a crafted checkpoint could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def crafted_ckpt(run, path, marker):
+    """train.py's ckpt.pt of `run`, with an object added whose unpickling leaves `marker`."""
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    torch.save(dict(ckpt, extra=RunsCode(marker)), path)
+
+
+def unsafe_yaml(path, marker):
+    """A reference-library config whose full YAML load (yaml.unsafe_load) would leave `marker`."""
+    path.write_text(f"tlens_model_name: !!python/object/apply:builtins.exec [\"open('{marker}', 'w').close()\"]\n"
+                    f"saes:\n  sae_positions: [{POSITION}]\n  dict_size_to_input_ratio: 4.0\n")
+
+
+def reference_run(directory, n_dict=128, d_in=32):
+    """The reference library's run directory: final_config.yaml and samples_5.pt (an SAE of n_dict x d_in)."""
+    os.makedirs(directory, exist_ok=True)
+    sae, key = SAE(d_in, n_dict), interop.sae_key(POSITION)
+    state = {f"{key}.encoder.0.weight": sae.encoder.weight, f"{key}.encoder.0.bias": sae.encoder.bias,
+             f"{key}.decoder.weight": sae.decoder.weight, f"{key}.decoder.bias": sae.decoder.bias}
+    torch.save({k: v.detach().clone() for k, v in state.items()}, os.path.join(directory, "samples_5.pt"))
+    with open(os.path.join(directory, "final_config.yaml"), "w") as f:
+        yaml.safe_dump({"tlens_model_name": "", "saes": {"sae_positions": [POSITION],
+                                                         "dict_size_to_input_ratio": n_dict / d_in},
+                        "loss": {"sparsity": {"coeff": 1.0}, "out_to_in": {"coeff": 1.0}}}, f)
+    return directory
+
+
+def test_the_crafted_files_run_code_when_loaded_in_full(finished, tmp_path):
+    """What the tests below guard against is real: the full loaders would run the crafted files' code."""
+    crafted_ckpt(finished, tmp_path / "ckpt.pt", tmp_path / "by_torch")
+    torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    unsafe_yaml(tmp_path / "final_config.yaml", tmp_path / "by_yaml")
+    yaml.unsafe_load((tmp_path / "final_config.yaml").read_text())
+    assert (tmp_path / "by_torch").exists() and (tmp_path / "by_yaml").exists()
+
+
+def test_crafted_reference_library_files_run_nothing(gpt_dir, one_file, tmp_path, capsys):
+    marker = tmp_path / "marker"
+    pt = reference_run(tmp_path / "crafted_pt")
+    torch.save({"blocks-1-hook_resid_pre.decoder.bias": RunsCode(marker)}, os.path.join(pt, "samples_5.pt"))
+    tag = reference_run(tmp_path / "crafted_yaml")
+    unsafe_yaml(tmp_path / "crafted_yaml" / "final_config.yaml", marker)
+    for directory, refused in ((pt, "holds Python objects other than tensors and plain data (it names exec)"),
+                               (tag, "cannot be read as plain settings: could not determine a constructor for the tag "
+                                     "'tag:yaml.org,2002:python/object/apply:builtins.exec'")):
+        with pytest.raises(ValueError, match=re.escape(refused)):
+            SAETransformer.from_local_path(checkpoint_dir=str(directory))
+        with pytest.raises(ValueError, match=re.escape(refused)):
+            SAETransformer.from_local_path(checkpoint_file=str(directory / "samples_5.pt"),
+                                           config_file=str(directory / "final_config.yaml"))
+        with pytest.raises(ConfigError, match=re.escape(refused)):
+            train.main(args(gpt_dir, one_file, tmp_path / "new", sae_positions=[OTHER],
+                            pretrained_sae_paths=[str(directory)]))
+        with pytest.raises(ConfigError, match=re.escape(refused)):
+            sample.main(sample_args(directory, gpt_dir))
+        with pytest.raises(SystemExit, match="1 of 1 checkpoints failed"):
+            eval_script.main(eval_args(directory, tmp_path, gpt_dir))
+        assert refused in capsys.readouterr().err
+    assert not marker.exists()
+
+
+# ---- 5. every way of opening a checkpoint fails with a message ----
+
+def saelens_sae(directory):
+    from interop import save_saelens
+    save_saelens(SAE(32, 128), str(directory), hook_name=POSITION)
+    return directory, directory / "sae_weights.safetensors", directory / "cfg.json"
+
+
+def ours_sae(directory, finished):
+    directory.mkdir()
+    shutil.copy(finished / "saes.safetensors", directory / "saes.safetensors")  # without its ckpt.pt
+    return directory, directory / "saes.safetensors", None
+
+
+def e2e_sae(directory):
+    reference_run(directory)
+    return directory, directory / "samples_5.pt", directory / "final_config.yaml"
+
+
+def rewrite(path, change):
+    """A weights file with `change` applied to its {name: tensor} (the metadata kept)."""
+    if path.suffix == ".pt":
+        torch.save(change(torch.load(path, weights_only=True)), path)
+    else:
+        save_file(change(load_file(path)), path, metadata=interop.read_metadata(str(path)) if path.name ==
+                  "saes.safetensors" else None)
+
+
+def damage(kind, weights, config):
+    """Damage one file of a checkpoint; returns the damaged file and what the message must say."""
+    key = interop.sae_key(POSITION)
+    decoder = {"sae_weights.safetensors": "W_dec", "samples_5.pt": f"{key}.decoder.weight",
+               "saes.safetensors": f"{key}.decoder.weight"}[weights.name]
+    bias = {"sae_weights.safetensors": "b_dec"}.get(weights.name, f"{key}.decoder.bias")
+    if kind == "cut short":
+        weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
+        return weights, "is damaged and cannot be read" if weights.suffix == ".pt" else "not a safetensors file"
+    if kind == "a tensor missing":
+        rewrite(weights, lambda t: {k: v for k, v in t.items() if k != bias})
+        return weights, "has no " + ("b_dec" if bias == "b_dec" else "decoder.bias")
+    if kind == "a wrong shape":
+        rewrite(weights, lambda t: dict(t, **{decoder: t[decoder][:, :-1].contiguous()}))
+        return weights, "of shape"
+    if kind == "a config that is not a mapping":
+        config.write_text("[1, 2]" if config.suffix == ".json" else "- 1\n- 2\n")
+        return config, "holds a list, not a mapping of settings"
+    unsafe_yaml(config, weights.parent / "marker")
+    return config, "cannot be read as plain settings: could not determine a constructor for the tag"
+
+
+@pytest.mark.parametrize("fmt, kind", [
+    *[("saelens", k) for k in ("cut short", "a tensor missing", "a wrong shape", "a config that is not a mapping")],
+    *[("e2e_sae", k) for k in ("cut short", "a tensor missing", "a wrong shape", "a config that is not a mapping",
+                               "an unsafe YAML tag")],
+    *[("ours", k) for k in ("cut short", "a tensor missing", "a wrong shape")],
+])
+def test_a_damaged_checkpoint_is_one_message_naming_the_file_in_every_script(fmt, kind, finished, gpt_dir, one_file,
+                                                                             tmp_path, capsys):
+    made = {"saelens": lambda d: saelens_sae(d), "e2e_sae": lambda d: e2e_sae(d),
+            "ours": lambda d: ours_sae(d, finished)}[fmt](tmp_path / fmt)
+    spec = made[0]
+    path, says = damage(kind, *made[1:])
+    for script, attempt in (
+            ("sample.py", lambda: sample.main(sample_args(spec, gpt_dir))),
+            ("train.py", lambda: train.main(args(gpt_dir, one_file, tmp_path / "new", sae_positions=[OTHER],
+                                                 pretrained_sae_paths=[str(spec)])))):
+        with pytest.raises(ConfigError) as e:
+            attempt()
+        message = str(e.value.code)
+        assert str(path) in message and says in message and "\n" not in message, (script, message)
+    with pytest.raises(SystemExit, match="1 of 1 checkpoints failed"):
+        eval_script.main(eval_args(spec, tmp_path, gpt_dir))
+    failed = [line for line in capsys.readouterr().err.splitlines() if "FAILED" in line]
+    assert len(failed) == 1 and "FAILED (ValueError: " in failed[0] and str(path) in failed[0] and says in failed[0]
+    assert not (tmp_path / "new").exists() and not (spec / "marker").exists()
