@@ -16,7 +16,8 @@ Runs that lose nothing: what every training script shares about a run, behind a 
 A write goes to a temporary file beside its target (named after this process, so two processes never share one)
 and is renamed over the target only once it is complete. If writing fails (a full disk, a folder made read-only),
 the temporary file is removed and one SaveError says which file could not be written and why, and that the target,
-if it existed, is left as it was.
+if it existed, is left as it was. A checkpoint is read as tensors and plain data only (interop.load_pt), never
+unpickled in full: a ckpt.pt from a shared folder cannot run code.
 """
 
 import atexit
@@ -186,6 +187,22 @@ class OutDirLock:
         return True
 
 
+# ---- a checkpoint, read ----
+
+def load_checkpoint(path, advice):
+    """train.py's ckpt.pt, read as tensors and plain data only (interop.load_pt: a file from a shared folder cannot
+    run code), with its config and step. A file that cannot be read so is a ConfigError that names it and ends with
+    `advice`, what to do instead."""
+    import interop
+    try:
+        ckpt = interop.load_pt(path)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "step" not in ckpt:
+            raise ValueError(f"{path} is damaged and cannot be read: it holds no training config and step")
+    except ValueError as e:
+        raise ConfigError(f"{e}; it was left untouched. {advice}") from None
+    return ckpt
+
+
 # ---- a training run ----
 
 class Diverged(RuntimeError):
@@ -240,23 +257,18 @@ class Run:
 
     def resume_checkpoint(self, differences):
         """The checkpoint to resume, read and checked before any model is built (the model may have to be trained
-        first). differences(saved config) lists, as (key, saved, now), the settings that make it another run."""
-        import torch
+        first). differences(saved config) lists, as (key, saved, now), the settings that make it another run. It is
+        read as tensors and plain data only (a shared run folder's ckpt.pt that holds anything else is refused)."""
         if not os.path.isfile(self.ckpt_path):
             raise ConfigError(f"resume=True but there is no checkpoint at {self.ckpt_path}; drop --resume "
-                           "or point out_dir at a run")
-        try:
-            ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
-            saved = ckpt["config"]
-        except Exception as e:
-            raise ConfigError(f"{self.ckpt_path} is damaged and cannot be read ({type(e).__name__}: {e}); "
-                           "it was left untouched. Start a fresh run in another out_dir") from e
-        differ = differences(saved)
+                              "or point out_dir at a run")
+        ckpt = load_checkpoint(self.ckpt_path, "Start a fresh run in another out_dir")
+        differ = differences(ckpt["config"])
         if differ:
             shown = ", ".join(f"{k}={was!r} (this run: {now!r})" for k, was, now in differ)
             raise ConfigError(f"{self.ckpt_path} was trained with {shown}: a resumed run keeps its own "
-                           "settings. Resume without changing them, or train these SAEs further as a new run: "
-                           f"--pretrained_sae_paths=['{self.out_dir}'] --retrain_saes=True --out_dir=...")
+                              "settings. Resume without changing them, or train these SAEs further as a new run: "
+                              f"--pretrained_sae_paths=['{self.out_dir}'] --retrain_saes=True --out_dir=...")
         return ckpt
 
     def track(self, model, optimizer, scaler, dead, global_batch, step, stream, ddp, ckpt=None):

@@ -81,7 +81,7 @@ def test_a_diverging_run_stops_saying_where_and_keeps_finite_weights(gpt_dir, on
     message = str(e.value.code)
     assert message.startswith("Diverged: at step 2 the loss is inf") and "that step was not applied" in message
     assert "Try a lower learning rate (lr=1e+20 now; e.g. --lr=1e+19)" in message
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 1 and all_finite(ckpt["saes"])  # the last finite step, saved
     assert all_finite(load_file(out / "saes.safetensors"))
     printed = capsys.readouterr().out
@@ -336,7 +336,7 @@ def test_resuming_with_another_loss_is_refused_and_the_record_kept(finished, gpt
         train.main(args(gpt_dir, one_file, finished, resume=True, kl_coeff=2.0))
     assert "was trained with kl_coeff=1.0 (this run: 2.0): a resumed run keeps its own settings" in str(e.value.code)
     assert (finished / "ckpt.pt").read_bytes() == before
-    assert torch.load(finished / "ckpt.pt", weights_only=False)["config"]["kl_coeff"] == 1.0
+    assert torch.load(finished / "ckpt.pt", weights_only=True)["config"]["kl_coeff"] == 1.0
 
 
 def test_mlp_refuses_a_loss_of_sparsity_alone(capsys):
@@ -400,7 +400,7 @@ def test_a_finished_topk_run_or_an_older_record_is_recognised_as_done(tmp_path, 
     planned = reproduce.plan(c)
     assert fake_finished_run(planned[0])["aux_k_coeff"] == 1 / 32
     older = fake_finished_run(planned[1])
-    ckpt = torch.load(os.path.join(planned[1]["out_dir"], "ckpt.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(planned[1]["out_dir"], "ckpt.pt"), weights_only=True)
     for key in ("finetune_fraction", "kl_rescale", "dead_window_tokens"):
         assert older[key] == train.DEFAULTS[key]
         del ckpt["config"][key]

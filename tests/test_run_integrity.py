@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import eval as eval_script
 import interop
+import reproduce
 import sample
 import train
 from configurator import ConfigError
@@ -94,6 +95,24 @@ def test_the_crafted_files_run_code_when_loaded_in_full(finished, tmp_path):
     unsafe_yaml(tmp_path / "final_config.yaml", tmp_path / "by_yaml")
     yaml.unsafe_load((tmp_path / "final_config.yaml").read_text())
     assert (tmp_path / "by_torch").exists() and (tmp_path / "by_yaml").exists()
+
+
+def test_a_crafted_ckpt_pt_runs_nothing_whichever_script_opens_it(finished, gpt_dir, one_file, tmp_path):
+    shared, marker = copy_of(finished, tmp_path, "shared"), tmp_path / "marker"
+    crafted_ckpt(finished, shared / "ckpt.pt", marker)
+    refused = f"{shared / 'ckpt.pt'} holds Python objects other than tensors and plain data (it names exec): it was " \
+              "not loaded, since unpickling them would run code"
+    attempts = {
+        "train.py --resume=True": lambda: train.main(args(gpt_dir, one_file, shared, resume=True)),
+        "reproduce.py progress": lambda: reproduce.progress(str(shared)),
+        "reproduce.py stored_mismatch": lambda: reproduce.stored_mismatch(
+            {"out_dir": str(shared), "argv": args(gpt_dir, one_file, shared)}),
+    }
+    for where, attempt in attempts.items():
+        with pytest.raises(ConfigError) as e:
+            attempt()
+        assert refused in str(e.value.code) and "\n" not in str(e.value.code), where
+    assert not marker.exists()
 
 
 def test_crafted_reference_library_files_run_nothing(gpt_dir, one_file, tmp_path, capsys):
