@@ -31,7 +31,9 @@ it was trained on (a name or directory that language_models.load_model takes).
 
 This project's format: one safetensors file (train.py's saes.safetensors) holding every SAE's tensors, keyed
 `blocks-6-hook_resid_pre.encoder.weight` (dots become hyphens, as in the reference library), with the positions,
-the SAEs' settings, the model and the training config as JSON metadata.
+the SAEs' settings, the model and the training config as JSON metadata. train.py's ckpt.pt holds the same tensors
+and metadata (and the step, in both); it is the truth of its out_dir: where saes.safetensors is missing, damaged or
+of another save (a run stopped between writing the two), the SAEs are read from ckpt.pt, and said so.
 SAELens's: a directory with cfg.json and sae_weights.safetensors holding W_enc (d_in, d_sae), b_enc, W_dec
 (d_sae, d_in) and b_dec (and `threshold` (d_sae,) for a JumpReLU). Its SAEs compute
 activation((x - b_dec if apply_b_dec_to_input) W_enc + b_enc) W_dec + b_dec, with no decoder normalisation.
@@ -41,6 +43,7 @@ The reference library's: a training config (final_config.yaml or name.yaml) and 
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -177,15 +180,22 @@ def sae_entry(path, position, state, **settings):
 
 # ---- this project's own ----
 
-def write_ours(f, saes, dict_size_to_input_ratio, model, config):
-    """Write SAEs to `f` (a path or a binary file): saes as Checkpoint.saes holds them."""
-    from safetensors.torch import save
+def ours_contents(saes, dict_size_to_input_ratio, model, config, **record):
+    """(tensors, metadata) of this project's file for SAEs as Checkpoint.saes holds them; `record`: more metadata
+    (train.py records the step)."""
     tensors = {f"{sae_key(p)}.{name}": t.detach().contiguous().cpu()
                for p, sae in saes.items() for name, t in sae["state"].items()}
     specs = {p: {k: v for k, v in s.items() if k != "state"} for p, s in saes.items()}
     meta = {"sae_positions": json.dumps(list(saes)), "dict_size_to_input_ratio": json.dumps(dict_size_to_input_ratio),
-            "saes": json.dumps(specs), "gpt": json.dumps(model), "config": json.dumps(config or {})}
-    data = save(tensors, metadata=meta)
+            "saes": json.dumps(specs), "gpt": json.dumps(model), "config": json.dumps(config or {}),
+            **{k: json.dumps(v) for k, v in record.items()}}
+    return tensors, meta
+
+
+def write_file(f, tensors, metadata):
+    """Write this project's file to `f` (a path or a binary file) from ours_contents's (tensors, metadata)."""
+    from safetensors.torch import save
+    data = save(tensors, metadata=metadata)
     if isinstance(f, (str, os.PathLike)):
         with open(f, "wb") as out:
             out.write(data)
@@ -194,7 +204,7 @@ def write_ours(f, saes, dict_size_to_input_ratio, model, config):
 
 
 def read_metadata(path):
-    """The metadata of write_ours's file, checked: this project's checkpoint, readable."""
+    """The metadata of this project's file, checked: this project's checkpoint, readable."""
     from safetensors import safe_open
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no SAE checkpoint at {path}")
@@ -208,11 +218,27 @@ def read_metadata(path):
     return meta
 
 
-def read_ours(path):
-    """A Checkpoint from write_ours's file. Files from before the SAE variants record no settings: ReLU SAEs. The
-    embedded default's small model ('shakespeare') is the directory it was loaded from."""
-    meta = read_metadata(path)
-    tensors = load_safetensors(path)[0]
+def saes_file_problem(path, metadata):
+    """What keeps `path` from being the saes.safetensors of a save whose ckpt.pt recorded `metadata` (missing,
+    damaged, of another step or another save), or None where it is that file."""
+    try:
+        meta = read_metadata(path)
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except ValueError as e:
+        return f"{path} is damaged ({e})"
+    if meta == metadata:
+        return None
+    steps = [m.get("step", "?") for m in (meta, metadata)]
+    if steps[0] != steps[1]:
+        return f"{path} holds the SAEs of step {steps[0]}, and ckpt.pt beside it those of step {steps[1]}"
+    return f"{path} is of another save than ckpt.pt beside it (of step {steps[1]} too)"
+
+
+def _ours(path, tensors, meta):
+    """A Checkpoint from the tensors and metadata of this project's file (or of a ckpt.pt that holds them). Files from
+    before the SAE variants record no settings: ReLU SAEs. The embedded default's small model ('shakespeare') is the
+    directory it was loaded from."""
     try:
         config, positions = json.loads(meta["config"]), json.loads(meta["sae_positions"])
         specs = json.loads(meta.get("saes", "{}")) or {p: {"activation": "relu"} for p in positions}
@@ -224,6 +250,45 @@ def read_ours(path):
     saes = {p: sae_entry(path, p, {k[len(sae_key(p)) + 1:]: v for k, v in tensors.items()
                                    if k.startswith(sae_key(p) + ".")}, **specs[p]) for p in positions}
     return Checkpoint(saes, ratio, model, config)
+
+
+def _ours_file(path):
+    read_metadata(path)  # a missing file, another format or another project's file, each named
+    return _ours(path, *load_safetensors(path))
+
+
+def read_ours(path):
+    """A Checkpoint from this project's file. train.py's saes.safetensors with its ckpt.pt beside it: read_run."""
+    if os.path.basename(path) == "saes.safetensors" and os.path.isfile(os.path.join(os.path.dirname(path), "ckpt.pt")):
+        return read_run(os.path.dirname(path) or ".")
+    return _ours_file(path)
+
+
+def _lone_ckpt(path):
+    return (f"checkpoint {path!r} is train.py's ckpt.pt without the saes.safetensors written beside it (the SAEs the "
+            "scripts read), and from before ckpt.pt held them itself: point at an out_dir that holds both; a run "
+            "stopped part-way writes it again when it is resumed (train.py --resume=True)")
+
+
+def read_run(out_dir):
+    """The SAEs of train.py's out_dir. ckpt.pt is the truth (it is renamed into place first): its saes.safetensors
+    where that is the file of ckpt.pt's save, else the SAEs held in ckpt.pt, saying so. A ckpt.pt written before it
+    held its SAEs' metadata needs its saes.safetensors."""
+    ckpt_path, saes_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "saes.safetensors")
+    ckpt = load_pt(ckpt_path, mmap=True)
+    if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k, {}), dict) for k in ("saes", "saes_metadata")):
+        raise ValueError(f"{ckpt_path} is not a checkpoint of train.py: it holds no mapping of its SAEs")
+    recorded = ckpt.get("saes_metadata")
+    if recorded is None:
+        if not os.path.isfile(saes_path):
+            raise ValueError(_lone_ckpt(ckpt_path))
+        return _ours_file(saes_path)
+    problem = saes_file_problem(saes_path, recorded)
+    if problem is None:
+        return _ours_file(saes_path)
+    print(f"note: {problem}: reading the SAEs of step {recorded.get('step', '?')} from {ckpt_path} instead (train.py "
+          "--resume=True writes saes.safetensors again)", file=sys.stderr)
+    return _ours(ckpt_path, ckpt["saes"], recorded)
 
 
 # ---- SAELens ----
@@ -460,12 +525,6 @@ def download_wandb_run(run_path, cache_dir=None):
 
 # ---- any checkpoint spec ----
 
-def _lone_ckpt(path):
-    return (f"checkpoint {path!r} is train.py's ckpt.pt without the saes.safetensors written beside it (the SAEs the "
-            "scripts read): point at an out_dir that holds both; a run stopped part-way writes it again when it is "
-            "resumed (train.py --resume=True)")
-
-
 def checkpoint_kind(spec):
     """(kind, where) for a checkpoint spec (see the docstring), found without loading it, so that every spec is
     checked before any is evaluated. kind: 'ours' (where: the .safetensors), 'e2e_sae', 'saelens',
@@ -483,24 +542,19 @@ def checkpoint_kind(spec):
             return kind, where
     inside = lambda name: os.path.join(spec, name)
     if os.path.isdir(spec):
-        if os.path.isfile(inside("saes.safetensors")):  # train.py's out_dir
-            return "ours", inside("saes.safetensors")
+        if os.path.isfile(inside("saes.safetensors")) or os.path.isfile(inside("ckpt.pt")):  # train.py's out_dir
+            return "ours", inside("saes.safetensors")  # (read_run reads ckpt.pt where that file is not its save's)
         if os.path.isfile(inside("final_config.yaml")):
             return "e2e_sae", spec
         if os.path.isfile(inside("cfg.json")):
             return "saelens", spec
-        if os.path.isfile(inside("ckpt.pt")):
-            raise ValueError(_lone_ckpt(inside("ckpt.pt")))
         raise ValueError(f"checkpoint {spec!r} is a directory without saes.safetensors (train.py), "
                          "final_config.yaml (e2e_sae) or cfg.json (SAELens)")
     if os.path.isfile(spec):
         if spec.endswith(".safetensors"):
             return "ours", spec
-        if os.path.basename(spec) == "ckpt.pt":  # train.py's resumable checkpoint: its SAEs are written beside it
-            beside = os.path.join(os.path.dirname(spec), "saes.safetensors")
-            if os.path.isfile(beside):
-                return "ours", beside
-            raise ValueError(_lone_ckpt(spec))
+        if os.path.basename(spec) == "ckpt.pt":  # train.py's resumable checkpoint: its out_dir
+            return "ours", os.path.join(os.path.dirname(spec), "saes.safetensors")
         if spec.endswith(".pt") and os.path.isfile(config_beside(spec)):
             return "e2e_sae", spec
         if spec.endswith(".pt"):

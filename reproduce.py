@@ -214,7 +214,7 @@ def evaluate_run(run, samples, device):
     are of these weights and of as many held-out samples of as many tokens (eval_n_samples and n_ctx)."""
     path = os.path.join(run["out_dir"], "eval.json")
     weights = os.path.join(run["out_dir"], "saes.safetensors")
-    if os.path.isfile(path) and os.path.getmtime(path) >= os.path.getmtime(weights):
+    if os.path.isfile(path) and os.path.isfile(weights) and os.path.getmtime(path) >= os.path.getmtime(weights):
         with open(path) as f:
             kept = json.load(f)
         if (kept.get("n_ctx"), kept.get("eval_samples")) == (samples[0].shape[0], len(samples)):

@@ -4,11 +4,11 @@ Runs that lose nothing: what every training script shares about a run, behind a 
     lr = get_lr(step, n_steps, warmup_steps, lr_max, min_lr_factor)   # warmup, then cosine decay
     with Run(config, master=True, log=print) as run:    # out_dir chosen (out-2, ... if taken) and held (a lock)
         ckpt = run.resume_checkpoint(compare)           # --resume=True: the checkpoint, checked to be this run's
-        run.track(model, optimizer, ...)                # what save() writes
+        run.track(model, optimizer, ...)                # what save() writes; on resume, the state restored
         while step < n_steps:
             if run.stop_requested: ...                  # Ctrl-C or SIGTERM: save and stop at the end of the step
             with run.in_step(): ...                     # an error inside a step leaves the step before intact
-            run.save(step)                              # ckpt.pt and saes.safetensors, each written atomically
+            run.save(step)                              # ckpt.pt, then saes.safetensors, each written atomically
 
     write_atomic(path, lambda f: torch.save(obj, f))    # a reader never sees half a file
     write_json(path, obj)
@@ -16,8 +16,13 @@ Runs that lose nothing: what every training script shares about a run, behind a 
 A write goes to a temporary file beside its target (named after this process, so two processes never share one)
 and is renamed over the target only once it is complete. If writing fails (a full disk, a folder made read-only),
 the temporary file is removed and one SaveError says which file could not be written and why, and that the target,
-if it existed, is left as it was. A checkpoint is read as tensors and plain data only (interop.load_pt), never
-unpickled in full: a ckpt.pt from a shared folder cannot run code.
+if it existed, is left as it was.
+
+The two files of a save are one unit: ckpt.pt holds saes.safetensors's tensors and metadata (the step among them)
+and is renamed into place first, so whatever stops a save, ckpt.pt is a whole save and the truth. A resume writes
+saes.safetensors again from it where that file is missing, damaged or of another save; the scripts that read an
+out_dir read the SAEs from ckpt.pt then, and say so (interop.read_run). A checkpoint is read as tensors and plain
+data only (interop.load_pt), never unpickled in full: a ckpt.pt from a shared folder cannot run code.
 """
 
 import atexit
@@ -89,11 +94,12 @@ def write_json(path, obj, indent=2):
 # ---- a run's folder ----
 
 def holds_run(out_dir):
-    return os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
+    """Whether out_dir holds trained weights: a checkpoint, or SAEs alone."""
+    return any(os.path.isfile(os.path.join(out_dir, name)) for name in ("ckpt.pt", "saes.safetensors"))
 
 
 def free_out_dir(out_dir):
-    """out_dir if it holds no run (no ckpt.pt), else the first of out_dir-2, out_dir-3, ... that holds none: a
+    """out_dir if it holds no run (holds_run), else the first of out_dir-2, out_dir-3, ... that holds none: a
     second run of the same command keeps the first."""
     n, candidate = 1, out_dir
     while holds_run(candidate):
@@ -216,7 +222,7 @@ class Run:
       run there, overwrite=True replaces it.
     - Inside `with run:` the run holds out_dir (OutDirLock): a second run into it is refused at start-up.
     - save(step) writes ckpt.pt (everything a resume needs) and saes.safetensors (the SAEs alone) atomically; a write
-      that fails says which file and why.
+      that fails says which file and why. A resume repairs saes.safetensors from ckpt.pt.
     - Ctrl-C or SIGTERM sets stop_requested: the loop saves and stops at the end of its step; a second Ctrl-C
       stops at once.
     - Leaving `with run:` by an error outside a step (evaluation, logging, wandb) or a divergence saves the last
@@ -236,6 +242,7 @@ class Run:
         if master:  # the only process that writes; two probing one new folder would race to make it
             check_writable(out_dir, "out_dir")
         self.out_dir, self.ckpt_path = out_dir, os.path.join(out_dir, "ckpt.pt")
+        self.saes_path = os.path.join(out_dir, "saes.safetensors")
         self.lock = OutDirLock(out_dir) if master else None
         self.saved_step, self.step, self.in_a_step, self.state, self.stream = None, 0, False, None, None
         self.stop_requested, self.seconds, self.t_start, self.old_handlers = False, 0.0, time.time(), {}
@@ -260,8 +267,11 @@ class Run:
         first). differences(saved config) lists, as (key, saved, now), the settings that make it another run. It is
         read as tensors and plain data only (a shared run folder's ckpt.pt that holds anything else is refused)."""
         if not os.path.isfile(self.ckpt_path):
-            raise ConfigError(f"resume=True but there is no checkpoint at {self.ckpt_path}; drop --resume "
-                              "or point out_dir at a run")
+            lone = os.path.isfile(self.saes_path)
+            raise ConfigError(f"resume=True but there is no checkpoint at {self.ckpt_path}" + (
+                f": {self.out_dir} holds trained SAEs alone (saes.safetensors), not the state of their run. Train "
+                f"them further as a new run: --pretrained_sae_paths=['{self.out_dir}'] --retrain_saes=True "
+                "--out_dir=..." if lone else "; drop --resume or point out_dir at a run"))
         ckpt = load_checkpoint(self.ckpt_path, "Start a fresh run in another out_dir")
         differ = differences(ckpt["config"])
         if differ:
@@ -273,7 +283,9 @@ class Run:
 
     def track(self, model, optimizer, scaler, dead, global_batch, step, stream, ddp, ckpt=None):
         """What save() writes, the training stream's position included (data.SampleStream; under DDP every
-        process's, gathered); from `ckpt` (a resume), the state it restores."""
+        process's, gathered). From `ckpt` (a resume): the state it restores; saes.safetensors is written again from
+        it where it is not the file of ckpt.pt's save (missing, damaged, or a save behind after a run stopped between
+        the two)."""
         import torch
         self.state = dict(model=model, optimizer=optimizer, scaler=scaler, dead=dead, global_batch=global_batch)
         self.stream, self.ddp = stream, ddp
@@ -287,9 +299,20 @@ class Run:
             if "cuda_rng" in ckpt and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
             self.seconds, self.saved_step = ckpt.get("train_seconds", 0.0), ckpt["step"]
-            if not os.path.isfile(os.path.join(self.out_dir, "saes.safetensors")):
-                self.saved_step = None  # written again at the next save (a finished run, resumed: at the end)
+            if "saes_metadata" not in ckpt:  # (a checkpoint from before ckpt.pt held its SAEs' file)
+                if not os.path.isfile(self.saes_path):
+                    self.saved_step = None  # written again at the next save (a finished run, resumed: at the end)
+            elif self.master:
+                self._repair_saes(ckpt)
         self.step, self.t_start = step, time.time()
+
+    def _repair_saes(self, ckpt):
+        """saes.safetensors as ckpt.pt's save wrote it, where it is not."""
+        import interop
+        problem = interop.saes_file_problem(self.saes_path, ckpt["saes_metadata"])
+        if problem:
+            self.log(f"{problem}: writing it again from {self.ckpt_path} (step {ckpt['step']})")
+            write_atomic(self.saes_path, lambda f: interop.write_file(f, ckpt["saes"], ckpt["saes_metadata"]))
 
     @contextmanager
     def in_step(self):
@@ -318,8 +341,10 @@ class Run:
         if not self.master:
             self.saved_step = step
             return
+        import interop
         s = self.state
-        ckpt = {"saes": s["model"].saes.state_dict(), "optimizer": s["optimizer"].state_dict(),
+        tensors, metadata = s["model"].contents(self.config, step=step)  # saes.safetensors, also held in ckpt.pt
+        ckpt = {"saes": tensors, "saes_metadata": metadata, "optimizer": s["optimizer"].state_dict(),
                 "scaler": s["scaler"].state_dict(), "step": step, "global_batch": s["global_batch"],
                 "rng": torch.get_rng_state(), "config": self.config,
                 "train_seconds": self.seconds + time.time() - self.t_start,
@@ -329,8 +354,8 @@ class Run:
             ckpt["dead"] = s["dead"].state_dict()
         if torch.cuda.is_available():
             ckpt["cuda_rng"] = torch.cuda.get_rng_state_all()
-        write_atomic(self.ckpt_path, lambda f: torch.save(ckpt, f))
-        write_atomic(os.path.join(self.out_dir, "saes.safetensors"), lambda f: s["model"].save(f, self.config))
+        write_atomic(self.ckpt_path, lambda f: torch.save(ckpt, f))  # first: the truth, should the second not follow
+        write_atomic(self.saes_path, lambda f: interop.write_file(f, tensors, metadata))
         self.saved_step = step
 
     def __exit__(self, kind, error, tb):

@@ -30,7 +30,7 @@ import train
 from configurator import ConfigError, configure
 from conftest import ROOT, args, tiny_gpt
 from e2esae import SAE, SAETransformer
-from interop import checkpoint_kind, save_saelens
+from interop import checkpoint_kind, read_checkpoint, save_saelens
 from model import GPT, GPTConfig, save_pretrained
 
 POSITION = "blocks.1.hook_resid_pre"  # where args() puts the SAE
@@ -501,13 +501,27 @@ def test_a_typo_in_a_local_path_is_named_as_a_missing_path(finished, tmp_path, m
         assert missing in message and "does not exist (a local path" in message and "Hugging Face" not in message
 
 
-def test_a_lone_ckpt_pt_is_named_as_train_pys_without_its_saes(finished, tmp_path):
+def test_a_lone_ckpt_pt_gives_its_saes_and_an_older_one_is_named(finished, tmp_path, capsys):
+    """ckpt.pt holds its SAEs' tensors and metadata: without saes.safetensors beside it, they are read from it (and
+    said so); a ckpt.pt from before it held them is named as train.py's without its SAEs."""
     lone = tmp_path / "lone"
     lone.mkdir()
     shutil.copy(finished / "ckpt.pt", lone / "ckpt.pt")
+    whole = read_checkpoint(str(finished)).saes[POSITION]
     for spec in (lone / "ckpt.pt", lone):
-        with pytest.raises(ValueError, match="train.py's ckpt.pt without the saes.safetensors"):
-            checkpoint_kind(str(spec))
+        assert checkpoint_kind(str(spec)) == ("ours", str(lone / "saes.safetensors"))
+        read = read_checkpoint(str(spec)).saes[POSITION]
+        assert {k: v for k, v in read.items() if k != "state"} == {k: v for k, v in whole.items() if k != "state"}
+        assert all(torch.equal(read["state"][k], v) for k, v in whole["state"].items())
+        assert (f"note: {lone / 'saes.safetensors'} is missing: reading the SAEs of step 12 from {lone / 'ckpt.pt'} "
+                "instead") in capsys.readouterr().err
+    older = torch.load(lone / "ckpt.pt", weights_only=True)
+    del older["saes_metadata"]
+    torch.save(older, lone / "ckpt.pt")
+    for spec in (lone / "ckpt.pt", lone):
+        with pytest.raises(ValueError, match="train.py's ckpt.pt without the saes.safetensors written beside it "
+                                             r"\(the SAEs the scripts read\), and from before ckpt.pt held them"):
+            read_checkpoint(str(spec))
 
 
 def test_a_saelens_config_without_hook_name_says_to_add_it(tmp_path):

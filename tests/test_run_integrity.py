@@ -11,9 +11,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+import analysis
 import eval as eval_script
 import interop
 import reproduce
+import runs
 import sample
 import train
 from configurator import ConfigError
@@ -97,22 +99,35 @@ def test_the_crafted_files_run_code_when_loaded_in_full(finished, tmp_path):
     assert (tmp_path / "by_torch").exists() and (tmp_path / "by_yaml").exists()
 
 
-def test_a_crafted_ckpt_pt_runs_nothing_whichever_script_opens_it(finished, gpt_dir, one_file, tmp_path):
+def test_a_crafted_ckpt_pt_runs_nothing_whichever_script_opens_it(finished, gpt_dir, one_file, tmp_path, capsys):
     shared, marker = copy_of(finished, tmp_path, "shared"), tmp_path / "marker"
     crafted_ckpt(finished, shared / "ckpt.pt", marker)
     refused = f"{shared / 'ckpt.pt'} holds Python objects other than tensors and plain data (it names exec): it was " \
               "not loaded, since unpickling them would run code"
     attempts = {
         "train.py --resume=True": lambda: train.main(args(gpt_dir, one_file, shared, resume=True)),
+        "train.py pretrained_sae_paths": lambda: train.main(args(gpt_dir, one_file, tmp_path / "new", sae_positions=[
+            OTHER], pretrained_sae_paths=[str(shared)])),
         "reproduce.py progress": lambda: reproduce.progress(str(shared)),
         "reproduce.py stored_mismatch": lambda: reproduce.stored_mismatch(
             {"out_dir": str(shared), "argv": args(gpt_dir, one_file, shared)}),
+        "sample.py": lambda: sample.main(sample_args(shared, gpt_dir)),
+        "analysis.py": lambda: analysis.main([f"--checkpoints=['{shared}']", f"--init_from={gpt_dir}",
+                                              f"--dataset={one_file}", "--n_ctx=32", "--eval_n_samples=8",
+                                              "--device=cpu", f"--out_dir={tmp_path / 'analysis'}"]),
     }
     for where, attempt in attempts.items():
         with pytest.raises(ConfigError) as e:
             attempt()
         assert refused in str(e.value.code) and "\n" not in str(e.value.code), where
+    with pytest.raises(SystemExit, match="1 of 1 checkpoints failed"):
+        eval_script.main(eval_args(shared, tmp_path, gpt_dir))
+    assert f"{shared}: FAILED (ValueError: {refused}" in capsys.readouterr().err
+    for spec in (shared, shared / "ckpt.pt", shared / "saes.safetensors"):
+        with pytest.raises(ValueError, match="holds Python objects other than tensors and plain data"):
+            SAETransformer.from_checkpoint(str(spec))
     assert not marker.exists()
+    assert not (tmp_path / "new").exists()  # refused before anything was written
 
 
 def test_crafted_reference_library_files_run_nothing(gpt_dir, one_file, tmp_path, capsys):
@@ -138,6 +153,97 @@ def test_crafted_reference_library_files_run_nothing(gpt_dir, one_file, tmp_path
             eval_script.main(eval_args(directory, tmp_path, gpt_dir))
         assert refused in capsys.readouterr().err
     assert not marker.exists()
+
+
+# ---- 2. the two files of a run are one unit ----
+
+class Killed(BaseException):
+    """The process dies here: nothing after it runs (a kill -9, a power cut)."""
+
+
+def kill_at_rename(monkeypatch, out, n):
+    """The n-th rename of a file into `out` kills the run: that file, and every later one, is never renamed."""
+    real, renames = os.replace, []
+
+    def replace(src, dst, *a, **k):
+        if os.path.dirname(os.path.abspath(dst)) == os.path.abspath(out):
+            renames.append(os.path.basename(dst))
+            if len(renames) >= n:
+                raise Killed
+        return real(src, dst, *a, **k)
+    monkeypatch.setattr(os, "replace", replace)
+    return renames
+
+
+@pytest.mark.parametrize("n, left", [
+    (2, "ckpt.pt of step 6 alone"),
+    (3, "both files of step 6"),
+    (4, "ckpt.pt of step 12, saes.safetensors of step 6"),
+])
+def test_a_run_killed_at_any_point_of_a_save_resumes_to_the_same_saes(n, left, finished, gpt_dir, one_file, tmp_path,
+                                                                      monkeypatch, capsys):
+    out = tmp_path / "out"
+    renames = kill_at_rename(monkeypatch, out, n)
+    with pytest.raises(Killed):
+        train.main(args(gpt_dir, one_file, out))
+    monkeypatch.undo()
+    assert renames[:n] == ["ckpt.pt", "saes.safetensors", "ckpt.pt", "saes.safetensors"][:n]
+    steps = {name: interop.load_pt(out / name)["step"] if name == "ckpt.pt" else
+             int(interop.read_metadata(str(out / name))["step"]) for name in os.listdir(out) if name != ".lock"}
+    assert steps == {2: {"ckpt.pt": 6}, 3: {"ckpt.pt": 6, "saes.safetensors": 6},
+                     4: {"ckpt.pt": 12, "saes.safetensors": 6}}[n], left
+    capsys.readouterr()
+    if n == 4:  # the scripts read the SAEs of ckpt.pt's save, and say so
+        read = SAETransformer.from_checkpoint(str(out))
+        assert equal_tensors(read.saes.state_dict(), SAETransformer.from_checkpoint(str(finished)).saes.state_dict())
+        assert (f"note: {out / 'saes.safetensors'} holds the SAEs of step 6, and ckpt.pt beside it those of step 12: "
+                f"reading the SAEs of step 12 from {out / 'ckpt.pt'} instead") in capsys.readouterr().err
+
+    train.main(args(gpt_dir, one_file, out, resume=True))
+    printed = capsys.readouterr().out
+    assert equal_tensors(load_file(out / "saes.safetensors"), load_file(finished / "saes.safetensors"))
+    assert interop.read_metadata(str(out / "saes.safetensors"))["step"] == "12"
+    repaired = {2: f"{out / 'saes.safetensors'} is missing: writing it again from {out / 'ckpt.pt'} (step 6)",
+                4: f"{out / 'saes.safetensors'} holds the SAEs of step 6, and ckpt.pt beside it those of step 12: "
+                   f"writing it again from {out / 'ckpt.pt'} (step 12)"}
+    if n in repaired:
+        assert repaired[n] in printed
+    assert "writing it again" not in printed if n == 3 else True
+
+
+def test_a_damaged_saes_safetensors_is_read_past_and_repaired_on_resume(finished, gpt_dir, one_file, tmp_path,
+                                                                        capsys):
+    out = copy_of(finished, tmp_path)
+    weights = out / "saes.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # cut short, as by a full disk or an interrupted copy
+    model = SAETransformer.from_checkpoint(str(out))
+    assert equal_tensors(model.saes.state_dict(), load_file(finished / "saes.safetensors"))
+    assert f"note: {weights} is damaged (" in capsys.readouterr().err
+    train.main(args(gpt_dir, one_file, out, resume=True))
+    assert f"{weights} is damaged (" in capsys.readouterr().out
+    assert equal_tensors(load_file(weights), load_file(finished / "saes.safetensors"))
+    assert interop.read_metadata(str(weights)) == interop.load_pt(out / "ckpt.pt")["saes_metadata"]
+
+
+def test_a_folder_of_saes_alone_is_a_run_and_is_kept(finished, gpt_dir, one_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(finished / "saes.safetensors", out / "saes.safetensors")
+    before = (out / "saes.safetensors").read_bytes()
+    assert runs.holds_run(str(out)) and runs.free_out_dir(str(out)) == f"{out}-2"
+    with pytest.raises(ConfigError, match=r"holds trained SAEs alone \(saes.safetensors\), not the state of their "
+                                          r"run. Train them further as a new run: --pretrained_sae_paths="):
+        train.main(args(gpt_dir, one_file, out, resume=True))
+    train.main(args(gpt_dir, one_file, out, n_samples=8))
+    assert f"{out} holds a run, which is kept: this run writes to {out}-2" in capsys.readouterr().out
+    assert os.listdir(out) == ["saes.safetensors"] and (out / "saes.safetensors").read_bytes() == before
+
+
+def test_every_part_of_a_checkpoint_loads_as_tensors_and_plain_data(finished):
+    ckpt = torch.load(finished / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 12 and ckpt["rng"].dtype == torch.uint8
+    assert {"saes", "saes_metadata", "optimizer", "scaler", "config", "data"} <= set(ckpt)
+    assert ckpt["saes_metadata"] == interop.read_metadata(str(finished / "saes.safetensors"))
 
 
 # ---- 5. every way of opening a checkpoint fails with a message ----
