@@ -4,7 +4,8 @@ Runs that lose nothing: what every training script shares about a run, behind a 
     lr = get_lr(step, n_steps, warmup_steps, lr_max, min_lr_factor)   # warmup, then cosine decay
     with Run(config, master=True, log=print) as run:    # out_dir chosen (out-2, ... if taken) and held (a lock)
         ckpt = run.resume_checkpoint(compare)           # --resume=True: the checkpoint, checked to be this run's
-        run.track(model, optimizer, ...)                # what save() writes; on resume, the state restored
+        run.track(model, optimizer, ...)                # what save() writes; on resume, what the run depends on
+                                                        # (pretrained SAEs, data) checked, the state restored
         while step < n_steps:
             if run.stop_requested: ...                  # Ctrl-C or SIGTERM: save and stop at the end of the step
             with run.in_step(): ...                     # an error inside a step leaves the step before intact
@@ -209,6 +210,65 @@ def load_checkpoint(path, advice):
     return ckpt
 
 
+# ---- what a run depends on: checked when it is resumed ----
+
+def fingerprint(tensors):
+    """sha256 over named tensors (each name, dtype, shape and bytes): which weights these are."""
+    import hashlib
+
+    import torch
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _within_folder(sizes):
+    """{path: size} with each path named within the folder the files share (a moved copy is the same data)."""
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in sizes]) if sizes else ""
+    return {os.path.relpath(os.path.abspath(f), root): n for f, n in sizes.items()}
+
+
+def data_identity(dataset):
+    """What a run's data is: its held-out rule; for local text each file with its length in characters and each
+    part's tokens (their number, and the token cache's checksum); for local parquet/arrow files each file's size
+    in bytes. A hub dataset is its name (a setting) and its rule."""
+    import data
+    identity = {"held_out": data.heldout_rule(dataset)[1]}
+    kind = data.source_kind(dataset)
+    if kind in ("shakespeare", "text"):
+        meta = data.token_cache(dataset)[1]
+        identity.update(files=_within_folder(dict(zip(meta["files"], meta["lengths"]))), tokens=meta["tokens"],
+                        checksum=meta["checksum"])
+    elif kind == "table":
+        identity["files"] = _within_folder({f: os.path.getsize(f) for f in data.local_files(dataset)})
+    return identity
+
+
+def data_changes(saved, now):
+    """What differs between two data_identity's, in words ([] if nothing)."""
+    changes, old, new = [], saved.get("files", {}), now.get("files", {})
+    for what, names in (("added", [f for f in new if f not in old]), ("removed", [f for f in old if f not in new]),
+                        ("changed in size", [f for f in new if f in old and new[f] != old[f]])):
+        if names:
+            changes.append(f"{len(names)} file(s) {what}: {', '.join(names[:4])}" + (", ..." if len(names) > 4 else ""))
+    if not changes and (saved.get("tokens"), saved.get("checksum")) != (now.get("tokens"), now.get("checksum")):
+        changes.append("the text of its files changed (its tokens differ)")
+    if saved.get("held_out") != now.get("held_out"):
+        changes.append(f"held out: {saved.get('held_out')} then, {now.get('held_out')} now")
+    return changes
+
+
+def dependencies(model, dataset):
+    """What a run's result depends on besides its settings: each pretrained SAE's spec and the fingerprint of its
+    weights as loaded (before any training), and the data's identity."""
+    pretrained = {p: {"spec": model.sae(p).source, "fingerprint": fingerprint(model.sae(p).state_dict())}
+                  for p in model.sae_positions if hasattr(model.sae(p), "source")}
+    return {"pretrained": pretrained, "data": data_identity(dataset)}
+
+
 # ---- a training run ----
 
 class Diverged(RuntimeError):
@@ -222,7 +282,8 @@ class Run:
       run there, overwrite=True replaces it.
     - Inside `with run:` the run holds out_dir (OutDirLock): a second run into it is refused at start-up.
     - save(step) writes ckpt.pt (everything a resume needs) and saes.safetensors (the SAEs alone) atomically; a write
-      that fails says which file and why. A resume repairs saes.safetensors from ckpt.pt.
+      that fails says which file and why. A resume checks what the run depends on besides its settings (each
+      pretrained SAE's weights, the data's files and held-out rule) and repairs saes.safetensors from ckpt.pt.
     - Ctrl-C or SIGTERM sets stop_requested: the loop saves and stops at the end of its step; a second Ctrl-C
       stops at once.
     - Leaving `with run:` by an error outside a step (evaluation, logging, wandb) or a divergence saves the last
@@ -242,7 +303,7 @@ class Run:
         if master:  # the only process that writes; two probing one new folder would race to make it
             check_writable(out_dir, "out_dir")
         self.out_dir, self.ckpt_path = out_dir, os.path.join(out_dir, "ckpt.pt")
-        self.saes_path = os.path.join(out_dir, "saes.safetensors")
+        self.saes_path, self.dependencies = os.path.join(out_dir, "saes.safetensors"), None
         self.lock = OutDirLock(out_dir) if master else None
         self.saved_step, self.step, self.in_a_step, self.state, self.stream = None, 0, False, None, None
         self.stop_requested, self.seconds, self.t_start, self.old_handlers = False, 0.0, time.time(), {}
@@ -282,11 +343,14 @@ class Run:
         return ckpt
 
     def track(self, model, optimizer, scaler, dead, global_batch, step, stream, ddp, ckpt=None):
-        """What save() writes, the training stream's position included (data.SampleStream; under DDP every
-        process's, gathered). From `ckpt` (a resume): the state it restores; saes.safetensors is written again from
-        it where it is not the file of ckpt.pt's save (missing, damaged, or a save behind after a run stopped between
-        the two)."""
+        """What save() writes, the training stream's position and what the run depends on included (data.SampleStream;
+        under DDP every process's position, gathered; dependencies). From `ckpt` (a resume): what it depends on,
+        checked to be what it was, then the state it restores; saes.safetensors is written again from it where it is
+        not the file of ckpt.pt's save (missing, damaged, or a save behind after a run stopped between the two)."""
         import torch
+        self.dependencies = dependencies(model, self.config["dataset"])  # before a checkpoint's weights are loaded
+        if ckpt is not None:
+            self._check_dependencies(ckpt)
         self.state = dict(model=model, optimizer=optimizer, scaler=scaler, dead=dead, global_batch=global_batch)
         self.stream, self.ddp = stream, ddp
         if ckpt is not None:
@@ -305,6 +369,34 @@ class Run:
             elif self.master:
                 self._repair_saes(ckpt)
         self.step, self.t_start = step, time.time()
+
+    def _check_dependencies(self, ckpt):
+        """ConfigError, saying what changed, if a pretrained SAE or the data is not what the checkpoint was trained
+        on: the run would go on with a mix (a replaced SAE's weights under the old one's settings; held-out text
+        that became training text)."""
+        saved, now = ckpt.get("dependencies"), self.dependencies
+        if saved is None:
+            self.log(f"note: {self.ckpt_path} records no fingerprint of its data and pretrained SAEs (it is older than "
+                     "that record): they are not checked against it")
+            return
+        problems = []
+        was, new = saved["pretrained"], now["pretrained"]
+        if set(was) != set(new):
+            problems.append(f"its pretrained SAEs were at {sorted(was) or 'no position'}, they are now at "
+                            f"{sorted(new) or 'no position'}")
+        for p in sorted(set(was) & set(new)):
+            if was[p]["fingerprint"] != new[p]["fingerprint"]:
+                problems.append(f"the pretrained SAE at {p} ({new[p]['spec']}) holds other weights than when the run "
+                                f"began (fingerprint {was[p]['fingerprint'][:12]} then, {new[p]['fingerprint'][:12]} "
+                                "now)")
+        changes = data_changes(saved["data"], now["data"])
+        if changes:
+            problems.append(f"dataset {self.config['dataset']!r} changed: {'; '.join(changes)}")
+        if problems:
+            raise ConfigError(f"{self.ckpt_path} cannot be resumed: {'; '.join(problems)}. A resumed run would "
+                              "continue on a mix of the old and the new. Restore what changed, or train these SAEs "
+                              f"further as a new run: --pretrained_sae_paths=['{self.out_dir}'] --retrain_saes=True "
+                              "--out_dir=...")
 
     def _repair_saes(self, ckpt):
         """saes.safetensors as ckpt.pt's save wrote it, where it is not."""
@@ -349,7 +441,7 @@ class Run:
                 "rng": torch.get_rng_state(), "config": self.config,
                 "train_seconds": self.seconds + time.time() - self.t_start,
                 "sources": {p: getattr(s["model"].sae(p), "source", "trained here") for p in s["model"].sae_positions},
-                "data": states}
+                "dependencies": self.dependencies, "data": states}
         if s["dead"] is not None:
             ckpt["dead"] = s["dead"].state_dict()
         if torch.cuda.is_available():

@@ -12,6 +12,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import analysis
+import data
 import eval as eval_script
 import interop
 import reproduce
@@ -19,7 +20,7 @@ import runs
 import sample
 import train
 from configurator import ConfigError
-from conftest import args
+from conftest import args, play_text
 from e2esae import SAE, SAETransformer
 
 POSITION = "blocks.1.hook_resid_pre"  # where args() puts the SAE
@@ -242,8 +243,63 @@ def test_a_folder_of_saes_alone_is_a_run_and_is_kept(finished, gpt_dir, one_file
 def test_every_part_of_a_checkpoint_loads_as_tensors_and_plain_data(finished):
     ckpt = torch.load(finished / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 12 and ckpt["rng"].dtype == torch.uint8
-    assert {"saes", "saes_metadata", "optimizer", "scaler", "config", "data"} <= set(ckpt)
+    assert {"saes", "saes_metadata", "optimizer", "scaler", "config", "data", "dependencies"} <= set(ckpt)
     assert ckpt["saes_metadata"] == interop.read_metadata(str(finished / "saes.safetensors"))
+
+
+# ---- 3. a resume checks what it depends on ----
+
+def test_a_resume_with_a_replaced_pretrained_sae_is_refused(finished, gpt_dir, one_file, tmp_path, capsys):
+    first, second = copy_of(finished, tmp_path, "first"), tmp_path / "second"
+    argv = args(gpt_dir, one_file, second, sae_positions=[OTHER], pretrained_sae_paths=[str(first)])
+    train.main(argv)
+    train.main(argv + ["--resume=True"])  # the same SAE: resumed (a finished run reports again)
+    train.main(args(gpt_dir, one_file, first, overwrite=True, seed=1))  # another SAE at the same path
+    before = {name: (second / name).read_bytes() for name in ("ckpt.pt", "saes.safetensors")}
+    capsys.readouterr()
+    with pytest.raises(ConfigError) as e:
+        train.main(argv + ["--resume=True"])
+    message = str(e.value.code)
+    assert (f"{second / 'ckpt.pt'} cannot be resumed: the pretrained SAE at {POSITION} ({first}) holds other weights "
+            "than when the run began (fingerprint ") in message
+    assert "held-out" not in message and "dataset" not in message  # only what changed
+    assert {name: (second / name).read_bytes() for name in before} == before
+    assert "step " not in capsys.readouterr().out  # refused before any step
+
+
+def forget_files():
+    """What data.py caches of a source for the life of a process (a new train.py reads it afresh)."""
+    for cached in (data.source_kind, data.check_source, data.heldout_rule):
+        cached.cache_clear()
+
+
+def test_a_resume_on_data_added_or_removed_is_refused(gpt_dir, tmp_path, capsys):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"part{i}.txt").write_text(play_text(i + 1, 12_000), encoding="utf-8")
+    out = tmp_path / "out"
+    train.main(args(gpt_dir, str(folder), out))
+    before = (out / "ckpt.pt").read_bytes()
+
+    (folder / "part2.txt").write_text(play_text(3, 12_000), encoding="utf-8")
+    forget_files()
+    with pytest.raises(ConfigError) as e:
+        train.main(args(gpt_dir, str(folder), out, resume=True))
+    message = str(e.value.code)
+    assert f"{out / 'ckpt.pt'} cannot be resumed: dataset {str(folder)!r} changed: 1 file(s) added: part2.txt; " \
+           "held out: the last 10% of the text, read as one (2 file(s)) then, the last 10% of the text, read as one " \
+           "(3 file(s)) now" in message
+    assert "pretrained SAE" not in message
+    os.remove(folder / "part2.txt")
+    os.remove(folder / "part1.txt")
+    forget_files()
+    with pytest.raises(ConfigError, match="changed: 1 file\\(s\\) removed: part1.txt; held out: "):
+        train.main(args(gpt_dir, str(folder), out, resume=True))
+    (folder / "part1.txt").write_text(play_text(2, 12_000), encoding="utf-8")  # the same text again: the same data
+    forget_files()
+    train.main(args(gpt_dir, str(folder), out, resume=True))
+    assert (out / "ckpt.pt").read_bytes() == before  # a finished run, resumed: nothing new to save
 
 
 # ---- 5. every way of opening a checkpoint fails with a message ----
