@@ -302,6 +302,26 @@ def test_a_resume_on_data_added_or_removed_is_refused(gpt_dir, tmp_path, capsys)
     assert (out / "ckpt.pt").read_bytes() == before  # a finished run, resumed: nothing new to save
 
 
+# ---- 4. a BatchTopK run too short for its threshold ----
+
+def test_a_batchtopk_run_too_short_for_its_threshold_says_so(gpt_dir, one_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    train.main(args(gpt_dir, one_file, out, activation="batchtopk", k=4))
+    printed = capsys.readouterr().out
+    assert f"warning: the BatchTopK SAE at {POSITION} keeps " in printed and "x its k=4: its inference threshold" \
+        in printed and "has not settled" in printed
+    eval_script.main(eval_args(out, tmp_path, gpt_dir))
+    assert f"warning: the BatchTopK SAE at {POSITION} of {out} keeps " in capsys.readouterr().out
+    row = dict(checkpoint="x", position=POSITION, activation="batchtopk", k=4)
+    assert report_warning(row, l0=5.0) is None and report_warning(row, l0=1.5) is not None
+    assert report_warning(dict(row, activation="topk"), l0=40.0) is None
+
+
+def report_warning(row, l0):
+    from report import threshold_warning
+    return threshold_warning(row["position"], row, l0)
+
+
 # ---- 5. every way of opening a checkpoint fails with a message ----
 
 def saelens_sae(directory):
