@@ -239,7 +239,7 @@ def analyse_checkpoint(spec, c, samples_of):
     try:
         gpt = load_model(c.init_from) if c.init_from else None
         model = SAETransformer.from_checkpoint(spec, gpt).to(c.device).eval()
-    except (OSError, ValueError) as e:  # e.g. a model of another width than the SAE: the message says which
+    except (OSError, ValueError, RuntimeError) as e:  # a damaged file, a model of another width: it says which
         raise ConfigError(f"{spec}: {e}") from None
     broken = e2esae.nonfinite_parameters(model.saes)
     if broken:

@@ -508,12 +508,16 @@ class SAETransformer(nn.Module):
 
     # ---- checkpoints (interop.py reads and writes every format) ----
 
-    def save(self, f, config=None):
-        """Write the SAEs to `f` (a path or a binary file) in this project's format, with the training config."""
+    def contents(self, config=None, **record):
+        """(tensors, metadata) of save's file, with more metadata in `record` (train.py's ckpt.pt holds them)."""
         saes = {p: dict(d_in=self.sae(p).d_in, n_dict=self.sae(p).n_dict, **self.sae(p).settings,
                         state=self.sae(p).folded_state_dict()) for p in self.sae_positions}
-        interop.write_ours(f, saes, self.dict_size_to_input_ratio, getattr(self.gpt, "name_or_path", ""), config,
-                           self.bos_token_id)
+        return interop.ours_contents(saes, self.dict_size_to_input_ratio, getattr(self.gpt, "name_or_path", ""),
+                                     config, bos_token_id=self.bos_token_id, **record)
+
+    def save(self, f, config=None):
+        """Write the SAEs to `f` (a path or a binary file) in this project's format, with the training config."""
+        interop.write_file(f, *self.contents(config))
 
     def save_saelens(self, directory):
         """Write every SAE as a SAELens directory, directory/<position>, naming the model (its hub id, GPT-2 name or

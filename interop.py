@@ -2,7 +2,10 @@
 Every checkpoint format, in one place: this project's own, SAELens's (in which the paper's SAEs are published) and
 the reference library `e2e_sae`'s (its run directories and the paper's SAEs on the Hugging Face hub, locally or
 through wandb). This module reads and writes files; it deals in tensors and plain settings only, so the classes of
-e2esae.py build themselves from what it reads:
+e2esae.py build themselves from what it reads. Files are shared, so reading one never runs code: .pt files are
+unpickled as tensors and plain data only (torch.load with weights_only=True), YAML with yaml.safe_load. A file
+that cannot be read as its format says (damaged, cut short, a tensor missing or of the wrong shape, a config that
+is not a mapping, objects that unpickling would run) is one ValueError naming the file and what is wrong.
 
     SAETransformer.from_checkpoint(spec)        # any spec below (read_checkpoint)
     SAETransformer.from_local_path(...)         # the reference library's names, as it documents them
@@ -28,7 +31,9 @@ it was trained on (a name or directory that language_models.load_model takes).
 
 This project's format: one safetensors file (train.py's saes.safetensors) holding every SAE's tensors, keyed
 `blocks-6-hook_resid_pre.encoder.weight` (dots become hyphens, as in the reference library), with the positions,
-the SAEs' settings, the model and the training config as JSON metadata.
+the SAEs' settings, the model and the training config as JSON metadata. train.py's ckpt.pt holds the same tensors
+and metadata (and the step, in both); it is the truth of its out_dir: where saes.safetensors is missing, damaged or
+of another save (a run stopped between writing the two), the SAEs are read from ckpt.pt, and said so.
 SAELens's: a directory with cfg.json and sae_weights.safetensors holding W_enc (d_in, d_sae), b_enc, W_dec
 (d_sae, d_in) and b_dec (and `threshold` (d_sae,) for a JumpReLU). Its SAEs compute
 activation((x - b_dec if apply_b_dec_to_input) W_enc + b_enc) W_dec + b_dec, with no decoder normalisation.
@@ -38,6 +43,7 @@ The reference library's: a training config (final_config.yaml or name.yaml) and 
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -62,18 +68,138 @@ def sae_key(position):
     return position.replace(".", "-")
 
 
+# ---- reading files: tensors and plain data only, every failure named ----
+
+def load_pt(path, mmap=False):
+    """A .pt file's tensors and plain data (torch.load with weights_only=True, on the CPU; mmap: mapped, not read).
+    A file that holds other objects is refused unopened: unpickling them would run whatever code they name."""
+    import pickle
+    import re
+    import zipfile
+    try:
+        mmap = mmap and zipfile.is_zipfile(path)  # torch maps its zip format only (a file cut short is none)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        named = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if named is None:  # not a pickle that names code: bytes of something else, or cut short
+            raise ValueError(f"{path} is damaged and cannot be read (UnpicklingError: {str(e).splitlines()[0]})") \
+                from None
+        what = f" (it names {named.group(1)})"
+        raise ValueError(f"{path} holds Python objects other than tensors and plain data{what}: it was not loaded, "
+                         "since unpickling them would run code. A checkpoint of this project or of e2e_sae holds "
+                         "none: get the file again from where it was made") from None
+    except OSError as e:
+        if e.filename is not None:  # missing, or not readable: the error names the file
+            raise
+        raise ValueError(f"{path} is damaged and cannot be read ({e})") from None  # e.g. a zip cut short
+    except Exception as e:  # a file cut short or overwritten: the zip reader's RuntimeError, a KeyError, ...
+        message = str(e).split(". ")[0]
+        raise ValueError(f"{path} is damaged and cannot be read ({type(e).__name__}: {message})") from None
+
+
+def load_yaml(path):
+    """A YAML file of settings (yaml.safe_load: plain values only), checked to be a mapping."""
+    import yaml
+    try:
+        with open(path) as f:
+            settings = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if isinstance(e, yaml.constructor.ConstructorError):
+            raise ValueError(f"{path} cannot be read as plain settings: {problem}{where}. A tag like !!python/object "
+                             "builds Python objects, which can run code; a training config holds none") from None
+        raise ValueError(f"{path} is not valid YAML: {problem}{where}") from None
+    return _mapping(settings, path)
+
+
+def load_json(path):
+    """A JSON file of settings, checked to be a mapping."""
+    try:
+        with open(path) as f:
+            return _mapping(json.load(f), path)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def _mapping(settings, path):
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} holds a {type(settings).__name__}, not a mapping of settings: it is damaged or "
+                         "another file than a training config")
+    return settings
+
+
+def load_safetensors(path):
+    """(tensors, metadata) of a safetensors file."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except OSError:
+        raise
+    except Exception as e:  # safetensors' own error: cut short, overwritten, not a safetensors file
+        raise ValueError(f"{path} is damaged or not a safetensors file ({e})") from None
+
+
+# the tensors of every SAE (as Checkpoint.saes holds them), their shapes in terms of d_in and n_dict
+SAE_TENSORS = {"encoder.weight": ("n_dict", "d_in"), "encoder.bias": ("n_dict",),
+               "decoder.weight": ("d_in", "n_dict"), "decoder.bias": ("d_in",)}
+OPTIONAL = {"input_scale": ()}  # 1 where a file has none (saved SAEs hold it folded in: 1)
+THRESHOLDS = {"jumprelu": ("n_dict",), "batchtopk": ()}  # activation.threshold: one per element, or one in all
+
+
+def check_tensors(where, tensors, shapes, dims):
+    """Every tensor `shapes` names is in `tensors`, of its shape (named dimensions, sized in `dims`)."""
+    missing = [n for n in shapes if n not in tensors]
+    if missing:
+        raise ValueError(f"{where} has no {', '.join(missing)} (it holds {', '.join(sorted(tensors)) or 'nothing'}): "
+                         "the file is incomplete or not of this format")
+    for name, named in shapes.items():
+        expected = tuple(dims[d] for d in named)
+        if tuple(tensors[name].shape) != expected:
+            raise ValueError(f"{where} has {name} of shape {tuple(tensors[name].shape)}, not {expected} ("
+                             + ", ".join(f"{d}={n}" for d, n in dims.items()) + "): the file is damaged")
+
+
+def sae_entry(path, position, state, **settings):
+    """One SAE of a checkpoint read from `path` (Checkpoint.saes[position]): its shape as the file records it (else
+    from the encoder), its settings, its tensors, each checked to be there and of its shape."""
+    where = f"{path}: the SAE at {position}"
+    weight = state.get("encoder.weight")
+    if weight is None or weight.dim() != 2:
+        raise ValueError(f"{where} has no encoder weight matrix (it holds {', '.join(sorted(state)) or 'nothing'}): "
+                         "the file is incomplete or holds no SAE")
+    spec = {"d_in": weight.shape[1], "n_dict": weight.shape[0], "activation": "relu", **settings}
+    shapes = {**SAE_TENSORS, **({"activation.threshold": THRESHOLDS[spec["activation"]]}
+                                if spec["activation"] in THRESHOLDS else {})}
+    unknown = [n for n in state if n not in shapes and n not in OPTIONAL]
+    if unknown:
+        raise ValueError(f"{where} ({spec['activation']}) holds tensors it does not use: {', '.join(unknown)}: the "
+                         "file is not of this format")
+    dims = {"d_in": spec["d_in"], "n_dict": spec["n_dict"]}
+    check_tensors(where, state, {**shapes, **{n: s for n, s in OPTIONAL.items() if n in state}}, dims)
+    return {**spec, "state": state}
+
+
 # ---- this project's own ----
 
-def write_ours(f, saes, dict_size_to_input_ratio, model, config, bos_token_id=None):
-    """Write SAEs to `f` (a path or a binary file): saes as Checkpoint.saes holds them."""
-    from safetensors.torch import save
+def ours_contents(saes, dict_size_to_input_ratio, model, config, **record):
+    """(tensors, metadata) of this project's file for SAEs as Checkpoint.saes holds them; `record`: more metadata
+    (train.py records the step)."""
     tensors = {f"{sae_key(p)}.{name}": t.detach().contiguous().cpu()
                for p, sae in saes.items() for name, t in sae["state"].items()}
     specs = {p: {k: v for k, v in s.items() if k != "state"} for p, s in saes.items()}
     meta = {"sae_positions": json.dumps(list(saes)), "dict_size_to_input_ratio": json.dumps(dict_size_to_input_ratio),
             "saes": json.dumps(specs), "gpt": json.dumps(model), "config": json.dumps(config or {}),
-            "bos_token_id": json.dumps(bos_token_id)}
-    data = save(tensors, metadata=meta)
+            **{k: json.dumps(v) for k, v in record.items()}}
+    return tensors, meta
+
+
+def write_file(f, tensors, metadata):
+    """Write this project's file to `f` (a path or a binary file) from ours_contents's (tensors, metadata)."""
+    from safetensors.torch import save
+    data = save(tensors, metadata=metadata)
     if isinstance(f, (str, os.PathLike)):
         with open(f, "wb") as out:
             out.write(data)
@@ -82,7 +208,7 @@ def write_ours(f, saes, dict_size_to_input_ratio, model, config, bos_token_id=No
 
 
 def read_metadata(path):
-    """The metadata of write_ours's file, checked: this project's checkpoint, readable."""
+    """The metadata of this project's file, checked: this project's checkpoint, readable."""
     from safetensors import safe_open
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no SAE checkpoint at {path}")
@@ -96,23 +222,77 @@ def read_metadata(path):
     return meta
 
 
+def saes_file_problem(path, metadata):
+    """What keeps `path` from being the saes.safetensors of a save whose ckpt.pt recorded `metadata` (missing,
+    damaged, of another step or another save), or None where it is that file."""
+    try:
+        meta = read_metadata(path)
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except ValueError as e:
+        return f"{path} is damaged ({e})"
+    if meta == metadata:
+        return None
+    steps = [m.get("step", "?") for m in (meta, metadata)]
+    if steps[0] != steps[1]:
+        return f"{path} holds the SAEs of step {steps[0]}, and ckpt.pt beside it those of step {steps[1]}"
+    return f"{path} is of another save than ckpt.pt beside it (of step {steps[1]} too)"
+
+
+def _ours(path, tensors, meta):
+    """A Checkpoint from the tensors and metadata of this project's file (or of a ckpt.pt that holds them). Files from
+    before the SAE variants record no settings: ReLU SAEs. The embedded default's small model ('shakespeare') is the
+    directory it was loaded from."""
+    try:
+        config, positions = json.loads(meta["config"]), json.loads(meta["sae_positions"])
+        specs = json.loads(meta.get("saes", "{}")) or {p: {"activation": "relu"} for p in positions}
+        ratio, recorded = json.loads(meta["dict_size_to_input_ratio"]), json.loads(meta.get("gpt", '""'))
+        model = recorded if config.get("init_from", "shakespeare") == "shakespeare" else config["init_from"]
+        specs = {p: dict(specs[p]) for p in positions}
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ValueError(f"{path}: its metadata is damaged ({type(e).__name__}: {e})") from None
+    saes = {p: sae_entry(path, p, {k[len(sae_key(p)) + 1:]: v for k, v in tensors.items()
+                                   if k.startswith(sae_key(p) + ".")}, **specs[p]) for p in positions}
+    return Checkpoint(saes, ratio, model, config, bos_token_id=json.loads(meta.get("bos_token_id", "null")))
+
+
+def _ours_file(path):
+    read_metadata(path)  # a missing file, another format or another project's file, each named
+    return _ours(path, *load_safetensors(path))
+
+
 def read_ours(path):
-    """A Checkpoint from write_ours's file. Files from before the SAE variants record no settings: ReLU SAEs. The
-    embedded default's small model ('shakespeare') is the directory it was loaded from."""
-    from safetensors.torch import load_file
-    meta = read_metadata(path)
-    config, positions = json.loads(meta["config"]), json.loads(meta["sae_positions"])
-    tensors = load_file(path)
-    specs = json.loads(meta.get("saes", "{}")) or {p: {"activation": "relu"} for p in positions}
-    saes = {}
-    for p in positions:
-        state = {k[len(sae_key(p)) + 1:]: v for k, v in tensors.items() if k.startswith(sae_key(p) + ".")}
-        d_in, n_dict = state["encoder.weight"].shape[1], state["encoder.weight"].shape[0]
-        saes[p] = {"d_in": d_in, "n_dict": n_dict, "activation": "relu", **specs[p], "state": state}
-    recorded = json.loads(meta.get("gpt", '""'))
-    model = recorded if config.get("init_from", "shakespeare") == "shakespeare" else config["init_from"]
-    return Checkpoint(saes, json.loads(meta["dict_size_to_input_ratio"]), model, config,
-                      bos_token_id=json.loads(meta.get("bos_token_id", "null")))
+    """A Checkpoint from this project's file. train.py's saes.safetensors with its ckpt.pt beside it: read_run."""
+    if os.path.basename(path) == "saes.safetensors" and os.path.isfile(os.path.join(os.path.dirname(path), "ckpt.pt")):
+        return read_run(os.path.dirname(path) or ".")
+    return _ours_file(path)
+
+
+def _lone_ckpt(path):
+    return (f"checkpoint {path!r} is train.py's ckpt.pt without the saes.safetensors written beside it (the SAEs the "
+            "scripts read), and from before ckpt.pt held them itself: point at an out_dir that holds both; a run "
+            "stopped part-way writes it again when it is resumed (train.py --resume=True)")
+
+
+def read_run(out_dir):
+    """The SAEs of train.py's out_dir. ckpt.pt is the truth (it is renamed into place first): its saes.safetensors
+    where that is the file of ckpt.pt's save, else the SAEs held in ckpt.pt, saying so. A ckpt.pt written before it
+    held its SAEs' metadata needs its saes.safetensors."""
+    ckpt_path, saes_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "saes.safetensors")
+    ckpt = load_pt(ckpt_path, mmap=True)
+    if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k, {}), dict) for k in ("saes", "saes_metadata")):
+        raise ValueError(f"{ckpt_path} is not a checkpoint of train.py: it holds no mapping of its SAEs")
+    recorded = ckpt.get("saes_metadata")
+    if recorded is None:
+        if not os.path.isfile(saes_path):
+            raise ValueError(_lone_ckpt(ckpt_path))
+        return _ours_file(saes_path)
+    problem = saes_file_problem(saes_path, recorded)
+    if problem is None:
+        return _ours_file(saes_path)
+    print(f"note: {problem}: reading the SAEs of step {recorded.get('step', '?')} from {ckpt_path} instead (train.py "
+          "--resume=True writes saes.safetensors again)", file=sys.stderr)
+    return _ours(ckpt_path, ckpt["saes"], recorded)
 
 
 # ---- SAELens ----
@@ -194,10 +374,8 @@ def read_saelens(path_or_repo, folder=None):
     dictionary element of norm n is reproduced exactly by scaling its encoder row, bias (and threshold) by n and
     dividing it by n. A TopK selection is unchanged by that scaling only where SAELens selects on the rescaled
     pre-activations (rescale_acts_by_decoder_norm) or every element already has unit norm."""
-    from safetensors.torch import load_file
     cfg_path, weights_path = saelens_files(path_or_repo, folder)
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg = load_json(cfg_path)
     meta = cfg.get("metadata") or cfg.get("meta") or {}
     architecture = cfg.get("architecture", "standard")
     activation = cfg.get("activation_fn") or cfg.get("activation_fn_str") or "relu"
@@ -207,9 +385,15 @@ def read_saelens(path_or_repo, folder=None):
         raise ValueError(f"{cfg_path}: only SAELens's standard (ReLU), topk and jumprelu SAEs without activation "
                          f"normalisation can be imported, this one has architecture={architecture!r}, "
                          f"activation_fn={activation!r}, normalize_activations={normalize!r}")
-    w = {k: v.float() for k, v in load_file(weights_path).items()}
+    w = {k: v.float() for k, v in load_safetensors(weights_path)[0].items()}
     if ours == "jumprelu" and "threshold" not in w:
         raise ValueError(f"{weights_path}: a jumprelu SAE without its threshold tensor (it holds {sorted(w)})")
+    if "W_enc" not in w or w["W_enc"].dim() != 2:
+        raise ValueError(f"{weights_path} has no encoder weight matrix W_enc (it holds {', '.join(sorted(w))}): the "
+                         "file is incomplete or holds no SAE")
+    shapes = {"W_enc": ("d_in", "d_sae"), "b_enc": ("d_sae",), "W_dec": ("d_sae", "d_in"), "b_dec": ("d_in",),
+              **{k: ("d_sae",) for k in ("threshold", "finetuning_scaling_factor", "scaling_factor") if k in w}}
+    check_tensors(f"{weights_path} ({architecture})", w, shapes, dict(zip(("d_in", "d_sae"), w["W_enc"].shape)))
     W_enc, b_enc, W_dec, b_dec = w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"]  # (d_in, d_sae), (d_sae, d_in)
     if cfg.get("apply_b_dec_to_input", True):  # SAELens encodes x - b_dec: move that shift into the bias
         b_enc = b_enc - b_dec @ W_enc
@@ -236,8 +420,8 @@ def read_saelens(path_or_repo, folder=None):
         state["activation.threshold"] = w["threshold"].clamp(min=0) * norms
     dataset = cfg.get("dataset_path") or meta.get("dataset_path")
     model = cfg.get("model_name") or meta.get("model_name") or ""  # TransformerLens's name, as load_model takes it
-    return Checkpoint({hook_name: {**settings, "state": state}}, W_enc.shape[1] / W_enc.shape[0], model,
-                      {"dataset": dataset} if dataset else {}, hook_name, cfg)
+    return Checkpoint({hook_name: sae_entry(weights_path, hook_name, state, **settings)},
+                      W_enc.shape[1] / W_enc.shape[0], model, {"dataset": dataset} if dataset else {}, hook_name, cfg)
 
 
 # ---- the reference library, e2e_sae ----
@@ -245,40 +429,45 @@ def read_saelens(path_or_repo, folder=None):
 def read_e2e_sae(weights_path, config_path):
     """A Checkpoint from one e2e_sae state dict and its training config (the whole YAML, kept as
     config["reference_config"]). The loss coefficients are given this project's names."""
-    import yaml
     for p in (weights_path, config_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{p} not found: an e2e_sae checkpoint is a training config (final_config.yaml, "
                                     "or name.yaml beside name.pt) and a state dict (samples_{N}.pt or name.pt)")
-    with open(config_path) as f:
-        ref = yaml.safe_load(f)
+    ref = load_yaml(config_path)
+    raw = load_pt(weights_path)
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in raw.items()):
+        raise ValueError(f"{weights_path} is not a state dict (names to tensors) but a {type(raw).__name__}: the "
+                         "reference library saves its SAEs' state dict in samples_{N}.pt")
     # keys like blocks-6-hook_resid_pre.encoder.0.weight; ours have no nn.Sequential around the encoder
-    state = {k.replace(".encoder.0.", ".encoder."): v
-             for k, v in torch.load(weights_path, map_location="cpu", weights_only=True).items()}
+    state = {k.replace(".encoder.0.", ".encoder."): v for k, v in raw.items()}
     positions = sorted({k.split(".")[0].replace("-", ".") for k in state})
-    filters = ref["saes"]["sae_positions"]
-    filters = [filters] if isinstance(filters, str) else filters  # the reference matches them as substrings
+    try:
+        filters = ref["saes"]["sae_positions"]
+        filters = [filters] if isinstance(filters, str) else list(filters)  # the reference matches them as substrings
+        ratio = float(ref["saes"]["dict_size_to_input_ratio"])
+        loss = {k: v or {} for k, v in (ref.get("loss") or {}).items()}  # a missing or null term has coefficient 0
+        get = lambda term, key, default=0.0: float(loss.get(term, {}).get(key, default))
+        downstream = loss.get("in_to_orig", {}).get("hook_positions") or []
+        name = ref.get("tlens_model_name") or ""  # TransformerLens's name ('gpt2-small'), as load_model takes it
+        config = dict(
+            init_from=name, sparsity_coeff=get("sparsity", "coeff"), p_norm=get("sparsity", "p_norm", 1.0),
+            kl_coeff=get("logits_kl", "coeff"), out_to_in_coeff=get("out_to_in", "coeff"),
+            out_to_orig_coeff=get("out_to_orig", "coeff"),
+            in_to_orig_coeff=get("in_to_orig", "total_coeff", get("in_to_orig", "coeff")),  # total, over positions
+            in_to_orig_positions=[downstream] if isinstance(downstream, str) else list(downstream),
+            reference_config=ref)
+        dataset = (ref.get("train_data") or {}).get("dataset_name")
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ValueError(f"{config_path} is not a training config of e2e_sae as expected ({type(e).__name__}: {e}): "
+                         "it needs saes.sae_positions and saes.dict_size_to_input_ratio, and numbers for the loss "
+                         "coefficients") from None
     if any(not any(f in p for f in filters) for p in positions):
         raise ValueError(f"{weights_path} holds SAEs at {positions}, but {config_path} places them at {filters}")
-    saes = {}
-    for p in positions:
-        own = {k[len(sae_key(p)) + 1:]: v for k, v in state.items() if k.startswith(sae_key(p) + ".")}
-        n_dict, d_in = own["encoder.weight"].shape
-        saes[p] = {"d_in": d_in, "n_dict": n_dict, "activation": "relu", "state": own}
-    loss = {k: v or {} for k, v in (ref.get("loss") or {}).items()}  # a missing or null term has coefficient 0
-    get = lambda term, key, default=0.0: float(loss.get(term, {}).get(key, default))
-    downstream = loss.get("in_to_orig", {}).get("hook_positions") or []
-    name = ref.get("tlens_model_name") or ""  # TransformerLens's name ('gpt2-small'), as load_model takes it
-    config = dict(
-        init_from=name, sparsity_coeff=get("sparsity", "coeff"), p_norm=get("sparsity", "p_norm", 1.0),
-        kl_coeff=get("logits_kl", "coeff"), out_to_in_coeff=get("out_to_in", "coeff"),
-        out_to_orig_coeff=get("out_to_orig", "coeff"),
-        in_to_orig_coeff=get("in_to_orig", "total_coeff", get("in_to_orig", "coeff")),  # total, split over positions
-        in_to_orig_positions=[downstream] if isinstance(downstream, str) else list(downstream), reference_config=ref)
-    dataset = (ref.get("train_data") or {}).get("dataset_name")
+    saes = {p: sae_entry(weights_path, p, {k[len(sae_key(p)) + 1:]: v for k, v in state.items()
+                                           if k.startswith(sae_key(p) + ".")}) for p in positions}
     if dataset:
         config["dataset"] = dataset
-    return Checkpoint(saes, ref["saes"]["dict_size_to_input_ratio"], name, config)
+    return Checkpoint(saes, ratio, name, config)
 
 
 def newest_samples(directory):
@@ -340,12 +529,6 @@ def download_wandb_run(run_path, cache_dir=None):
 
 # ---- any checkpoint spec ----
 
-def _lone_ckpt(path):
-    return (f"checkpoint {path!r} is train.py's ckpt.pt without the saes.safetensors written beside it (the SAEs the "
-            "scripts read): point at an out_dir that holds both; a run stopped part-way writes it again when it is "
-            "resumed (train.py --resume=True)")
-
-
 def checkpoint_kind(spec):
     """(kind, where) for a checkpoint spec (see the docstring), found without loading it, so that every spec is
     checked before any is evaluated. kind: 'ours' (where: the .safetensors), 'e2e_sae', 'saelens',
@@ -363,24 +546,19 @@ def checkpoint_kind(spec):
             return kind, where
     inside = lambda name: os.path.join(spec, name)
     if os.path.isdir(spec):
-        if os.path.isfile(inside("saes.safetensors")):  # train.py's out_dir
-            return "ours", inside("saes.safetensors")
+        if os.path.isfile(inside("saes.safetensors")) or os.path.isfile(inside("ckpt.pt")):  # train.py's out_dir
+            return "ours", inside("saes.safetensors")  # (read_run reads ckpt.pt where that file is not its save's)
         if os.path.isfile(inside("final_config.yaml")):
             return "e2e_sae", spec
         if os.path.isfile(inside("cfg.json")):
             return "saelens", spec
-        if os.path.isfile(inside("ckpt.pt")):
-            raise ValueError(_lone_ckpt(inside("ckpt.pt")))
         raise ValueError(f"checkpoint {spec!r} is a directory without saes.safetensors (train.py), "
                          "final_config.yaml (e2e_sae) or cfg.json (SAELens)")
     if os.path.isfile(spec):
         if spec.endswith(".safetensors"):
             return "ours", spec
-        if os.path.basename(spec) == "ckpt.pt":  # train.py's resumable checkpoint: its SAEs are written beside it
-            beside = os.path.join(os.path.dirname(spec), "saes.safetensors")
-            if os.path.isfile(beside):
-                return "ours", beside
-            raise ValueError(_lone_ckpt(spec))
+        if os.path.basename(spec) == "ckpt.pt":  # train.py's resumable checkpoint: its out_dir
+            return "ours", os.path.join(os.path.dirname(spec), "saes.safetensors")
         if spec.endswith(".pt") and os.path.isfile(config_beside(spec)):
             return "e2e_sae", spec
         if spec.endswith(".pt"):

@@ -41,6 +41,23 @@ def result_rows(spec, model, metrics, counts, downstream):
     return rows
 
 
+UNSETTLED = 2.0  # a BatchTopK SAE whose held-out L0 is more than this factor away from k, either way, is flagged
+
+
+def threshold_warning(position, settings, l0):
+    """A warning where a BatchTopK SAE's held-out L0 is far from its k, else None. Inference keeps the codes above one
+    threshold, a running average of the batch selection's smallest code that moves 1% of the way each training step
+    from 0: a run of a few hundred steps or less leaves it low (L0 many times k), and the figures then describe that
+    unsettled threshold, not the SAE that training selected k codes per token for."""
+    k = settings.get("k")
+    if settings.get("activation") != "batchtopk" or not k or 1 / UNSETTLED <= l0 / k <= UNSETTLED:
+        return None
+    return (f"warning: the BatchTopK SAE at {position} keeps {l0:.1f} codes per held-out token, {l0 / k:.1f}x its "
+            f"k={k}: its inference threshold has not settled at about k codes per token (it starts at 0 and moves 1% "
+            "of the way each training step), so these figures are not those of an SAE of L0 about k. Train it longer "
+            "(a few hundred steps at least)")
+
+
 def print_table(rows, file=None):
     num = lambda v, f: "-" if v is None else format(v, f)
     table = [("checkpoint", "position", "type", "activation", "lambda", "L0", "alive", "CE", "CE+SAE", "dCE", "KL",
@@ -57,6 +74,10 @@ def print_table(rows, file=None):
         print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip(), file=file)
         if i == 0:
             print("-+-".join("-" * w for w in widths), file=file)
+    for r in rows:
+        warning = threshold_warning(f"{r['position']} of {r['checkpoint']}", r, r["l0"])
+        if warning:
+            print(warning, file=file)
 
 
 # ---- plots (matplotlib, an optional dependency) ----
@@ -160,6 +181,10 @@ def print_summary(m, model, dataset, out_dir, unigram=None):
     print(f"\nheld-out results ({m['eval_tokens']:,} tokens of {dataset!r}, model {model.gpt.name_or_path}):")
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
+    for p in model.sae_positions:
+        warning = threshold_warning(p, model.sae(p).settings, m["l0/" + p])
+        if warning:
+            print(warning)
     print(f"\nthe SAEs: {os.path.join(out_dir, 'saes.safetensors')} (python eval.py --checkpoints=\"['{out_dir}']\")")
 
 
@@ -173,8 +198,9 @@ def log_line(step, figures, positions, lr, dt, tokens_per_s, mfu):
     line += ["l0 " + "/".join(f"{figures['l0/' + p]:.1f}" for p in positions)]
     if "dead/" + positions[0] in figures:
         line += ["dead " + "/".join(f"{figures['dead/' + p]:.0f}" for p in positions)]
-    if "reached/" + positions[0] in figures:  # the share of dictionary elements the logging step's gradient reached
-        line += ["reached " + "/".join(f"{100 * figures['reached/' + p]:.0f}%" for p in positions)]
+    reached = [figures.get("reached/" + p) for p in positions]  # the share of elements the gradient reached
+    if any(r is not None for r in reached):  # (- for an SAE kept fixed)
+        line += ["reached " + "/".join("-" if r is None else f"{100 * r:.0f}%" for r in reached)]
     line += [f"lr {lr:.1e}", f"norm {figures['grad_norm']:.2f}", f"{dt * 1000:.0f} ms", f"{tokens_per_s:,.0f} tok/s"]
     line += [f"mfu {100 * mfu:.1f}%"] if mfu is not None else []
     return " | ".join(line)

@@ -43,7 +43,7 @@ import time
 from types import SimpleNamespace
 
 from configurator import ConfigError, configure, defaults
-from runs import write_atomic, write_json
+from runs import load_checkpoint, write_atomic, write_json
 
 # -----------------------------------------------------------------------------
 models = ["config/gpt_shakespeare_6x256.py"]  # train_gpt.py config files ('' = the embedded default's 4 x 128 model)
@@ -155,6 +155,9 @@ def plan(c):
     return runs
 
 
+MOVE_AWAY = "Move its run folder away, or choose another out_root"
+
+
 def stored_mismatch(run):
     """The settings in which a run's checkpoint differs from what the plan asks of it ({} if none, or if there
     is no checkpoint): a run is identified by every setting that changes the SAE it trains. Both sides as train.py
@@ -163,11 +166,9 @@ def stored_mismatch(run):
     path = os.path.join(run["out_dir"], "ckpt.pt")
     if not os.path.isfile(path):
         return {}
-    import torch
-
     import train
     asked = train.settings(run["argv"])[0]
-    saved = torch.load(path, map_location="cpu", weights_only=False)["config"]
+    saved = load_checkpoint(path, MOVE_AWAY)["config"]
     stored = {k: saved.get(k, v) for k, v in train.DEFAULTS.items()}
     return {k: (stored[k], v) for k, v in asked.items() if k not in train.HOW_IT_RUNS and stored[k] != v}
 
@@ -177,8 +178,7 @@ def progress(out_dir):
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.isfile(path):
         return None
-    import torch
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(path, MOVE_AWAY)
     cfg = ckpt["config"]
     global_batch = ckpt.get("global_batch", cfg["batch_size"] * cfg["gradient_accumulation_steps"])
     return ckpt["step"], cfg["n_samples"] // global_batch
@@ -222,7 +222,7 @@ def evaluate_run(run, samples, device):
     are of these weights and of as many held-out samples of as many tokens (eval_n_samples and n_ctx)."""
     path = os.path.join(run["out_dir"], "eval.json")
     weights = os.path.join(run["out_dir"], "saes.safetensors")
-    if os.path.isfile(path) and os.path.getmtime(path) >= os.path.getmtime(weights):
+    if os.path.isfile(path) and os.path.isfile(weights) and os.path.getmtime(path) >= os.path.getmtime(weights):
         with open(path) as f:
             kept = json.load(f)
         if (kept.get("n_ctx"), kept.get("eval_samples")) == (samples[0].shape[0], len(samples)):
@@ -518,7 +518,7 @@ def evaluate_all(runs, c):
     rows = []
     for run in runs:
         r = evaluate_run(run, held_out, eval_device)
-        ckpt = torch.load(os.path.join(run["out_dir"], "ckpt.pt"), map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(os.path.join(run["out_dir"], "ckpt.pt"), MOVE_AWAY)
         recipe = {k: ckpt["config"].get(k) for k in RECIPE}  # the settings a recipe sweep varies, as trained
         rows.append(dict(run, **{k: r[k] for k in ("l0", "ce_increase", "alive", "kl", "ce_orig", "ce_sae",
                                                    "explained_variance", "n_dict")}, **recipe,

@@ -4,11 +4,12 @@ Runs that lose nothing: what every training script shares about a run, behind a 
     lr = get_lr(step, n_steps, warmup_steps, lr_max, min_lr_factor)   # warmup, then cosine decay
     with Run(config, master=True, log=print) as run:    # out_dir chosen (out-2, ... if taken) and held (a lock)
         ckpt = run.resume_checkpoint(compare)           # --resume=True: the checkpoint, checked to be this run's
-        run.track(model, optimizer, ...)                # what save() writes
+        run.track(model, optimizer, ...)                # what save() writes; on resume, what the run depends on
+                                                        # (pretrained SAEs, data) checked, the state restored
         while step < n_steps:
             if run.stop_requested: ...                  # Ctrl-C or SIGTERM: save and stop at the end of the step
             with run.in_step(): ...                     # an error inside a step leaves the step before intact
-            run.save(step)                              # ckpt.pt and saes.safetensors, each written atomically
+            run.save(step)                              # ckpt.pt, then saes.safetensors, each written atomically
 
     write_atomic(path, lambda f: torch.save(obj, f))    # a reader never sees half a file
     write_json(path, obj)
@@ -17,6 +18,12 @@ A write goes to a temporary file beside its target (named after this process, so
 and is renamed over the target only once it is complete. If writing fails (a full disk, a folder made read-only),
 the temporary file is removed and one SaveError says which file could not be written and why, and that the target,
 if it existed, is left as it was.
+
+The two files of a save are one unit: ckpt.pt holds saes.safetensors's tensors and metadata (the step among them)
+and is renamed into place first, so whatever stops a save, ckpt.pt is a whole save and the truth. A resume writes
+saes.safetensors again from it where that file is missing, damaged or of another save; the scripts that read an
+out_dir read the SAEs from ckpt.pt then, and say so (interop.read_run). A checkpoint is read as tensors and plain
+data only (interop.load_pt), never unpickled in full: a ckpt.pt from a shared folder cannot run code.
 """
 
 import atexit
@@ -88,11 +95,12 @@ def write_json(path, obj, indent=2):
 # ---- a run's folder ----
 
 def holds_run(out_dir):
-    return os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
+    """Whether out_dir holds trained weights: a checkpoint, or SAEs alone."""
+    return any(os.path.isfile(os.path.join(out_dir, name)) for name in ("ckpt.pt", "saes.safetensors"))
 
 
 def free_out_dir(out_dir):
-    """out_dir if it holds no run (no ckpt.pt), else the first of out_dir-2, out_dir-3, ... that holds none: a
+    """out_dir if it holds no run (holds_run), else the first of out_dir-2, out_dir-3, ... that holds none: a
     second run of the same command keeps the first."""
     n, candidate = 1, out_dir
     while holds_run(candidate):
@@ -186,6 +194,81 @@ class OutDirLock:
         return True
 
 
+# ---- a checkpoint, read ----
+
+def load_checkpoint(path, advice):
+    """train.py's ckpt.pt, read as tensors and plain data only (interop.load_pt: a file from a shared folder cannot
+    run code), with its config and step. A file that cannot be read so is a ConfigError that names it and ends with
+    `advice`, what to do instead."""
+    import interop
+    try:
+        ckpt = interop.load_pt(path)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "step" not in ckpt:
+            raise ValueError(f"{path} is damaged and cannot be read: it holds no training config and step")
+    except ValueError as e:
+        raise ConfigError(f"{e}; it was left untouched. {advice}") from None
+    return ckpt
+
+
+# ---- what a run depends on: checked when it is resumed ----
+
+def fingerprint(tensors):
+    """sha256 over named tensors (each name, dtype, shape and bytes): which weights these are."""
+    import hashlib
+
+    import torch
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _within_folder(sizes):
+    """{path: size} with each path named within the folder the files share (a moved copy is the same data)."""
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in sizes]) if sizes else ""
+    return {os.path.relpath(os.path.abspath(f), root): n for f, n in sizes.items()}
+
+
+def data_identity(dataset, tokenizer="gpt2"):
+    """What a run's data is: its held-out rule; for local text each file with its length in characters and each
+    part's tokens (their number, and the token cache's checksum); for local parquet/arrow files each file's size
+    in bytes. A hub dataset is its name (a setting) and its rule."""
+    import data
+    identity = {"held_out": data.heldout_rule(dataset)[1]}
+    kind = data.source_kind(dataset)
+    if kind in ("shakespeare", "text"):
+        meta = data.token_cache(dataset, tokenizer)[1]
+        identity.update(files=_within_folder(dict(zip(meta["files"], meta["lengths"]))), tokens=meta["tokens"],
+                        checksum=meta["checksum"])
+    elif kind == "table":
+        identity["files"] = _within_folder({f: os.path.getsize(f) for f in data.local_files(dataset)})
+    return identity
+
+
+def data_changes(saved, now):
+    """What differs between two data_identity's, in words ([] if nothing)."""
+    changes, old, new = [], saved.get("files", {}), now.get("files", {})
+    for what, names in (("added", [f for f in new if f not in old]), ("removed", [f for f in old if f not in new]),
+                        ("changed in size", [f for f in new if f in old and new[f] != old[f]])):
+        if names:
+            changes.append(f"{len(names)} file(s) {what}: {', '.join(names[:4])}" + (", ..." if len(names) > 4 else ""))
+    if not changes and (saved.get("tokens"), saved.get("checksum")) != (now.get("tokens"), now.get("checksum")):
+        changes.append("the text of its files changed (its tokens differ)")
+    if saved.get("held_out") != now.get("held_out"):
+        changes.append(f"held out: {saved.get('held_out')} then, {now.get('held_out')} now")
+    return changes
+
+
+def dependencies(model, dataset, tokenizer="gpt2"):
+    """What a run's result depends on besides its settings: each pretrained SAE's spec and the fingerprint of its
+    weights as loaded (before any training), and the data's identity."""
+    pretrained = {p: {"spec": model.sae(p).source, "fingerprint": fingerprint(model.sae(p).state_dict())}
+                  for p in model.sae_positions if hasattr(model.sae(p), "source")}
+    return {"pretrained": pretrained, "data": data_identity(dataset, tokenizer)}
+
+
 # ---- a training run ----
 
 class Diverged(RuntimeError):
@@ -199,7 +282,8 @@ class Run:
       run there, overwrite=True replaces it.
     - Inside `with run:` the run holds out_dir (OutDirLock): a second run into it is refused at start-up.
     - save(step) writes ckpt.pt (everything a resume needs) and saes.safetensors (the SAEs alone) atomically; a write
-      that fails says which file and why.
+      that fails says which file and why. A resume checks what the run depends on besides its settings (each
+      pretrained SAE's weights, the data's files and held-out rule) and repairs saes.safetensors from ckpt.pt.
     - Ctrl-C or SIGTERM sets stop_requested: the loop saves and stops at the end of its step; a second Ctrl-C
       stops at once.
     - Leaving `with run:` by an error outside a step (evaluation, logging, wandb) or a divergence saves the last
@@ -219,6 +303,7 @@ class Run:
         if master:  # the only process that writes; two probing one new folder would race to make it
             check_writable(out_dir, "out_dir")
         self.out_dir, self.ckpt_path = out_dir, os.path.join(out_dir, "ckpt.pt")
+        self.saes_path, self.dependencies = os.path.join(out_dir, "saes.safetensors"), None
         self.lock = OutDirLock(out_dir) if master else None
         self.saved_step, self.step, self.in_a_step, self.state, self.stream = None, 0, False, None, None
         self.stop_requested, self.seconds, self.t_start, self.old_handlers = False, 0.0, time.time(), {}
@@ -241,23 +326,22 @@ class Run:
     def resume_checkpoint(self, differences, global_batch):
         """The checkpoint to resume, read and checked before any model is built (the model may have to be trained
         first). differences(saved config) lists, as (key, saved, now), the settings that make it another run; the
-        global batch (samples per step, over every process) must be the same, for the data and the schedule."""
-        import torch
+        global batch (samples per step, over every process) must be the same, for the data and the schedule. It is
+        read as tensors and plain data only (a shared run folder's ckpt.pt that holds anything else is refused)."""
         if not os.path.isfile(self.ckpt_path):
-            raise ConfigError(f"resume=True but there is no checkpoint at {self.ckpt_path}; drop --resume "
-                           "or point out_dir at a run")
-        try:
-            ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
-            saved = ckpt["config"]
-        except Exception as e:
-            raise ConfigError(f"{self.ckpt_path} is damaged and cannot be read ({type(e).__name__}: {e}); "
-                           "it was left untouched. Start a fresh run in another out_dir") from e
-        differ = differences(saved)
+            lone = os.path.isfile(self.saes_path)
+            raise ConfigError(f"resume=True but there is no checkpoint at {self.ckpt_path}" + (
+                f": {self.out_dir} holds trained SAEs alone (saes.safetensors), not the state of their run. Train "
+                f"them further as a new run: --pretrained_sae_paths=['{self.out_dir}'] --retrain_saes=True "
+                "--out_dir=..." if lone else "; drop --resume or point out_dir at a run"))
+        ckpt = load_checkpoint(self.ckpt_path, "Start a fresh run in another out_dir")
+        differ = differences(ckpt["config"])
         if differ:
             shown = ", ".join(f"{k}={was!r} (this run: {now!r})" for k, was, now in differ)
             raise ConfigError(f"{self.ckpt_path} was trained with {shown}: a resumed run keeps its own "
-                           "settings. Resume without changing them, or train these SAEs further as a new run: "
-                           f"--pretrained_sae_paths=['{self.out_dir}'] --retrain_saes=True --out_dir=...")
+                              "settings. Resume without changing them, or train these SAEs further as a new run: "
+                              f"--pretrained_sae_paths=['{self.out_dir}'] --retrain_saes=True --out_dir=...")
+        saved = ckpt["config"]
         saved_batch = ckpt.get("global_batch", saved["batch_size"] * saved["gradient_accumulation_steps"])
         if saved_batch != global_batch:
             raise ConfigError(f"{self.ckpt_path} was trained with a global batch of {saved_batch} samples, this run "
@@ -266,9 +350,15 @@ class Run:
         return ckpt
 
     def track(self, model, optimizer, scaler, dead, global_batch, step, stream, ddp, ckpt=None):
-        """What save() writes, the training stream's position included (data.SampleStream; under DDP every
-        process's, gathered); from `ckpt` (a resume), the state it restores."""
+        """What save() writes, the training stream's position and what the run depends on included (data.SampleStream;
+        under DDP every process's position, gathered; dependencies). From `ckpt` (a resume): what it depends on,
+        checked to be what it was, then the state it restores; saes.safetensors is written again from it where it is
+        not the file of ckpt.pt's save (missing, damaged, or a save behind after a run stopped between the two)."""
         import torch
+        # what the run depends on, before a checkpoint's weights are loaded
+        self.dependencies = dependencies(model, self.config["dataset"], stream.tokenizer)
+        if ckpt is not None:
+            self._check_dependencies(ckpt)
         self.state = dict(model=model, optimizer=optimizer, scaler=scaler, dead=dead, global_batch=global_batch)
         self.stream, self.ddp = stream, ddp
         if ckpt is not None:
@@ -281,9 +371,50 @@ class Run:
             if "cuda_rng" in ckpt and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
             self.seconds, self.saved_step = ckpt.get("train_seconds", 0.0), ckpt["step"]
-            if not os.path.isfile(os.path.join(self.out_dir, "saes.safetensors")):
-                self.saved_step = None  # written again at the next save (a finished run, resumed: at the end)
+            if "saes_metadata" not in ckpt:  # (a checkpoint from before ckpt.pt held its SAEs' file)
+                if not os.path.isfile(self.saes_path):
+                    self.saved_step = None  # written again at the next save (a finished run, resumed: at the end)
+            elif self.master:
+                self._repair_saes(ckpt, model)
         self.step, self.t_start = step, time.time()
+
+    def _check_dependencies(self, ckpt):
+        """ConfigError, saying what changed, if a pretrained SAE or the data is not what the checkpoint was trained
+        on: the run would go on with a mix (a replaced SAE's weights under the old one's settings; held-out text
+        that became training text)."""
+        saved, now = ckpt.get("dependencies"), self.dependencies
+        if saved is None:
+            self.log(f"note: {self.ckpt_path} records no fingerprint of its data and pretrained SAEs (it is older than "
+                     "that record): they are not checked against it")
+            return
+        problems = []
+        was, new = saved["pretrained"], now["pretrained"]
+        if set(was) != set(new):
+            problems.append(f"its pretrained SAEs were at {sorted(was) or 'no position'}, they are now at "
+                            f"{sorted(new) or 'no position'}")
+        for p in sorted(set(was) & set(new)):
+            if was[p]["fingerprint"] != new[p]["fingerprint"]:
+                problems.append(f"the pretrained SAE at {p} ({new[p]['spec']}) holds other weights than when the run "
+                                f"began (fingerprint {was[p]['fingerprint'][:12]} then, {new[p]['fingerprint'][:12]} "
+                                "now)")
+        changes = data_changes(saved["data"], now["data"])
+        if changes:
+            problems.append(f"dataset {self.config['dataset']!r} changed: {'; '.join(changes)}")
+        if problems:
+            raise ConfigError(f"{self.ckpt_path} cannot be resumed: {'; '.join(problems)}. A resumed run would "
+                              "continue on a mix of the old and the new. Restore what changed, or train these SAEs "
+                              f"further as a new run: --pretrained_sae_paths=['{self.out_dir}'] --retrain_saes=True "
+                              "--out_dir=...")
+
+    def _repair_saes(self, ckpt, model):
+        """saes.safetensors as ckpt.pt's save wrote it, where it is not: from the model, its SAEs just loaded from
+        ckpt.pt (the file holds them as the scripts read them, any input scale folded in)."""
+        import interop
+        problem = interop.saes_file_problem(self.saes_path, ckpt["saes_metadata"])
+        if problem:
+            self.log(f"{problem}: writing it again from {self.ckpt_path} (step {ckpt['step']})")
+            tensors, _ = model.contents(self.config, step=ckpt["step"])
+            write_atomic(self.saes_path, lambda f: interop.write_file(f, tensors, ckpt["saes_metadata"]))
 
     @contextmanager
     def in_step(self):
@@ -312,19 +443,23 @@ class Run:
         if not self.master:
             self.saved_step = step
             return
+        import interop
         s = self.state
-        ckpt = {"saes": s["model"].saes.state_dict(), "optimizer": s["optimizer"].state_dict(),
-                "scaler": s["scaler"].state_dict(), "step": step, "global_batch": s["global_batch"],
+        tensors, metadata = s["model"].contents(self.config, step=step)  # saes.safetensors: what the scripts read
+        # ckpt.pt: the SAEs as they train (their input scales apart), and saes.safetensors's metadata
+        ckpt = {"saes": s["model"].saes.state_dict(), "saes_metadata": metadata,
+                "optimizer": s["optimizer"].state_dict(), "scaler": s["scaler"].state_dict(), "step": step,
+                "global_batch": s["global_batch"],
                 "rng": torch.get_rng_state(), "config": self.config,
                 "train_seconds": self.seconds + time.time() - self.t_start,
                 "sources": {p: getattr(s["model"].sae(p), "source", "trained here") for p in s["model"].sae_positions},
-                "data": states}
+                "dependencies": self.dependencies, "data": states}
         if s["dead"] is not None:
             ckpt["dead"] = s["dead"].state_dict()
         if torch.cuda.is_available():
             ckpt["cuda_rng"] = torch.cuda.get_rng_state_all()
-        write_atomic(self.ckpt_path, lambda f: torch.save(ckpt, f))
-        write_atomic(os.path.join(self.out_dir, "saes.safetensors"), lambda f: s["model"].save(f, self.config))
+        write_atomic(self.ckpt_path, lambda f: torch.save(ckpt, f))  # first: the truth, should the second not follow
+        write_atomic(self.saes_path, lambda f: interop.write_file(f, tensors, metadata))
         self.saved_step = step
 
     def __exit__(self, kind, error, tb):

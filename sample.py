@@ -53,7 +53,7 @@ def main(argv):
     try:
         gpt = load_model(c.init_from) if c.init_from else None
         model = SAETransformer.from_checkpoint(c.checkpoint, gpt).to(c.device).eval()
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # interop's messages name the file and what is wrong
         raise ConfigError(f"checkpoint {c.checkpoint!r}: {e}") from None
     broken = nonfinite_parameters(model.saes)
     if broken:

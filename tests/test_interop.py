@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from e2esae import SAE, SAETransformer
-from interop import checkpoint_kind, save_saelens
+from interop import checkpoint_kind, read_checkpoint, save_saelens
 from model import GPT, GPTConfig, save_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -503,8 +503,8 @@ def test_checkpoint_from_before_the_variants_loads_as_relu(tmp_path):
 def test_checkpoint_kind_explains_a_pt_without_what_goes_with_it(tmp_path):
     os.makedirs(tmp_path / "out")
     torch.save({}, tmp_path / "out" / "ckpt.pt")
-    with pytest.raises(ValueError) as e:  # train.py's resumable checkpoint alone: its SAEs are not in it
-        checkpoint_kind(str(tmp_path / "out" / "ckpt.pt"))
+    with pytest.raises(ValueError) as e:  # train.py's resumable checkpoint alone, from before it held its SAEs
+        read_checkpoint(str(tmp_path / "out" / "ckpt.pt"))
     assert "train.py's ckpt.pt without the saes.safetensors" in str(e.value)
     assert "reference" not in str(e.value) and ".yaml" not in str(e.value)
     torch.save({}, tmp_path / "layer_6.pt")

@@ -170,7 +170,7 @@ def test_an_evaluation_that_fails_leaves_a_checkpoint_that_resumes_exactly(gpt_d
     with pytest.raises(RuntimeError, match="an evaluation that fails"):
         train.main(args(gpt_dir, one_file, tmp_path / "cut", **settings))
     assert "the checkpoint of step 12 in" in capsys.readouterr().err  # saved before the evaluation, and said so
-    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["step"] == 12
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"] == 12
     monkeypatch.undo()
     train.main(args(gpt_dir, one_file, tmp_path / "cut", resume=True, **settings))
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "cut")
@@ -195,14 +195,14 @@ def test_reproduce_continues_an_interrupted_run(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "holds a checkpoint: rerun the same command to continue it" in out, out[-3000:]
-    step = torch.load(ckpt, weights_only=False)["step"]
+    step = torch.load(ckpt, weights_only=True)["step"]
     assert 0 < step < 400  # saved part-way through its 400 steps
 
     again = subprocess.run([sys.executable, "reproduce.py", *argv], cwd=ROOT, capture_output=True, text=True, env=env,
                            timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"(resuming at step {step})" in again.stdout
-    assert torch.load(ckpt, weights_only=False)["step"] == 400
+    assert torch.load(ckpt, weights_only=True)["step"] == 400
     assert os.path.isfile(tmp_path / "results" / "small_scale.csv")
 
 

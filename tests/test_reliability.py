@@ -30,7 +30,7 @@ import train
 from configurator import ConfigError, configure
 from conftest import ROOT, args, tiny_gpt
 from e2esae import SAE, SAETransformer
-from interop import checkpoint_kind, save_saelens
+from interop import checkpoint_kind, read_checkpoint, save_saelens
 from model import GPT, GPTConfig, save_pretrained
 
 POSITION = "blocks.1.hook_resid_pre"  # where args() puts the SAE
@@ -81,7 +81,7 @@ def test_a_diverging_run_stops_saying_where_and_keeps_finite_weights(gpt_dir, on
     message = str(e.value.code)
     assert message.startswith("Diverged: at step 2 the loss is inf") and "that step was not applied" in message
     assert "Try a lower learning rate (lr=1e+20 now; e.g. --lr=1e+19)" in message
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 1 and all_finite(ckpt["saes"])  # the last finite step, saved
     assert all_finite(load_file(out / "saes.safetensors"))
     printed = capsys.readouterr().out
@@ -336,7 +336,7 @@ def test_resuming_with_another_loss_is_refused_and_the_record_kept(finished, gpt
         train.main(args(gpt_dir, one_file, finished, resume=True, kl_coeff=2.0))
     assert "was trained with kl_coeff=1.0 (this run: 2.0): a resumed run keeps its own settings" in str(e.value.code)
     assert (finished / "ckpt.pt").read_bytes() == before
-    assert torch.load(finished / "ckpt.pt", weights_only=False)["config"]["kl_coeff"] == 1.0
+    assert torch.load(finished / "ckpt.pt", weights_only=True)["config"]["kl_coeff"] == 1.0
 
 
 def test_mlp_refuses_a_loss_of_sparsity_alone(capsys):
@@ -400,7 +400,7 @@ def test_a_finished_topk_run_or_an_older_record_is_recognised_as_done(tmp_path, 
     planned = reproduce.plan(c)
     assert fake_finished_run(planned[0])["aux_k_coeff"] == 1 / 32
     older = fake_finished_run(planned[1])
-    ckpt = torch.load(os.path.join(planned[1]["out_dir"], "ckpt.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(planned[1]["out_dir"], "ckpt.pt"), weights_only=True)
     for key in ("finetune_fraction", "kl_rescale", "dead_window_tokens"):
         assert older[key] == train.DEFAULTS[key]
         del ckpt["config"][key]
@@ -501,13 +501,27 @@ def test_a_typo_in_a_local_path_is_named_as_a_missing_path(finished, tmp_path, m
         assert missing in message and "does not exist (a local path" in message and "Hugging Face" not in message
 
 
-def test_a_lone_ckpt_pt_is_named_as_train_pys_without_its_saes(finished, tmp_path):
+def test_a_lone_ckpt_pt_gives_its_saes_and_an_older_one_is_named(finished, tmp_path, capsys):
+    """ckpt.pt holds its SAEs' tensors and metadata: without saes.safetensors beside it, they are read from it (and
+    said so); a ckpt.pt from before it held them is named as train.py's without its SAEs."""
     lone = tmp_path / "lone"
     lone.mkdir()
     shutil.copy(finished / "ckpt.pt", lone / "ckpt.pt")
+    whole = read_checkpoint(str(finished)).saes[POSITION]
     for spec in (lone / "ckpt.pt", lone):
-        with pytest.raises(ValueError, match="train.py's ckpt.pt without the saes.safetensors"):
-            checkpoint_kind(str(spec))
+        assert checkpoint_kind(str(spec)) == ("ours", str(lone / "saes.safetensors"))
+        read = read_checkpoint(str(spec)).saes[POSITION]
+        assert {k: v for k, v in read.items() if k != "state"} == {k: v for k, v in whole.items() if k != "state"}
+        assert all(torch.equal(read["state"][k], v) for k, v in whole["state"].items())
+        assert (f"note: {lone / 'saes.safetensors'} is missing: reading the SAEs of step 12 from {lone / 'ckpt.pt'} "
+                "instead") in capsys.readouterr().err
+    older = torch.load(lone / "ckpt.pt", weights_only=True)
+    del older["saes_metadata"]
+    torch.save(older, lone / "ckpt.pt")
+    for spec in (lone / "ckpt.pt", lone):
+        with pytest.raises(ValueError, match="train.py's ckpt.pt without the saes.safetensors written beside it "
+                                             r"\(the SAEs the scripts read\), and from before ckpt.pt held them"):
+            read_checkpoint(str(spec))
 
 
 def test_a_saelens_config_without_hook_name_says_to_add_it(tmp_path):

@@ -151,7 +151,7 @@ def test_damaged_or_incompatible_checkpoint_is_refused_and_kept(gpt_dir, text_di
     with pytest.raises(ConfigError, match="is damaged and cannot be read.*left untouched"):
         train.main(args(gpt_dir, text_dir, tmp_path, resume=True))
     assert ckpt.read_bytes() == b"not a checkpoint"
-    torch.save({"config": {"init_from": gpt_dir, "sae_positions": ["blocks.2.hook_resid_pre"]}}, ckpt)
+    torch.save({"config": {"init_from": gpt_dir, "sae_positions": ["blocks.2.hook_resid_pre"]}, "step": 1}, ckpt)
     before = ckpt.read_bytes()
     with pytest.raises(ConfigError, match=r"trained with sae_positions=\['blocks.2.hook_resid_pre'\]"):
         train.main(args(gpt_dir, text_dir, tmp_path, resume=True))

@@ -102,7 +102,7 @@ def test_a_pretrained_sae_kept_fixed_while_a_new_one_trains(gpt_dir, text_dir, t
     model = SAETransformer.from_checkpoint(str(tmp_path / "second" / "saes.safetensors"))
     assert model.sae_positions == ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"]
     assert [model.sae(p).settings["activation"] for p in model.sae_positions] == ["relu", "topk"]  # each its own
-    ckpt = torch.load(tmp_path / "second" / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "second" / "ckpt.pt", weights_only=True)
     assert ckpt["sources"] == {"blocks.1.hook_resid_pre": str(tmp_path / "first"),
                                "blocks.2.hook_resid_pre": "trained here"}
     # resume keeps working: the finished run, resumed, still reports
