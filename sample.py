@@ -1,5 +1,5 @@
 """
-Generate text from GPT-2 with and without the SAEs spliced in, side by side, from the same prompt and seed.
+Generate text from a model with and without the SAEs spliced in, side by side, from the same prompt and seed.
 
     python sample.py --checkpoint=out/saes.safetensors --prompt="To be, or not to be" --max_new_tokens=50
     python sample.py --checkpoint=saelens:neuronpedia/gpt2-small__res_sce-ajt/6-res_sce-ajt --temperature=0
@@ -8,6 +8,7 @@ A good SAE leaves the text about as fluent as the original model's; a poor one s
 any spec interop.py reads (this project's, the reference library's, SAELens's; local or remote).
 """
 
+import os
 import sys
 from types import SimpleNamespace
 
@@ -67,7 +68,8 @@ def main(argv):
         ids = enc.encode(c.prompt) or [t for t in (enc.bos_token_id, enc.eos_token_id) if t is not None][:1]
     idx = torch.tensor([ids], device=c.device)  # (1, T)
     spliced = {p: (lambda x, s=model.sae(p): s(x)[0]) for p in model.sae_positions}
-    for title, edits in (("GPT-2", None), (f"GPT-2 with SAEs at {', '.join(model.sae_positions)}", spliced)):
+    name = os.path.basename(model.gpt.name_or_path.rstrip("/"))
+    for title, edits in ((name, None), (f"{name} with SAEs at {', '.join(model.sae_positions)}", spliced)):
         torch.manual_seed(c.seed)  # the same seed for both: differences come from the SAEs, not the sampling
         out = model.gpt.generate(idx, c.max_new_tokens, temperature=c.temperature, top_k=c.top_k or None, edits=edits)
         print(f"\n--- {title} ---\n{enc.decode(out[0].tolist())}")

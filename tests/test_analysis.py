@@ -210,3 +210,14 @@ def test_analysis_refuses_bad_settings_before_any_work(setup, capsys, args, mess
     with pytest.raises(ConfigError, match=message):
         run_analysis(root, ["local"], *args, out="refused")
     assert "data:" not in capsys.readouterr().out and not (root / "refused").exists()
+
+
+def test_labels_name_the_activation_and_k():
+    """A TopK or BatchTopK SAE is labelled by its k, a JumpReLU by its activation and penalty, the paper's ReLU by
+    its sparsity coefficient alone (its sparsity_coeff is 0 for TopK: 'e2e λ=0' would say nothing)."""
+    label_of = analysis.label_of
+    assert label_of(dict(type="e2e", activation="topk", k=32, sparsity_coeff=0.0), {}) == "e2e topk k=32"
+    assert label_of(dict(type="local", activation="batchtopk", k=16, sparsity_coeff=0.0), {"seed": 1}) == \
+        "local batchtopk k=16 seed 1"
+    assert label_of(dict(type="e2e", activation="jumprelu", k=None, sparsity_coeff=10.0), {}) == "e2e jumprelu λ=10"
+    assert label_of(dict(type="e2e", activation="relu", k=None, sparsity_coeff=3.0), {}) == "e2e λ=3"

@@ -147,7 +147,8 @@ def test_sample_prints_both_continuations(setup):
     r = run_script("sample.py", [f"--checkpoint={root / 'saes.safetensors'}", "--prompt=the king and the queen",
                                  "--max_new_tokens=8", "--temperature=0", "--device=cpu"], cwd=str(root))
     assert r.returncode == 0, r.stderr
-    plain = r.stdout.split("--- GPT-2 ---\n")[1].split("\n--- ")[0]
-    spliced = r.stdout.split("--- GPT-2 with SAEs at blocks.0.hook_resid_pre, blocks.1.hook_resid_pre ---\n")[1]
+    (title, plain), (spliced_title, spliced) = [b.split(" ---\n", 1) for b in r.stdout.split("\n--- ")[1:]]
+    assert spliced_title == f"{title} with SAEs at blocks.0.hook_resid_pre, blocks.1.hook_resid_pre"  # the model's name
+    plain = plain.split("\n--- ")[0]
     assert plain.startswith("the king and the queen") and spliced.startswith("the king and the queen")
     assert len(plain) > len("the king and the queen") and len(spliced.strip()) > len("the king and the queen")

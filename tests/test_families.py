@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import analysis
 import eval as eval_script
+import sample
 import train
 from conftest import args, save_bpe_tokenizer
 from e2esae import SAETransformer
@@ -105,6 +107,10 @@ def test_resume_eval_and_the_saelens_export(model_dir, text_dir, tmp_path, capsy
     row = json.loads((tmp_path / "eval.json").read_text())["rows"][0]
     assert row["ce_orig"] > 0 and row["l0"] > 0 and row["position"] == "blocks.1.hook_resid_pre"
 
+    sample.main([f"--checkpoint={tmp_path / 'whole'}", "--prompt=To be", "--max_new_tokens=3", "--device=cpu"])
+    printed = capsys.readouterr().out
+    assert printed.count("\n--- ") == 2  # the model's text, then the same with the SAEs spliced in
+
     sae_lens = pytest.importorskip("sae_lens")
     model = SAETransformer.from_checkpoint(str(tmp_path / "whole")).eval()
     model.save_saelens(str(tmp_path / "export"))
@@ -117,3 +123,15 @@ def test_resume_eval_and_the_saelens_export(model_dir, text_dir, tmp_path, capsy
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), model.sae("blocks.1.hook_resid_pre")(x)[0], rtol=1e-5, atol=1e-5)
     shutil.rmtree(tmp_path / "export")
+
+
+def test_analysis_reads_a_family_checkpoint(model_dir, text_dir, tmp_path):
+    """analysis.py's geometry and feature browser on the model's own tokens (one family: the Llama-like one)."""
+    directory, tokenizer = model_dir
+    if tokenizer != "bos":
+        pytest.skip("analysed on the Llama-like families; the others share the same code path")
+    train.main(family_args(directory, text_dir, tmp_path / "run", **TYPES["e2e"]))
+    analysis.main([f"--checkpoints=['{tmp_path / 'run'}']", f"--dataset={text_dir}", "--n_ctx=16",
+                   "--eval_n_samples=8", "--batch_size=4", "--device=cpu", f"--out_dir={tmp_path / 'analysis'}"])
+    page = (tmp_path / "analysis" / "features.html").read_text()
+    assert "e2e" in page and "blocks.1.hook_resid_pre" in page
