@@ -637,8 +637,68 @@ def write_results(rows, ratio_rows, c, grid):
     return written + [os.path.join(c.results_dir, f"{c.name}_pareto.png")]
 
 
+def spread(values):
+    """(mean, half the range) of a cell's runs (its seeds)."""
+    return sum(values) / len(values), (max(values) - min(values)) / 2
+
+
+def recipe_cells(rows):
+    """The runs grouped by recipe (all but the seed), each cell with its mean and spread over seeds, printed."""
+    key = lambda r: (r["type"], r["k"], r["sparsity_coeff"], r["lr"], r["sae_init"], r["normalize_activations"],
+                     r["sae_tokens"])
+    cells = {}
+    for r in rows:
+        cells.setdefault(key(r), []).append(r)
+    print(f"\n{'type':<13} {'k':>3} {'lr':>7} {'init':<12} {'tokens':>10} {'seeds':>5} {'CE increase':>17} "
+          f"{'KL':>17} {'alive':>11} {'EV':>6}")
+    out = []
+    for k, runs in sorted(cells.items(), key=lambda kv: [str(x) for x in kv[0]]):
+        ce, kl, alive = (spread([r[m] for r in runs]) for m in ("ce_increase", "kl", "alive"))
+        ev = spread([r["explained_variance"] for r in runs])[0]
+        out.append(dict(zip(("type", "k", "sparsity_coeff", "lr", "sae_init", "normalize_activations", "sae_tokens"),
+                            k), n=len(runs), ce=ce, kl=kl, alive=alive, ev=ev))
+        print(f"{k[0]:<13} {k[1] or '-':>3} {k[3]:>7g} {k[4]:<12} {k[6]:>10,} {len(runs):>5} "
+              f"{ce[0]:>9.4f} ± {ce[1]:.4f} {kl[0]:>9.4f} ± {kl[1]:.4f} {alive[0]:>5.0f} ± {alive[1]:<3.0f} {ev:>6.3f}")
+    return out
+
+
+def plot_recipe(cells, path):
+    """CE increase against k per objective (1M tokens, the default initialisation and lr: the mean over seeds with
+    its spread), and each variation at k = 32 beside them."""
+    from matplotlib.figure import Figure
+
+    from report import type_style
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
+    base = [c for c in cells if c["sae_tokens"] == min(x["sae_tokens"] for x in cells) and c["lr"] == 3e-3
+            and c["sae_init"] == "orthogonal" and c["k"]]
+    kinds = list(dict.fromkeys(c["type"] for c in base))
+    for kind in kinds:
+        pts = sorted((c["k"], *c["ce"]) for c in base if c["type"] == kind)
+        marker, colour = type_style(kind, kinds)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=marker, color=colour,
+                    label=kind, capsize=3, linewidth=1)
+    others = [c for c in cells if c not in base and c["k"]]
+    for i, c in enumerate(others):
+        label = f"{c['type']}, " + ", ".join(x for x in (f"lr {c['lr']:g}" if c["lr"] != 3e-3 else "",
+                                                         c["sae_init"] if c["sae_init"] != "orthogonal" else "",
+                                                         f"{c['sae_tokens'] / 2**20:g}M tokens"
+                                                         if c["sae_tokens"] != base[0]["sae_tokens"] else "") if x)
+        ax.errorbar([c["k"] * (1.04 + 0.03 * i)], [c["ce"][0]], yerr=[c["ce"][1]], marker="x", linestyle="none",
+                    label=label, capsize=2)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("k = L0")
+    ax.set_ylabel("CE increase (held-out)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def combine_results(c):
-    """The rows of earlier sweeps' CSVs as one table with each run's recipe (RECIPE_COLUMNS), no training."""
+    """The rows of earlier sweeps' CSVs as one table with each run's recipe (RECIPE_COLUMNS), no training; the
+    cells (mean and spread over seeds) printed and plotted."""
     rows = []
     for path in c.combine:
         for r in read_compare([path]):
@@ -648,7 +708,8 @@ def combine_results(c):
                          "source": os.path.basename(path)})
     path = os.path.join(c.results_dir, f"{c.name}.csv")
     write_csv(path, rows, RECIPE_COLUMNS)
-    print(f"{len(rows)} runs of {len(c.combine)} sweeps -> {path}")
+    plot_recipe(recipe_cells(rows), os.path.join(c.results_dir, f"{c.name}.png"))
+    print(f"{len(rows)} runs of {len(c.combine)} sweeps -> {path}, {c.name}.png")
 
 
 def main(argv):

@@ -75,3 +75,27 @@ def test_the_finetune_report_measures_the_cut_and_the_gap_only_where_there_is_on
     assert "local+ft 10% +0.0800 (cut 20%, 50% of the gap to e2e; 100 s)" in k16
     assert "local+ft 10% +0.0300 (cut 25%; 100 s)" in k32 and "of the gap" not in k32
     assert k32.endswith("e2e +0.0500 (100 s; no better than local: no gap to close)")
+
+
+def test_the_recipe_study_combines_sweeps_into_one_table_with_spreads(tmp_path, capsys):
+    """combine=: the rows of several sweeps' CSVs (one per seed here) become one table with each run's recipe; a
+    cell's mean and spread are over its seeds; its plot is written."""
+    columns = reproduce.SMALL_SCALE_COLUMNS
+    paths = []
+    for seed, ce in ((0, 0.030), (1, 0.034), (2, 0.038)):
+        rows = [dict(type="e2e", sparsity_coeff=0.0, l0=32.0, ce_increase=ce, alive=1000 + seed, kl=0.05,
+                     explained_variance=0.7, activation="topk", k=32, train_seconds=600.0, sae_tokens=1048576,
+                     lr=0.003, sae_init="orthogonal", normalize_activations="none", seed=seed),
+                dict(type="local", sparsity_coeff=0.0, l0=32.0, ce_increase=0.02, alive=700, kl=0.04,
+                     explained_variance=0.96, activation="topk", k=32, train_seconds=300.0, sae_tokens=1048576,
+                     lr=0.003, sae_init="orthogonal", normalize_activations="none", seed=seed)]
+        paths.append(str(tmp_path / f"seed{seed}.csv"))
+        reproduce.write_csv(paths[-1], rows, columns)
+    reproduce.main([f"--combine={paths!r}", f"--results_dir={tmp_path}", "--name=recipe"])
+    with open(tmp_path / "recipe.csv") as f:
+        table = f.read().splitlines()
+    assert table[0].split(",") == reproduce.RECIPE_COLUMNS and len(table) == 7
+    assert "e2e,topk,32" in table[1] and table[1].endswith(",10.0,seed0.csv")  # 600 s: 10 minutes
+    printed = capsys.readouterr().out
+    assert "0.0340 ± 0.0040" in printed  # e2e's mean over three seeds and half their range
+    assert (tmp_path / "recipe.png").read_bytes()[:4] == b"\x89PNG"
