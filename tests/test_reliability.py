@@ -541,7 +541,7 @@ def short_text(tmp_path, chars):
 
 
 def heldout(dataset, rank, world_size):
-    c = SimpleNamespace(dataset=dataset, n_ctx=32, eval_n_samples=8, batch_size=4)
+    c = SimpleNamespace(dataset=dataset, n_ctx=32, eval_n_samples=8, batch_size=4, tokenizer="gpt2")
     lines = []
     batches = train.load_heldout(c, rank, world_size, lines.append)
     return sum(len(b) for b in batches), lines[0]

@@ -56,7 +56,8 @@ def test_a_short_run_trains_and_logs_to_wandb(gpt_dir, text_dir, tmp_path):
     loss = [float(re.search(r"loss ([\d.]+)", s).group(1)) for s in steps]
     l0 = [float(re.search(r"l0 ([\d.]+)", s).group(1)) for s in steps]
     assert len(steps) == 12 and loss[-1] < loss[0] and l0[-1] < l0[0]
-    line = r"^step 24 \| loss [\d.]+ \| kl [\d.]+ \| l0 [\d.]+ \| lr 1\.0e-03 \| norm [\d.]+ \| \d+ ms \| [\d,]+ tok/s$"
+    line = (r"^step 24 \| loss [\d.]+ \| kl [\d.]+ \| l0 [\d.]+ \| reached \d+% \| lr 1\.0e-03 \| norm [\d.]+ \| "
+            r"\d+ ms \| [\d,]+ tok/s$")
     assert re.search(line, steps[-1], re.M), steps[-1]
     assert out.stdout.count("eval | ce_orig") == 2
     for row in ("CE loss increase", "KL(original || spliced)", "L0 at blocks.1.hook_resid_pre",

@@ -118,7 +118,7 @@ def test_a_pretrained_sae_retrained_starts_from_its_weights(gpt_dir, text_dir, t
     tuned = load_file(str(tmp_path / "tuned" / "saes.safetensors"))
     fresh = load_file(str(tmp_path / "first" / "saes.safetensors"))
     for k, v in first.items():
-        assert not torch.equal(tuned[k], v) or k.endswith("bias"), k  # it trained...
+        assert not torch.equal(tuned[k], v) or k.endswith(("bias", "input_scale")), k  # it trained...
         torch.testing.assert_close(tuned[k], v, rtol=0, atol=1e-4)  # ...from the pretrained weights
     assert fresh.keys() == tuned.keys()
 
