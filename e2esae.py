@@ -36,7 +36,10 @@ elements alone (Gao et al. 2024), and kl_rescale, the KL scaled to the size of t
 
 "Spliced" means the SAE's output replaces the residual stream and the rest of the network runs on it. With
 several SAEs and any end-to-end term they are chained: a later SAE reads the stream the earlier ones changed.
-Purely local training feeds every SAE the clean stream and never runs the blocks after the last SAE.
+Purely local training feeds every SAE the clean stream and never runs the blocks after the last SAE. Where a
+model's samples start with BOS (Llama, Gemma), whose residual norm is far above every other position's, the SAEs
+leave those positions to the model (SAETransformer.bos_token_id): they read and replace the others only, and every
+term and metric is an average over those.
 
 Usage:
     gpt = load_model("gpt2")                                     # language_models.py
