@@ -363,7 +363,8 @@ def aux_k_loss(sae, x, x_hat, dead):
         return x_hat.new_zeros((), dtype=torch.float32)
     pre = F.linear(x * sae.input_scale, sae.encoder.weight[dead_ids], sae.encoder.bias[dead_ids])  # (..., n_dead)
     codes = sae_kernels.topk_relu(pre, min(k_aux, len(dead_ids)))
-    e_hat = F.linear(codes, sae.dict_elements[:, dead_ids]) / sae.input_scale  # (..., d_in), unscaled
+    columns = sae.decoder.weight[:, dead_ids]  # (d_in, n_dead): the dead elements' alone, never the whole dictionary
+    e_hat = F.linear(codes, columns / columns.norm(dim=0, keepdim=True)) / sae.input_scale  # (..., d_in), unscaled
     return min(len(dead_ids) / k_aux, 1.0) * F.mse_loss(e_hat.float(), (x - x_hat).detach().float())
 
 
@@ -712,9 +713,10 @@ def compute_loss(model, idx, loss, *, full_metrics=True, feature_counts=None, de
                 mse = mse + value if rescaled else mse
                 metrics[f"{name}/{p}"] = value.detach()
         with torch.no_grad():
-            active = code > 0
-            metrics[f"l0/{p}"] = active.sum(-1).float().mean()
-            metrics[f"frac_zeros/{p}"] = 1 - active.float().mean()
+            active = code > 0  # a count of it, never a sum: summing bools converts every (token, element) to int64
+            fired = torch.count_nonzero(active).float()
+            metrics[f"l0/{p}"] = fired / (active.numel() // active.shape[-1])
+            metrics[f"frac_zeros/{p}"] = 1 - fired / active.numel()
             if full_metrics:
                 metrics.update({f"{k}/{p}": v for k, v in reconstruction_metrics("", x_hat, x).items()})
             if feature_counts is not None:
@@ -764,9 +766,10 @@ class FeatureCounts:
 
     def update(self, position, active):
         """active: boolean (..., n_dict), whether each element fired on each token."""
-        active = active.flatten(0, -2)  # (tokens, n_dict)
-        self.counts[position] += active.sum(0)
-        self.n_tokens[position] += active.shape[0]
+        n_dict = active.shape[-1]
+        fired = active.reshape(-1).nonzero().squeeze(1) % n_dict  # the element of each firing: the code is sparse
+        self.counts[position] += torch.bincount(fired, minlength=n_dict)
+        self.n_tokens[position] += active.numel() // n_dict
 
     def alive(self):
         return {p: int((n > 0).sum()) for p, n in self.counts.items()}
