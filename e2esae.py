@@ -392,19 +392,20 @@ def output_metrics(h_orig, h_new, idx, head, keep=None, chunk_rows=None):
     top1_consistency, stat_distance = 0.5 sum_v |p_orig - p_new|, each over the positions in `keep` (B, T) (all by
     default); the logits at t predict token t + 1. Computed chunk by chunk of positions, so no (tokens x vocab)
     logits are held, as in training's fused KL. Over a merged head's rows (log n_r in its logits) a token's
-    log-probability is its row's minus log n_r; the KL and the statistical distance are the rows'."""
+    log-probability is its row's minus log n_r; the KL and the statistical distance are the rows'. Each chunk's
+    (C, U) logits are passed over as few times as the figures allow (on a CPU every pass is most of the cost)."""
     targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -1)], 1)  # (B, T): -1 where nothing follows
     at = torch.ones_like(idx, dtype=torch.bool) if keep is None else keep
     h_orig, h_new, targets = h_orig[at], h_new[at], targets[at]  # (N, d), (N, d), (N,)
-    chunk_rows = chunk_rows or max(16, sae_kernels.kl.CPU_LOGITS_PER_CHUNK // len(head.row_token))
+    per_chunk = sae_kernels.kl.LOGITS_PER_CHUNK if idx.is_cuda else sae_kernels.kl.CPU_LOGITS_PER_CHUNK
+    chunk_rows = chunk_rows or max(16, per_chunk // len(head.row_token))
+    merged = bool(head.log_count.any())  # rows shared by several tokens: the argmax must take log n_r off
     sums = dict.fromkeys(("kl", "ce_orig", "ce_sae", "top1_acc_orig", "top1_acc_sae", "top1_consistency",
                           "stat_distance"), 0.0)
     for start in range(0, len(targets), chunk_rows):
         chunk = slice(start, start + chunk_rows)
         log_p = [F.log_softmax(head(h[chunk]).float(), -1) for h in (h_orig, h_new)]  # 2 x (C, U)
-        sums["kl"] += (log_p[0].exp() * (log_p[0] - log_p[1])).sum()
-        sums["stat_distance"] += 0.5 * (log_p[0].exp() - log_p[1].exp()).abs().sum()
-        top = [head.row_token[(lp - head.log_count).argmax(-1)] for lp in log_p]  # the most likely tokens
+        top = [head.row_token[(lp - head.log_count if merged else lp).argmax(-1)] for lp in log_p]  # most likely
         sums["top1_consistency"] += (top[0] == top[1]).sum()
         target = targets[chunk]
         has, rows = target >= 0, head.token_row[target.clamp(min=0)]
@@ -412,6 +413,9 @@ def output_metrics(h_orig, h_new, idx, head, keep=None, chunk_rows=None):
             token_log_p = lp.gather(1, rows[:, None]).squeeze(1) - head.log_count[rows]  # log p(target)
             sums[f"ce_{name}"] -= token_log_p[has].sum()
             sums[f"top1_acc_{name}"] += (t == target)[has].sum()
+        p_orig = log_p[0].exp()
+        sums["kl"] += torch.dot(p_orig.view(-1), (log_p[0] - log_p[1]).view(-1))  # sum p_orig (log p_orig - log p_new)
+        sums["stat_distance"] += 0.5 * log_p[1].exp_().sub_(p_orig).abs_().sum()  # in place: log_p is done with
     n, n_predicted = max(len(targets), 1), max(int((targets >= 0).sum()), 1)
     figures = {k: torch.as_tensor(v, dtype=torch.float32, device=idx.device)
                / (n_predicted if k.startswith(("ce", "top1_acc")) else n) for k, v in sums.items()}
