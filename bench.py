@@ -860,12 +860,12 @@ def peer_run(args):
         else:
             os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
             from sparsify import SparseCoderConfig, TrainConfig, Trainer
-            from transformers import GPT2LMHeadModel
+            from transformers import GPT2Model  # sparsify's CLI loads AutoModel, no LM head, for loss_fn='fvu'
             cfg = TrainConfig(SparseCoderConfig(num_latents=n_dict, k=k), batch_size=batch,
                               layers=[PEER_SAE["layer"] - 1], loss_fn="fvu", optimizer="adam", log_to_wandb=False,
                               save_dir=f"{work}/sparsify-out")
             dataset = datasets.Dataset.from_dict({"input_ids": samples}).with_format("torch")
-            Trainer(cfg, dataset, GPT2LMHeadModel.from_pretrained(args.model_dir)).fit()
+            Trainer(cfg, dataset, GPT2Model.from_pretrained(args.model_dir)).fit()
     result.update(run_s=time.perf_counter() - t0, steps_end=[t - t0 for t in steps_end],
                   peak_bytes=max(proc_status("VmHWM:"), result.get("train_peak_bytes", 0)))
     with open(args.out, "w") as f:
