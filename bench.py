@@ -24,6 +24,7 @@ No `datasets` or `wandb` needed; GPT-2 runs on random weights (speed does not de
 needs `datasets` and pyarrow, and tokenises the embedded corpus into a temporary cache (yours is not touched).
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -480,6 +481,7 @@ PEER_B = dict(batch=8, seq=128)  # one e2e step: 8 x 128 tokens
 PEER_C = dict(batch=16, seq=128, steps=64, eval_samples=160)  # the run: 64 steps of 16 x 128 tokens
 # eval: e2esae.evaluate on one batch of 16 x 128 tokens against training steps on it, on two models
 EVAL_MODELS = {"4 x 128 (the embedded default's shape)": (4, 128, 4), "6 x 384": (6, 384, 6)}
+EVAL_STEPS = ("local training step", "e2e (KL) training step", "evaluate, a local run's", "evaluate, an e2e run's")
 
 
 def versions_of(*dists):
@@ -493,13 +495,15 @@ def versions_of(*dists):
     return found
 
 
-def adam_trainer(torch, params, loss_fn, before_step=None, after_step=None):
-    """step(): loss_fn().backward(), before_step, torch.optim.Adam's step (lr 1e-9: nothing drifts), zero_grad,
-    after_step."""
+def adam_trainer(torch, params, loss_fn, before_step=None, after_step=None, autocast=None):
+    """step(): loss_fn().backward() (the loss under `autocast`, a function returning the context, where given),
+    before_step, torch.optim.Adam's step (lr 1e-9: nothing drifts), zero_grad, after_step."""
     optimizer = torch.optim.Adam(params, lr=1e-9)
 
     def step():
-        loss_fn().backward()
+        with autocast() if autocast else contextlib.nullcontext():
+            loss = loss_fn()
+        loss.backward()
         if before_step:
             before_step()
         optimizer.step()
@@ -509,12 +513,12 @@ def adam_trainer(torch, params, loss_fn, before_step=None, after_step=None):
     return step
 
 
-def train_py_step(torch, model, idx, loss_config, max_grad_norm=10.0, dead_window_tokens=131_072):
+def train_py_step(torch, model, idx, loss_config, max_grad_norm=10.0, dead_window_tokens=131_072, autocast=None):
     """step(): what train.py's loop does in one step of a local TopK run with one micro-step, in the same order
     (read it there): compute_loss with the firing counts and dead masks (the auxiliary-k loss is on by default for
     topk with out_to_in), backward, the step's figures, gradient clipping, the finiteness check, the share of the
     dictionary the gradient reached, Adam, the projection, the dead-element update. Logging every 16 steps and
-    checkpoints are left out."""
+    checkpoints are left out. autocast: a function returning the context (train.py's bf16 on a GPU)."""
     from e2esae import DeadElements, FeatureCounts, compute_loss
     params = [p for p in model.saes.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-9)
@@ -522,7 +526,9 @@ def train_py_step(torch, model, idx, loss_config, max_grad_norm=10.0, dead_windo
 
     def step():
         fired, masks = FeatureCounts(model), dead.masks()
-        loss, metrics = compute_loss(model, idx, loss_config, full_metrics=False, feature_counts=fired, dead=masks)
+        with autocast() if autocast else contextlib.nullcontext():
+            loss, metrics = compute_loss(model, idx, loss_config, full_metrics=False, feature_counts=fired,
+                                         dead=masks)
         loss.backward()
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v.float()
@@ -542,44 +548,53 @@ def train_py_step(torch, model, idx, loss_config, max_grad_norm=10.0, dead_windo
     return step
 
 
-def peer_steps_a(torch, shape):
+def peer_steps_a(torch, shape, device="cpu"):
     """Work A. {name: step()} of one training step per implementation, each with its own weights and Adam, on one
-    shared batch x; and {name: why} for those skipped."""
+    shared batch x; and {name: why} for those skipped. On a GPU (gpu_check.py) every loss runs under bf16 autocast,
+    as train.py runs it there (sparsify's forward casts itself), the SAEs' weights in fp32; sparsify's decoder is its
+    Triton kernel there, embedding_bag on a CPU."""
     import torch.nn.functional as F
 
     import sae_kernels
     from e2esae import SAE, LossConfig, SAETransformer
     from model import GPT, GPTConfig
     N, d, n, k = shape["tokens"], shape["d_in"], shape["n_dict"], shape["k"]
-    x = torch.randn(N, d, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(N, d, generator=torch.Generator().manual_seed(0)).to(device)
     steps, skipped = {}, {}
+    cuda = device == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else None
+    path = "Triton path" if cuda else "sparse path"
 
     def own(fused=True, column_major=False):
         torch.manual_seed(1)
-        sae = SAE(d, n, activation="topk", k=k)
+        sae = SAE(d, n, activation="topk", k=k).to(device)
         if column_major:  # the same values, stored so that W_dec.t() is contiguous
             sae.decoder.weight = torch.nn.Parameter(sae.decoder.weight.detach().t().contiguous().t())
         if not fused:
             sae.activation.fused = None  # the module path: topk, a dense scatter, a dense decoder matmul
         return sae
 
-    for name, sae in (("e2esae SAE(topk), sparse path (sae_forward)", own()),
-                      ("e2esae SAE(topk), sparse path, W_dec stored column-major", own(column_major=True)),
+    for name, sae in ((f"e2esae SAE(topk), {path} (sae_forward)", own()),
+                      (f"e2esae SAE(topk), {path}, W_dec stored column-major", own(column_major=True)),
                       ("e2esae SAE(topk), dense module path (the reference)", own(fused=False))):
-        steps[name] = adam_trainer(torch, sae.parameters(), lambda s=sae: F.mse_loss(s(x)[0], x))
+        steps[name] = adam_trainer(torch, sae.parameters(), lambda s=sae: F.mse_loss(s(x)[0].float(), x),
+                                   autocast=autocast)
     sae = own()
     code_only = lambda: F.mse_loss(sae_kernels.sae_forward_sparse(x, sae.encoder.weight, sae.encoder.bias,
-                                                                  sae.decoder.weight, sae.decoder.bias, k=k)[0], x)
-    steps["e2esae sae_forward_sparse (no dense c)"] = adam_trainer(torch, sae.parameters(), code_only)
+                                                                  sae.decoder.weight, sae.decoder.bias,
+                                                                  k=k)[0].float(), x)
+    steps["e2esae sae_forward_sparse (PyTorch, no dense c)"] = adam_trainer(torch, sae.parameters(), code_only,
+                                                                            autocast=autocast)
     # The same SAE as train.py runs it: the stream at blocks.0.hook_resid_pre of a one-block model of width d_in
     # (the embedding alone runs before it) on 16 x 128 tokens, the loss train.py resolves for --activation=topk
     # --k=32 --kl_coeff=0 --out_to_in_coeff=1 (sparsity 0, aux_k 1/32)
     gpt = GPT(GPTConfig(block_size=128, vocab_size=50257, n_layer=1, n_head=12, n_embd=d))
     torch.manual_seed(1)
-    model = SAETransformer(gpt, ["blocks.0.hook_resid_pre"], n / d, activation="topk", k=k).train()
-    idx = torch.randint(0, 50257, (N // 128, 128), generator=torch.Generator().manual_seed(0))
+    model = SAETransformer(gpt, ["blocks.0.hook_resid_pre"], n / d, activation="topk", k=k).to(device).train()
+    seq = min(N, 128)
+    idx = torch.randint(0, 50257, (N // seq, seq), generator=torch.Generator().manual_seed(0)).to(device)
     steps["e2esae, as train.py's step (compute_loss, aux-k, counts, clipping, ...)"] = train_py_step(
-        torch, model, idx, LossConfig(out_to_in_coeff=1.0, aux_k_coeff=1 / 32))
+        torch, model, idx, LossConfig(out_to_in_coeff=1.0, aux_k_coeff=1 / 32), autocast=autocast)
 
     try:
         from sae_lens.saes.sae import TrainStepInput
@@ -594,13 +609,14 @@ def peer_steps_a(torch, shape):
         for label, sparse, rescale in (("dense", False, True), ("use_sparse_activations, rescale off", True, False)):
             torch.manual_seed(1)
             cfg = TopKTrainingSAEConfig(d_in=d, d_sae=n, k=k, use_sparse_activations=sparse,
-                                        rescale_acts_by_decoder_norm=rescale, dtype="float32", device="cpu")
-            lens = TopKTrainingSAE(cfg)
+                                        rescale_acts_by_decoder_norm=rescale, dtype="float32", device=device)
+            lens = TopKTrainingSAE(cfg).to(device)
             batch = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0,
                                    is_logging_step=False)
             steps[f"SAELens TopKTrainingSAE ({label})"] = adam_trainer(
-                torch, lens.parameters(), lambda s=lens, b=batch: s.training_forward_pass(b).loss)
-    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder needs a GPU: embedding_bag instead
+                torch, lens.parameters(), lambda s=lens, b=batch: s.training_forward_pass(b).loss, autocast=autocast)
+    if not cuda:
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder needs a GPU: embedding_bag here
     try:
         from sparsify import SparseCoder, SparseCoderConfig
     except ImportError as e:
@@ -608,21 +624,22 @@ def peer_steps_a(torch, shape):
     else:
         # sparsify's trainer (fvu loss): backward, drop the gradient along each decoder row, step, renormalise rows
         torch.manual_seed(1)
-        coder = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k))
-        steps["sparsify SparseCoder (eager embedding_bag decoder)"] = adam_trainer(
+        coder = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device)
+        decoder = "Triton decoder" if cuda and "SPARSIFY_DISABLE_TRITON" not in os.environ else "eager embedding_bag"
+        steps[f"sparsify SparseCoder ({decoder} decoder)"] = adam_trainer(
             torch, coder.parameters(), lambda: coder(x).fvu, coder.remove_gradient_parallel_to_decoder_directions,
             coder.set_decoder_norm_to_unit_norm)
     return steps, skipped
 
 
-def save_peer_model(path):
-    """PEER_MODEL as a Hugging Face GPT-2 directory (config.json + model.safetensors, random weights, seed 0): what
-    model.py, transformers (sparsify) and TransformerLens (SAELens) all load, so that every tool runs the same
-    weights."""
+def save_peer_model(path, config=None):
+    """PEER_MODEL (or `config`) as a Hugging Face GPT-2 directory (config.json + model.safetensors, random weights,
+    seed 0): what model.py, transformers (sparsify) and TransformerLens (SAELens) all load, so that every tool runs
+    the same weights."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(**PEER_MODEL)).save_pretrained(path)
+    GPT2LMHeadModel(GPT2Config(**(config or PEER_MODEL))).save_pretrained(path)
     return path
 
 
@@ -640,12 +657,14 @@ def sparsify_kl_step(torch, hf_model, idx, n_dict, k):
     layer = PEER_SAE["layer"] - 1  # the output of block layer - 1 is the stream entering block `layer`
     module = hf_model.transformer.h[layer]
     torch.manual_seed(1)
-    coder = SparseCoder(hf_model.config.n_embd, SparseCoderConfig(num_latents=n_dict, k=k), dtype=torch.float32)
+    device = idx.device
+    coder = SparseCoder(hf_model.config.n_embd, SparseCoderConfig(num_latents=n_dict, k=k), device,
+                        dtype=torch.float32)
     optimizer = torch.optim.Adam(coder.parameters(), lr=1e-9)
     scheduler = get_linear_schedule_with_warmup(optimizer, 1000, 10_000)
-    since_fired = torch.zeros(n_dict, dtype=torch.long)
-    did_fire = torch.zeros(n_dict, dtype=torch.bool)
-    exclude = torch.tensor([], dtype=torch.long)
+    since_fired = torch.zeros(n_dict, dtype=torch.long, device=device)
+    did_fire = torch.zeros(n_dict, dtype=torch.bool, device=device)
+    exclude = torch.tensor([], dtype=torch.long, device=device)
     state = {}
 
     def hook(module, inputs, outputs):
@@ -688,30 +707,36 @@ def sparsify_kl_step(torch, hf_model, idx, n_dict, k):
     return step
 
 
-def peer_steps_b(torch, model_dir):
+def peer_steps_b(torch, model_dir, device="cpu", batch=None):
     """Work B. {name: step()} of one e2e KL training step, this project's and sparsify's, on the same model weights
-    and tokens; {name: why} for those skipped."""
+    and tokens (batch: PEER_B unless given); {name: why} for those skipped. On a GPU (gpu_check.py) each runs as
+    its own training does: ours under bf16 autocast (the model's weights in fp32), sparsify's model loaded in bf16
+    as its CLI loads it there."""
     from e2esae import LossConfig, SAETransformer, compute_loss
     from model import GPT
-    position, k = f"blocks.{PEER_SAE['layer']}.hook_resid_pre", PEER_SAE["k"]
-    n_dict = PEER_MODEL["n_embd"] * PEER_SAE["ratio"]
-    idx = torch.randint(0, PEER_MODEL["vocab_size"], (PEER_B["batch"], PEER_B["seq"]),
-                        generator=torch.Generator().manual_seed(0))
+    position, k, batch = f"blocks.{PEER_SAE['layer']}.hook_resid_pre", PEER_SAE["k"], batch or PEER_B
     steps, skipped = {}, {}
+    cuda = device == "cuda"
     torch.manual_seed(1)
     model = SAETransformer(GPT.from_pretrained(model_dir), [position], PEER_SAE["ratio"], activation="topk", k=k)
-    model.train()
+    model.to(device).train()
+    n_dict = model.sae(position).n_dict
+    idx = torch.randint(0, model.gpt.config.vocab_size, (batch["batch"], batch["seq"]),
+                        generator=torch.Generator().manual_seed(0)).to(device)
     loss_config = LossConfig(kl_coeff=1.0)
     steps["e2esae compute_loss (kl_coeff 1, fused chunked KL), backward, Adam"] = adam_trainer(
-        torch, model.saes.parameters(), lambda: compute_loss(model, idx, loss_config, full_metrics=False)[0])
-    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+        torch, model.saes.parameters(), lambda: compute_loss(model, idx, loss_config, full_metrics=False)[0],
+        autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else None)
+    if not cuda:
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     try:
         import sparsify  # noqa: F401
         from transformers import GPT2LMHeadModel
     except ImportError as e:
         skipped["sparsify"] = f"not installed ({e}): pip install eai-sparsify"
     else:
-        hf_model = GPT2LMHeadModel.from_pretrained(model_dir).eval().requires_grad_(False)  # fit freezes it too
+        hf_model = GPT2LMHeadModel.from_pretrained(model_dir).to(device, torch.bfloat16 if cuda else torch.float32)
+        hf_model = hf_model.eval().requires_grad_(False)  # fit freezes it too
         steps["sparsify Trainer.fit's step, loss_fn='kl' (whole logits), Adam"] = sparsify_kl_step(
             torch, hf_model, idx, n_dict, k)
     return steps, skipped
@@ -735,6 +760,29 @@ def eval_steps(torch, layers, width, heads):
     return {"local training step": train(local), "e2e (KL) training step": train(e2e),
             "evaluate, a local run's": lambda: evaluate(model, [idx], local),
             "evaluate, an e2e run's": lambda: evaluate(model, [idx], e2e)}
+
+
+def fresh_peak(layers, width, heads, name, threads=None):
+    """In a process of its own (spawned): the bytes by which two calls of eval_steps(...)[name] raise its peak
+    resident memory above its resident memory once the model is built: what that step needs, with no memory the
+    allocator kept from another step."""
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    set_backend("torch")
+    step = eval_steps(torch, layers, width, heads)[name]
+    return peak_rss_of(lambda: (step(), step()))
+
+
+def fresh_peaks(names, layers, width, heads, threads=None):
+    """{name: fresh_peak(...)}, one spawned process each, one after the other."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    peaks = {}
+    for name in names:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            peaks[name] = pool.submit(fresh_peak, layers, width, heads, name, threads).result()
+    return peaks
 
 
 def peak_rss_of(fn):
@@ -772,13 +820,14 @@ def in_rounds(steps, repeats):
     return times
 
 
-def step_rows(steps, times):
-    """One row per implementation: min and median ms, every time, and the peak memory of one more step."""
+def step_rows(steps, times, peaks=None):
+    """One row per implementation: min and median ms, every time, and the peak memory of one more step (or
+    `peaks`' figure)."""
     return [dict(implementation=n, min_ms=min(times[n]), median_ms=statistics.median(times[n]),
-                 peak_bytes=peak_rss_of(steps[n]), times_ms=times[n]) for n in steps]
+                 peak_bytes=peaks[n] if peaks else peak_rss_of(steps[n]), times_ms=times[n]) for n in steps]
 
 
-def print_step_table(title, rows, env, baselines=None):
+def print_step_table(title, rows, env, baselines=None, peak_label="peak MB above the step's start"):
     """A markdown table of step rows, each median also as a ratio: to each of `baselines` (names of rows), or by
     default to the fastest row not of this project (the fastest peer)."""
     if baselines:
@@ -789,7 +838,7 @@ def print_step_table(title, rows, env, baselines=None):
     print(f"\n{title}; {len(rows[0]['times_ms'])} rounds, CPU ({env['cores']} cores, {env['threads']} threads); "
           f"load average before {fmt_load(env['load_before'])}, after {fmt_load(env['load_after'])}\n")
     print("| implementation | min ms | median ms | " + " | ".join(f"median / {b}" for b, _ in bases)
-          + " | peak MB above the step's start |")
+          + f" | {peak_label} |")
     print("|---|---:|---:|" + "---:|" * len(bases) + "---:|")
     for r in rows:
         peak = f"{r['peak_bytes'] / 2**20:,.0f}" if r["peak_bytes"] is not None else "-"
@@ -1004,13 +1053,15 @@ def main_peers(args):
             with open(args.out, "w") as f:
                 json.dump(dict(env=env, results=results), f, indent=1)
 
-    def run_steps(title, steps, skipped, baselines=None):
+    def run_steps(title, steps, skipped, baselines=None, peaks=None):
         for name, why in skipped.items():
             print(f"skipped {name}: {why}")
         load_before = os.getloadavg()
-        rows = step_rows(steps, in_rounds(steps, repeats))
+        times = in_rounds(steps, repeats)
+        rows = step_rows(steps, times, peaks() if peaks else None)
         work_env = dict(env, load_before=load_before, load_after=os.getloadavg())
-        print_step_table(title, rows, work_env, baselines)
+        print_step_table(title, rows, work_env, baselines, "peak MB above the model's (a process each)" if peaks
+                         else "peak MB above the step's start")
         return dict(load_before=load_before, load_after=work_env["load_after"], skipped=skipped, rows=rows)
 
     with tempfile.TemporaryDirectory(prefix="e2esae-peers-") as tmp:
@@ -1046,7 +1097,8 @@ def main_peers(args):
                     f"Evaluation against training, GPT-2 {label} (vocabulary 50,257, random weights), TopK SAE "
                     f"(k = 32, {16 * width:,} latents) at blocks.{layers // 2}.hook_resid_pre, one batch of "
                     f"{PEER_C['batch']} x {PEER_C['seq']} tokens, fp32", eval_steps(torch, layers, width, heads), {},
-                    baselines=["local training step", "e2e (KL) training step"])
+                    baselines=["local training step", "e2e (KL) training step"],
+                    peaks=lambda n=layers, w=width, h=heads: fresh_peaks(EVAL_STEPS, n, w, h, args.threads))
                 save()
         if "C" in works and model_dir:
             print(f"\nwork C: whole local runs, {args.runs} of each tool, {args.steps} steps of "
