@@ -366,7 +366,8 @@ def aux_k_loss(sae, x, x_hat, dead):
         return x_hat.new_zeros((), dtype=torch.float32)
     pre = F.linear(x * sae.input_scale, sae.encoder.weight[dead_ids], sae.encoder.bias[dead_ids])  # (..., n_dead)
     codes = sae_kernels.topk_relu(pre, min(k_aux, len(dead_ids)))
-    e_hat = F.linear(codes, sae.dict_elements[:, dead_ids]) / sae.input_scale  # (..., d_in), unscaled
+    columns = sae.decoder.weight[:, dead_ids]  # (d_in, n_dead): the dead elements' alone, never the whole dictionary
+    e_hat = F.linear(codes, columns / columns.norm(dim=0, keepdim=True)) / sae.input_scale  # (..., d_in), unscaled
     return min(len(dead_ids) / k_aux, 1.0) * F.mse_loss(e_hat.float(), (x - x_hat).detach().float())
 
 
@@ -394,19 +395,20 @@ def output_metrics(h_orig, h_new, idx, head, keep=None, chunk_rows=None):
     top1_consistency, stat_distance = 0.5 sum_v |p_orig - p_new|, each over the positions in `keep` (B, T) (all by
     default); the logits at t predict token t + 1. Computed chunk by chunk of positions, so no (tokens x vocab)
     logits are held, as in training's fused KL. Over a merged head's rows (log n_r in its logits) a token's
-    log-probability is its row's minus log n_r; the KL and the statistical distance are the rows'."""
+    log-probability is its row's minus log n_r; the KL and the statistical distance are the rows'. Each chunk's
+    (C, U) logits are passed over as few times as the figures allow (on a CPU every pass is most of the cost)."""
     targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -1)], 1)  # (B, T): -1 where nothing follows
     at = torch.ones_like(idx, dtype=torch.bool) if keep is None else keep
     h_orig, h_new, targets = h_orig[at], h_new[at], targets[at]  # (N, d), (N, d), (N,)
-    chunk_rows = chunk_rows or max(16, sae_kernels.kl.CPU_LOGITS_PER_CHUNK // len(head.row_token))
+    per_chunk = sae_kernels.kl.LOGITS_PER_CHUNK if idx.is_cuda else sae_kernels.kl.CPU_LOGITS_PER_CHUNK
+    chunk_rows = chunk_rows or max(16, per_chunk // len(head.row_token))
+    merged = bool(head.log_count.any())  # rows shared by several tokens: the argmax must take log n_r off
     sums = dict.fromkeys(("kl", "ce_orig", "ce_sae", "top1_acc_orig", "top1_acc_sae", "top1_consistency",
                           "stat_distance"), 0.0)
     for start in range(0, len(targets), chunk_rows):
         chunk = slice(start, start + chunk_rows)
         log_p = [F.log_softmax(head(h[chunk]).float(), -1) for h in (h_orig, h_new)]  # 2 x (C, U)
-        sums["kl"] += (log_p[0].exp() * (log_p[0] - log_p[1])).sum()
-        sums["stat_distance"] += 0.5 * (log_p[0].exp() - log_p[1].exp()).abs().sum()
-        top = [head.row_token[(lp - head.log_count).argmax(-1)] for lp in log_p]  # the most likely tokens
+        top = [head.row_token[(lp - head.log_count if merged else lp).argmax(-1)] for lp in log_p]  # most likely
         sums["top1_consistency"] += (top[0] == top[1]).sum()
         target = targets[chunk]
         has, rows = target >= 0, head.token_row[target.clamp(min=0)]
@@ -414,6 +416,9 @@ def output_metrics(h_orig, h_new, idx, head, keep=None, chunk_rows=None):
             token_log_p = lp.gather(1, rows[:, None]).squeeze(1) - head.log_count[rows]  # log p(target)
             sums[f"ce_{name}"] -= token_log_p[has].sum()
             sums[f"top1_acc_{name}"] += (t == target)[has].sum()
+        p_orig = log_p[0].exp()
+        sums["kl"] += torch.dot(p_orig.view(-1), (log_p[0] - log_p[1]).view(-1))  # sum p_orig (log p_orig - log p_new)
+        sums["stat_distance"] += 0.5 * log_p[1].exp_().sub_(p_orig).abs_().sum()  # in place: log_p is done with
     n, n_predicted = max(len(targets), 1), max(int((targets >= 0).sum()), 1)
     figures = {k: torch.as_tensor(v, dtype=torch.float32, device=idx.device)
                / (n_predicted if k.startswith(("ce", "top1_acc")) else n) for k, v in sums.items()}
@@ -719,9 +724,10 @@ def compute_loss(model, idx, loss, *, full_metrics=True, feature_counts=None, de
                 mse = mse + value if rescaled else mse
                 metrics[f"{name}/{p}"] = value.detach()
         with torch.no_grad():
-            active = code > 0
-            metrics[f"l0/{p}"] = active.sum(-1).float().mean()
-            metrics[f"frac_zeros/{p}"] = 1 - active.float().mean()
+            active = code > 0  # a count of it, never a sum: summing bools converts every (token, element) to int64
+            fired = torch.count_nonzero(active).float()
+            metrics[f"l0/{p}"] = fired / (active.numel() // active.shape[-1])
+            metrics[f"frac_zeros/{p}"] = 1 - fired / active.numel()
             if full_metrics:
                 metrics.update({f"{k}/{p}": v for k, v in reconstruction_metrics("", x_hat, x).items()})
             if feature_counts is not None:
@@ -771,9 +777,10 @@ class FeatureCounts:
 
     def update(self, position, active):
         """active: boolean (..., n_dict), whether each element fired on each token."""
-        active = active.flatten(0, -2)  # (tokens, n_dict)
-        self.counts[position] += active.sum(0)
-        self.n_tokens[position] += active.shape[0]
+        n_dict = active.shape[-1]
+        fired = active.reshape(-1).nonzero().squeeze(1) % n_dict  # the element of each firing: the code is sparse
+        self.counts[position] += torch.bincount(fired, minlength=n_dict)
+        self.n_tokens[position] += active.numel() // n_dict
 
     def alive(self):
         return {p: int((n > 0).sum()) for p, n in self.counts.items()}

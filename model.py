@@ -150,10 +150,11 @@ class Unembedding(nn.Module):
 
     def forward(self, h, rows=None):
         """The U row logits of the normed stream h; `rows` replaces the stored ones (training)."""
-        logits = F.linear(h, self.weight if rows is None else rows)
-        if self.softcap is not None:
-            logits = self.softcap * torch.tanh(logits / self.softcap)
-        return logits + self.bias.to(logits.dtype)
+        weight = self.weight if rows is None else rows
+        if self.softcap is None:  # the bias added by the matmul itself: one pass over the (..., U) logits fewer
+            return F.linear(h, weight, self.bias.to(h.dtype))
+        logits = F.linear(h, weight)
+        return self.softcap * torch.tanh(logits / self.softcap) + self.bias.to(logits.dtype)
 
     def cross_entropy(self, logits, targets):
         """Mean cross-entropy over tokens of row logits (N, U) against token ids (N,): the row's, plus log n_row."""
