@@ -56,9 +56,9 @@ def load_model(init_from, dtype=None):
     weights in that dtype, which halves a large model's memory; GPT-2's stay float32 (a run's autocast does the
     rest)."""
     name = hub_name(init_from)
-    if is_gpt2(name):
-        model = GPT.from_pretrained(name)
-    else:
+    if not is_gpt2(name):
         from hf_model import HFModel
         model = HFModel.from_pretrained(name, dtype)
+    else:
+        model = GPT.from_pretrained(name)
     return model.requires_grad_(False).eval()
