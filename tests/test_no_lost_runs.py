@@ -187,8 +187,11 @@ def test_reproduce_continues_an_interrupted_run(tmp_path):
             "--device=cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "E2ESAE_CACHE": str(tmp_path / "cache")}
     ckpt = tmp_path / "runs" / "tiny_gpt" / "204800" / "e2e_1" / "ckpt.pt"
+    # SIGINT restored in the child: a shell without job control starts a background command (a suite run with
+    # `nohup ... &`) with SIGINT ignored, which Python would inherit and never turn into Ctrl-C
     proc = subprocess.Popen([sys.executable, "reproduce.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+                            stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:  # the run has saved once
         time.sleep(0.2)
