@@ -649,15 +649,17 @@ def recipe_cells(rows):
     cells = {}
     for r in rows:
         cells.setdefault(key(r), []).append(r)
-    print(f"\n{'type':<13} {'k':>3} {'lr':>7} {'init':<12} {'tokens':>10} {'seeds':>5} {'CE increase':>17} "
-          f"{'KL':>17} {'alive':>11} {'EV':>6}")
+    print(f"\n{'type':<13} {'k or λ':>7} {'lr':>7} {'init':<12} {'inputs':<8} {'tokens':>10} {'seeds':>5} "
+          f"{'CE increase':>17} {'KL':>17} {'alive':>11} {'EV':>6}")
     out = []
     for k, runs in sorted(cells.items(), key=lambda kv: [str(x) for x in kv[0]]):
         ce, kl, alive = (spread([r[m] for r in runs]) for m in ("ce_increase", "kl", "alive"))
         ev = spread([r["explained_variance"] for r in runs])[0]
         out.append(dict(zip(("type", "k", "sparsity_coeff", "lr", "sae_init", "normalize_activations", "sae_tokens"),
                             k), n=len(runs), ce=ce, kl=kl, alive=alive, ev=ev))
-        print(f"{k[0]:<13} {k[1] or '-':>3} {k[3]:>7g} {k[4]:<12} {k[6]:>10,} {len(runs):>5} "
+        k_or_lambda = f"{k[1]:g}" if k[1] else f"λ={k[2]:g}"  # TopK's k, else the sparsity coefficient
+        inputs = "scaled" if k[5] not in (None, "", "none") else "raw"  # normalize_activations
+        print(f"{k[0]:<13} {k_or_lambda:>7} {k[3]:>7g} {k[4]:<12} {inputs:<8} {int(k[6]):>10,} {len(runs):>5} "
               f"{ce[0]:>9.4f} ± {ce[1]:.4f} {kl[0]:>9.4f} ± {kl[1]:.4f} {alive[0]:>5.0f} ± {alive[1]:<3.0f} {ev:>6.3f}")
     return out
 
