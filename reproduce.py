@@ -701,13 +701,17 @@ def plot_recipe(cells, path):
 def combine_results(c):
     """The rows of earlier sweeps' CSVs as one table with each run's recipe (RECIPE_COLUMNS), no training; the
     cells (mean and spread over seeds) printed and plotted."""
-    rows = []
+    rows, seen = [], set()
     for path in c.combine:
         for r in read_compare([path]):
             minutes = r.get("train_seconds")
-            rows.append({**{k: r.get(k) for k in RECIPE_COLUMNS}, "sae_tokens": r.get("sae_tokens") or c.sae_tokens[0],
-                         "train_minutes": round(minutes / 60, 1) if isinstance(minutes, float) else None,
-                         "source": os.path.basename(path)})
+            row = {**{k: r.get(k) for k in RECIPE_COLUMNS}, "sae_tokens": r.get("sae_tokens") or c.sae_tokens[0],
+                   "train_minutes": round(minutes / 60, 1) if isinstance(minutes, float) else None,
+                   "source": os.path.basename(path)}
+            run = tuple(str(row[k]) for k in RECIPE_COLUMNS if k != "source")  # a finished run met by two sweeps
+            if run not in seen:
+                seen.add(run)
+                rows.append(row)
     path = os.path.join(c.results_dir, f"{c.name}.csv")
     write_csv(path, rows, RECIPE_COLUMNS)
     plot_recipe(recipe_cells(rows), os.path.join(c.results_dir, f"{c.name}.png"))

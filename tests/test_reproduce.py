@@ -78,8 +78,8 @@ def test_the_finetune_report_measures_the_cut_and_the_gap_only_where_there_is_on
 
 
 def test_the_recipe_study_combines_sweeps_into_one_table_with_spreads(tmp_path, capsys):
-    """combine=: the rows of several sweeps' CSVs (one per seed here) become one table with each run's recipe; a
-    cell's mean and spread are over its seeds; its plot is written."""
+    """combine=: the rows of several sweeps' CSVs (one per seed here) become one table with each run's recipe, a run
+    listed by two sweeps once; a cell's mean and spread are over its seeds; its plot is written."""
     columns = reproduce.SMALL_SCALE_COLUMNS
     paths = []
     for seed, ce in ((0, 0.030), (1, 0.034), (2, 0.038)):
@@ -91,6 +91,9 @@ def test_the_recipe_study_combines_sweeps_into_one_table_with_spreads(tmp_path, 
                      lr=0.003, sae_init="orthogonal", normalize_activations="none", seed=seed)]
         paths.append(str(tmp_path / f"seed{seed}.csv"))
         reproduce.write_csv(paths[-1], rows, columns)
+        if seed == 0:  # seed 0's local run, evaluated again by a later sweep that listed it: one run, counted once
+            paths.append(str(tmp_path / "again.csv"))
+            reproduce.write_csv(paths[-1], rows[1:], columns)
     reproduce.main([f"--combine={paths!r}", f"--results_dir={tmp_path}", "--name=recipe"])
     with open(tmp_path / "recipe.csv") as f:
         table = f.read().splitlines()
