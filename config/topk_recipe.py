@@ -1,7 +1,7 @@
 # Why e2e TopK loses to local at equal L0 on the 6 x 256 model, and which recipe wins: each objective at k = 16, 32,
 # 64 (local; e2e; Karvonen 2025's full e2e, KL + MSE from the start with the KL rescaled; local with the last 10%
 # fine-tuned KL + MSE), 1M tokens each, on the same 20,480 held-out tokens. RESULTS.md lists the variations run on top
-# of it (seeds, learning rates, the tied initialisation, 4M tokens) and the combined table, results/e2e_topk_recipe.csv.
+# of it (seeds, learning rates, the tied initialisation) and the combined table, results/e2e_topk_recipe.csv.
 # python reproduce.py config/topk_recipe.py  ->  results/topk_recipe.csv, .json, _pareto.png
 activation = "topk"
 sweep = "k"
