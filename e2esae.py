@@ -477,6 +477,11 @@ class SAETransformer(nn.Module):
         last = max(self.gpt.resid_index(p) for p in self.sae_positions)
         return [f"blocks.{i}.hook_resid_pre" for i in range(last + 1, self.gpt.config.n_layer)]
 
+    def positions_read(self, idx):
+        """(B, T) bool: the positions of token ids idx that the SAEs read and replace (all but bos_token_id's), or
+        None where that is every position."""
+        return None if self.bos_token_id is None else idx != self.bos_token_id
+
     def forward_raw(self, idx):
         """The original model's logits."""
         return self.gpt(idx)
@@ -563,8 +568,8 @@ class SAETransformer(nn.Module):
             try:
                 gpt = load_model(checkpoint.model)
             except (OSError, ValueError, RuntimeError) as e:
-                raise ValueError(f"the model the checkpoint was trained on, {checkpoint.model!r}, could not be loaded "
-                             f"({e}): pass the model as gpt= (eval.py: --init_from=...)") from e
+                raise ValueError(f"the model the checkpoint was trained on, {checkpoint.model!r}, could not be "
+                                 f"loaded ({e}): pass the model as gpt= (eval.py: --init_from=...)") from e
         saes = {p: SAE.from_spec(spec) for p, spec in checkpoint.saes.items()}
         model = cls(gpt, list(saes), checkpoint.dict_size_to_input_ratio, saes=saes)
         model.config, model.bos_token_id = checkpoint.config, checkpoint.bos_token_id
@@ -645,6 +650,11 @@ def training_type(kl_coeff, in_to_orig_coeff):
     return "e2e" if kl_coeff > 0 else "local"
 
 
+def at_positions(t, keep):
+    """t (B, T, ...) at the positions in keep (B, T), as a flat (N, ...); t itself where keep is None (every one)."""
+    return t if keep is None else t[keep]
+
+
 def forward_passes(model, idx, loss, downstream, need_logits, keep):
     """The clean pass, and the SAEs on it (local) or spliced into a second pass (end-to-end), sharing the prefix
     before the first SAE; the SAEs read the positions in `keep` (all where it is None). Returns a dict: h_orig and
@@ -659,9 +669,8 @@ def forward_passes(model, idx, loss, downstream, need_logits, keep):
         shared = gpt.run_blocks(gpt.embed(idx), 0, first)
         clean_stop = L if need_logits else (last if loss.local else deepest)
         h_orig, orig, _ = model.run(shared, first, clean_stop, record=record)
-    select = (lambda t: t) if keep is None else (lambda t: t[keep])
     if loss.local:
-        inputs = {p: select(orig[r]) for p, r in sae_at.items()}
+        inputs = {p: at_positions(orig[r], keep) for p, r in sae_at.items()}
         outs = {p: model.sae(p).forward_with_pre(inputs[p]) for p in sae_at}
         h_new, new = None, {}
         if need_logits or downstream:  # the spliced model, for the metrics only
@@ -670,7 +679,7 @@ def forward_passes(model, idx, loss, downstream, need_logits, keep):
     else:
         h_new, new, outs = model.run(shared, first, L if need_logits else deepest, record=record, splice=True,
                                      keep=keep)
-        inputs = {p: select(new[r]) for p, r in sae_at.items()}
+        inputs = {p: at_positions(new[r], keep) for p, r in sae_at.items()}
     return dict(h_orig=h_orig, orig=orig, h_new=h_new, new=new, outs=outs, inputs=inputs)
 
 
@@ -706,15 +715,14 @@ def compute_loss(model, idx, loss, *, full_metrics=True, feature_counts=None, de
     if loss.local and not full_metrics:
         downstream = {}  # nothing downstream enters a local loss, and its metrics are not asked for
     need_logits = loss.kl_coeff > 0 or full_metrics
-    keep = None if model.bos_token_id is None else idx != model.bos_token_id  # (B, T): BOS positions left out
-    select = (lambda t: t) if keep is None else (lambda t: t[keep])
+    keep = model.positions_read(idx)  # (B, T), or None: every position
     run = forward_passes(model, idx, loss, downstream, need_logits, keep)
     weight = dict(sparsity=loss.sparsity_coeff, out_to_in=0.0 if loss.kl_rescale else loss.out_to_in_coeff,
                   out_to_orig=loss.out_to_orig_coeff, aux_k=loss.aux_k_coeff if dead is not None else 0.0)
     total, mse, metrics = 0.0, 0.0, {}
 
     for p, (x_hat, code, pre) in run["outs"].items():  # the terms of each SAE
-        sae, x, x_orig = model.sae(p), run["inputs"][p], select(run["orig"][gpt.resid_index(p)])
+        sae, x, x_orig = model.sae(p), run["inputs"][p], at_positions(run["orig"][gpt.resid_index(p)], keep)
         for name, coeff in weight.items():
             rescaled = name == "out_to_in" and loss.kl_rescale  # enters with the KL term, below
             if coeff > 0 or rescaled or (full_metrics and name != "aux_k"):
@@ -734,7 +742,7 @@ def compute_loss(model, idx, loss, *, full_metrics=True, feature_counts=None, de
                 feature_counts.update(p, active)
 
     for p, r in downstream.items():  # the downstream term, split evenly over its positions
-        new, orig = select(run["new"][r]), select(run["orig"][r])
+        new, orig = at_positions(run["new"][r], keep), at_positions(run["orig"][r], keep)
         term = F.mse_loss(new.float(), orig.float())
         total = total + loss.in_to_orig_coeff / len(downstream) * term
         metrics[f"in_to_orig/{p}"] = term.detach()
@@ -749,8 +757,8 @@ def compute_loss(model, idx, loss, *, full_metrics=True, feature_counts=None, de
         if full_metrics and not torch.is_grad_enabled():
             kl = metrics["kl"]  # evaluation: the figures' own
         else:
-            kl = sae_kernels.linear_kl_div(select(h_new), select(h_orig), model.head.weight, model.head.bias,
-                                           model.head.softcap)
+            kl = sae_kernels.linear_kl_div(at_positions(h_new, keep), at_positions(h_orig, keep), model.head.weight,
+                                           model.head.bias, model.head.softcap)
         if loss.kl_rescale:
             alpha = (mse / kl.clamp_min(1e-12)).detach()
             total = total + 0.5 * (loss.out_to_in_coeff * mse + loss.kl_coeff * alpha * kl)

@@ -36,6 +36,7 @@ from e2esae import (
     FeatureCounts,
     LossConfig,
     SAETransformer,
+    at_positions,
     compute_loss,
     evaluate,
     make_activation,
@@ -322,10 +323,10 @@ def prepare_saes(model, c, log, n_batches=8):
         first = data.SampleStream(c.dataset, c.n_ctx, "train", tokenizer=c.tokenizer)
         for idx in islice(data.batches(first, c.batch_size), n_batches):
             idx = idx.to(c.device)
-            keep = torch.ones_like(idx, dtype=torch.bool) if model.bos_token_id is None else idx != model.bos_token_id
+            keep = model.positions_read(idx)
             _, streams, _ = model.run(model.gpt.embed(idx), 0, max(at), record=at)
             for r, p in at.items():
-                seen[p].append(streams[r][keep].float())  # (N, d)
+                seen[p].append(at_positions(streams[r], keep).flatten(0, -2).float())  # (N, d)
     for p in new:
         sae, x = model.sae(p), torch.cat(seen[p])
         if c.normalize_activations == "expected_average_only_in":
