@@ -448,7 +448,7 @@ def load_tokenizer(tokenizer="gpt2"):
     transformers tokenizer: from a directory, its files alone; a hub id through the library's download and cache).
     Its length limit is lifted: a document is cut into samples here, never truncated."""
     if tokenizer == "gpt2":
-        from model import gpt2_tokenizer
+        from language_models import gpt2_tokenizer
         return gpt2_tokenizer()
     from transformers import AutoTokenizer
     local = os.path.isdir(tokenizer)

@@ -60,8 +60,7 @@ import torch.nn.functional as F
 
 import interop
 import sae_kernels
-from language_models import load_model
-from model import Unembedding
+from language_models import Unembedding, load_model
 
 # ---- the activations: pre-activations (..., n_dict) -> the code c ----
 
@@ -391,7 +390,7 @@ def reconstruction_metrics(prefix, pred, target):
 @torch.no_grad()
 def output_metrics(h_orig, h_new, idx, head, keep=None, chunk_rows=None):
     """How the spliced model's next-token predictions compare with the original's, from both final normed streams
-    (B, T, d) through `head` (model.Unembedding): kl, ce_orig, ce_sae, ce_increase, top1_acc_orig, top1_acc_sae,
+    (B, T, d) through `head` (language_models.Unembedding): kl, ce_orig, ce_sae, ce_increase, top1_acc_orig, top1_acc_sae,
     top1_consistency, stat_distance = 0.5 sum_v |p_orig - p_new|, each over the positions in `keep` (B, T) (all by
     default); the logits at t predict token t + 1. Computed chunk by chunk of positions, so no (tokens x vocab)
     logits are held, as in training's fused KL. Over a merged head's rows (log n_r in its logits) a token's

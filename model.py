@@ -25,7 +25,7 @@ and `gpt(idx, edits={"blocks.6.hook_resid_pre": fn})` replaces the stream at a p
 Usage:
     gpt = GPT.from_pretrained("gpt2")             # OpenAI's weights from the Hugging Face hub
     gpt = GPT.from_pretrained("path/to/dir")      # config.json + model.safetensors, offline
-    enc = gpt2_tokenizer()
+    enc = gpt2_tokenizer()                        # language_models.py
     out = gpt.generate(torch.tensor([enc.encode("Hello")]), max_new_tokens=20)
 """
 
@@ -90,80 +90,6 @@ class Block(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
-
-
-class Unembedding(nn.Module):
-    """The unembedding as the losses read it, any model's: logits = cap tanh((h W^T) / cap) + b, with identical rows
-    of W merged into one logit each, exactly.
-
-    W (V, d) is the lm_head; the soft cap is Gemma 2's (none elsewhere); b is the lm_head's bias where a model has
-    one. Tokens whose rows (and biases) are equal always get equal logits. (The embedded default's small model gives
-    the ~31,000 tokens that never occur in Shakespeare one shared row; see train_gpt.py.) If n_r tokens share row r,
-    whose logit is z_r, a softmax over the V tokens is a softmax over the U distinct rows with log n_r added:
-
-        P(row r) = n_r exp(z_r) / sum_s n_s exp(z_s),       p(token v) = P(row of v) / n_(row of v)
-
-    So p_orig(v) / p_new(v) is the same for every token of a row: a KL divergence or a statistical distance over
-    rows equals the one over tokens; a token's cross-entropy is its row's plus log n_(row); and the most likely
-    token is the first of the most likely row (ties go to the lower id, as argmax over tokens does). The head, often
-    most of a step's FLOPs in a narrow model, costs U / V as much. Without repeated rows U = V, every log n_r is 0
-    and this is the plain lm_head.
-
-        head = Unembedding.of(gpt)      # a frozen model's head (head_weight, head_bias, logit_softcap), rows merged
-        logits = head(h)                # (..., U): the rows' logits, b or log n_r added
-        head.cross_entropy(logits, targets), head.predictions(logits)    # over tokens again
-    """
-
-    def __init__(self, token_row, rows=None, bias=None, softcap=None):
-        """token_row (V,): the row of each token, rows 0..U-1; rows (U, d), or None where forward is given them;
-        bias (U,): the lm_head's own, added after the cap (log n_r where rows are merged)."""
-        super().__init__()
-        n_rows, V = int(token_row.max()) + 1, len(token_row)
-        first = torch.full((n_rows,), V, device=token_row.device)
-        first.scatter_reduce_(0, token_row, torch.arange(V, device=token_row.device), "amin")
-        if isinstance(rows, nn.Parameter):
-            self.weight = rows  # (V, d) the lm_head's own weight, shared: moved with the model, never copied
-        else:
-            self.register_buffer("weight", rows, persistent=False)  # (U, d) the distinct rows, or None: per call
-        log_count = torch.bincount(token_row, minlength=n_rows).float().log()  # (U,) log n_r
-        self.register_buffer("log_count", log_count, persistent=False)
-        self.register_buffer("bias", log_count if bias is None else bias.detach().float(), persistent=False)
-        self.register_buffer("token_row", token_row, persistent=False)  # (V,) the row of each token
-        self.register_buffer("row_token", first, persistent=False)  # (U,) the first token of each row
-        self.softcap = softcap
-
-    @classmethod
-    def of(cls, model):
-        """A frozen model's head (its head_weight (V, d), head_bias and logit_softcap), its identical rows found."""
-        weight, bias, softcap = model.head_weight, model.head_bias, model.logit_softcap
-        if bias is not None and softcap is not None:
-            raise ValueError("an lm_head bias under a logit soft cap: no model this project loads has both")
-        identity = torch.arange(len(weight), device=weight.device)
-        direction = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.device)
-        probe = weight.detach().float() @ direction  # (V,)
-        if bias is not None or len(torch.unique(probe)) == len(weight):  # distinct projections: distinct rows
-            return cls(identity, weight, bias, softcap)  # the weight itself, in token order (no copy)
-        rows, token_row = torch.unique(weight.detach(), dim=0, return_inverse=True)
-        if len(rows) == len(weight):
-            return cls(identity, weight, None, softcap)
-        return cls(token_row, rows, softcap=softcap)
-
-    def forward(self, h, rows=None):
-        """The U row logits of the normed stream h; `rows` replaces the stored ones (training)."""
-        weight = self.weight if rows is None else rows
-        if self.softcap is None:  # the bias added by the matmul itself: one pass over the (..., U) logits fewer
-            return F.linear(h, weight, self.bias.to(h.dtype))
-        logits = F.linear(h, weight)
-        return self.softcap * torch.tanh(logits / self.softcap) + self.bias.to(logits.dtype)
-
-    def cross_entropy(self, logits, targets):
-        """Mean cross-entropy over tokens of row logits (N, U) against token ids (N,): the row's, plus log n_row."""
-        rows = self.token_row[targets]
-        return F.cross_entropy(logits.float(), rows) + self.log_count[rows].mean()
-
-    def predictions(self, logits):
-        """The most likely token at each position of row logits (..., U)."""
-        return self.row_token[(logits - self.log_count).argmax(-1)]
 
 
 _POSITION = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|post)")
@@ -307,7 +233,7 @@ class GPT(nn.Module):
             for path in (config_path, weights_path):
                 if not os.path.isfile(path):
                     raise FileNotFoundError(f"{path} not found: a GPT-2 directory holds config.json and "
-                                            "model.safetensors (as written by save_pretrained)")
+                                            "model.safetensors (as language_models.save_pretrained writes them)")
         elif name_or_path in HUB_REPOS:
             config_path, weights_path = _download(HUB_REPOS[name_or_path])
         else:
@@ -359,43 +285,3 @@ def _read_hf_weights(path, model):
     if missing:
         raise KeyError(f"{path}: missing tensors {missing}")
     return sd
-
-
-def save_pretrained(model, directory):
-    """Write `model` in the layout `GPT.from_pretrained` (and Hugging Face) reads: config.json + model.safetensors."""
-    from safetensors.torch import save_file
-    os.makedirs(directory, exist_ok=True)
-    c = model.config
-    hf = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_positions=c.block_size, n_ctx=c.block_size,
-              vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
-              layer_norm_epsilon=c.layer_norm_eps, activation_function="gelu_new")
-    sd = {}
-    for key, t in model.state_dict().items():
-        if key == "lm_head.weight":
-            continue
-        if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-            t = t.t()
-        sd[key] = t.detach().contiguous().cpu()
-    save_file(sd, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
-
-
-def gpt2_tokenizer():
-    """GPT-2's BPE tokenizer (tiktoken's r50k_base). Works offline when the `openai-whisper` package is installed
-    (it ships the identical vocabulary file); otherwise tiktoken downloads and caches it on first use."""
-    import importlib.util
-
-    import tiktoken
-    spec = importlib.util.find_spec("whisper")
-    vocab = os.path.join(os.path.dirname(spec.origin), "assets", "gpt2.tiktoken") if spec and spec.origin else None
-    if vocab is None or not os.path.isfile(vocab):
-        try:
-            return tiktoken.get_encoding("gpt2")
-        except Exception as e:
-            raise RuntimeError("GPT-2's vocabulary is not available offline: `pip install --no-deps openai-whisper` "
-                               f"ships it, or run once with a network ({type(e).__name__}: {e})") from e
-    from tiktoken.load import load_tiktoken_bpe
-    from tiktoken_ext.openai_public import r50k_pat_str
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=load_tiktoken_bpe(vocab),
-                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)

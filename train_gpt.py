@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from configurator import ConfigError, check_settings, check_writable, configure, defaults, print_config
 from data import DataError, cache_root, count_samples, heldout_rule, heldout_samples, token_samples
-from model import GPT, GPTConfig, Unembedding, save_pretrained
+from language_models import Unembedding, save_pretrained
+from model import GPT, GPTConfig
 from runs import get_lr
 
 # -----------------------------------------------------------------------------
@@ -158,7 +159,7 @@ def training_tokens(c):
 
 
 def seen_vocabulary(tokens, vocab_size):
-    """The Unembedding (model.py) that training uses: each token of the training text its own row, every other token
+    """The Unembedding (language_models.py) that training uses: each token of the training text its own row, every other token
     one shared row, the last. Equal rows give equal logits, so a softmax over these rows, with log(n_unseen) added to
     the shared one, is exactly the full softmax of the model we save, whose lm_head has all 50,257 rows (the shared
     one written into each unseen token's), at ~38% of the cost of the head, which dominates at this width. The model

@@ -65,7 +65,8 @@ def hf_gpt2_dir(tmp_path_factory):
 
 def tiny_gpt(tmp_path_factory, n_layer=2, n_embd=32):
     """A random GPT-2 of this shape (4 heads, 64 positions) saved in this project's format; its directory."""
-    from model import GPT, GPTConfig, save_pretrained
+    from language_models import save_pretrained
+    from model import GPT, GPTConfig
     d = str(tmp_path_factory.mktemp(f"gpt_{n_layer}x{n_embd}"))
     torch.manual_seed(0)
     save_pretrained(GPT(GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=4, block_size=64)), d)

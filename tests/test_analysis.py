@@ -12,7 +12,8 @@ import analysis
 from analysis import context_html, firing_share, max_similarities
 from configurator import ConfigError
 from e2esae import SAE, SAETransformer
-from model import GPT, GPTConfig, save_pretrained
+from language_models import save_pretrained
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D_IN, N_CTX, N_SAMPLES = 32, 32, 6

@@ -16,7 +16,7 @@ import torch
 
 import data
 from conftest import ROOT
-from model import gpt2_tokenizer
+from language_models import gpt2_tokenizer
 
 N_CTX = 32
 

@@ -14,7 +14,8 @@ from e2esae import (
     explained_variance,
     output_metrics,
 )
-from model import GPT, GPTConfig, Unembedding
+from language_models import Unembedding
+from model import GPT, GPTConfig
 
 V, D, L = 101, 32, 4
 

@@ -15,7 +15,8 @@ import yaml
 import data
 from e2esae import SAE, SAETransformer, training_type
 from interop import save_saelens
-from model import GPT, GPTConfig, save_pretrained
+from language_models import save_pretrained
+from model import GPT, GPTConfig
 from report import plot_frequency_histogram, plot_pareto
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

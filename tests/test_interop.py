@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from e2esae import SAE, SAETransformer
 from interop import checkpoint_kind, read_checkpoint, save_saelens
-from model import GPT, GPTConfig, save_pretrained
+from language_models import save_pretrained
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POS = "blocks.1.hook_resid_pre"

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import ROOT, SMALL_CONFIGS, save_random_hf_gpt2
-from model import GPT, GPTConfig, gpt2_tokenizer, save_pretrained
+from language_models import gpt2_tokenizer, save_pretrained
+from model import GPT, GPTConfig
 
 
 @pytest.fixture(scope="module", params=range(len(SMALL_CONFIGS)),
@@ -127,7 +128,7 @@ def test_tokenizer_needs_no_network():
     code = ("import socket\n"
             "def refuse(*a, **k): raise OSError('network disabled in this test')\n"
             "socket.socket.connect = refuse\n"
-            "import model; print(model.gpt2_tokenizer().encode('Hello world'))")
+            "import language_models; print(language_models.gpt2_tokenizer().encode('Hello world'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "TIKTOKEN_CACHE_DIR": "/nonexistent"})
     assert out.returncode == 0, out.stderr

@@ -14,7 +14,7 @@ import train
 import train_gpt
 from configurator import ConfigError
 from conftest import ROOT, args, play_text
-from model import gpt2_tokenizer
+from language_models import gpt2_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,8 @@ from configurator import ConfigError, configure
 from conftest import ROOT, args, tiny_gpt
 from e2esae import SAE, SAETransformer
 from interop import checkpoint_kind, read_checkpoint, save_saelens
-from model import GPT, GPTConfig, save_pretrained
+from language_models import save_pretrained
+from model import GPT, GPTConfig
 
 POSITION = "blocks.1.hook_resid_pre"  # where args() puts the SAE
 

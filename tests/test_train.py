@@ -16,7 +16,7 @@ import train
 from configurator import ConfigError
 from conftest import ROOT
 from conftest import args as run_args
-from model import gpt2_tokenizer
+from language_models import gpt2_tokenizer
 
 
 @pytest.fixture(scope="module")

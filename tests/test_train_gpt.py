@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import data
 import train_gpt
-from model import GPT, GPTConfig, gpt2_tokenizer
+from language_models import gpt2_tokenizer
+from model import GPT, GPTConfig
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32, n_ctx=32, batch_size=8, eval_n_samples=8, log_every_n_steps=10,
             device="cpu")

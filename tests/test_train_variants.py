@@ -15,7 +15,8 @@ from configurator import ConfigError
 from conftest import ROOT
 from conftest import args as run_args
 from e2esae import SAETransformer
-from model import GPT, GPTConfig, save_pretrained
+from language_models import save_pretrained
+from model import GPT, GPTConfig
 
 
 @pytest.fixture(scope="module")
