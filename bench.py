@@ -257,6 +257,7 @@ def sparse_encoder_bias(model, position, idx, active, torch):
 
 def bench_train_step(results, args, shape, torch, sae_kernels):
     """One step of e2e training (sparsity 3, KL 1, fused KL path): loss, backward, Adam, under bf16 autocast."""
+    import report
     from e2esae import LossConfig, compute_loss
     device = args.device
     model, position = e2e_model(shape, args.tiny, device, torch)
@@ -266,7 +267,7 @@ def bench_train_step(results, args, shape, torch, sae_kernels):
     idx = torch.randint(0, model.gpt.config.vocab_size, (shape["batch"], shape["seq"]), device=device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     tokens = idx.numel()
-    flops_per_token = model.flops_per_token(local=False)
+    flops_per_token = report.flops_per_token(model, local=False)
     loss_config = LossConfig(sparsity_coeff=3.0, kl_coeff=1.0)
 
     def step_with(loss_fn):

@@ -917,6 +917,22 @@ def heldout_samples(dataset, n_ctx, n, rank=0, world_size=1, vocab_size=None, to
     return list(islice(stream, rank, first, world_size))
 
 
+def heldout_batches(dataset, n_ctx, n, batch_size, rank=0, world_size=1, tokenizer="gpt2"):
+    """train.py's held-out batches (this rank's share of n samples) and the line that describes them, after checking
+    that the training part holds a sample for every process too: both parts are checked before any model is loaded
+    (or trained)."""
+    rule = heldout_rule(dataset)[1]
+    samples = heldout_samples(dataset, n_ctx, n, rank, world_size, tokenizer=tokenizer)
+    if count_samples(dataset, n_ctx, "train", at_most=world_size, tokenizer=tokenizer) < world_size:
+        raise DataError(f"the training part of dataset {dataset!r} holds fewer than {world_size} samples of "
+                        f"n_ctx={n_ctx} tokens (held out: {rule}): give more text or a smaller n_ctx")
+    n_eval = len(samples) * world_size
+    line = (f"data: {dataset!r}, held out: {rule}; evaluating on {n_eval} samples"
+            + (f" (eval_n_samples={n}: there are no more)" if n_eval < n else "")
+            + (f", {len(samples)} on each of {world_size} processes" if world_size > 1 else ""))
+    return in_batches(samples, batch_size), line
+
+
 def in_batches(samples, batch_size):
     """A list of samples as (B, n_ctx) tensors, in order; the last batch may be short (for evaluation)."""
     return [torch.stack(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]

@@ -390,12 +390,13 @@ def reconstruction_metrics(prefix, pred, target):
 @torch.no_grad()
 def output_metrics(h_orig, h_new, idx, head, keep=None, chunk_rows=None):
     """How the spliced model's next-token predictions compare with the original's, from both final normed streams
-    (B, T, d) through `head` (language_models.Unembedding): kl, ce_orig, ce_sae, ce_increase, top1_acc_orig, top1_acc_sae,
-    top1_consistency, stat_distance = 0.5 sum_v |p_orig - p_new|, each over the positions in `keep` (B, T) (all by
-    default); the logits at t predict token t + 1. Computed chunk by chunk of positions, so no (tokens x vocab)
-    logits are held, as in training's fused KL. Over a merged head's rows (log n_r in its logits) a token's
-    log-probability is its row's minus log n_r; the KL and the statistical distance are the rows'. Each chunk's
-    (C, U) logits are passed over as few times as the figures allow (on a CPU every pass is most of the cost)."""
+    (B, T, d) through `head` (language_models.Unembedding): kl, ce_orig, ce_sae, ce_increase, top1_acc_orig,
+    top1_acc_sae, top1_consistency, stat_distance = 0.5 sum_v |p_orig - p_new|, each over the positions in `keep`
+    (B, T) (all by default); the logits at t predict token t + 1. Computed chunk by chunk of positions, so no
+    (tokens x vocab) logits are held, as in training's fused KL. Over a merged head's rows (log n_r in its logits) a
+    token's log-probability is its row's minus log n_r; the KL and the statistical distance are the rows'. Each
+    chunk's (C, U) logits are passed over as few times as the figures allow (on a CPU every pass is most of the
+    cost)."""
     targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -1)], 1)  # (B, T): -1 where nothing follows
     at = torch.ones_like(idx, dtype=torch.bool) if keep is None else keep
     h_orig, h_new, targets = h_orig[at], h_new[at], targets[at]  # (N, d), (N, d), (N,)
@@ -504,19 +505,6 @@ class SAETransformer(nn.Module):
                 outs[sae_at[r]] = self.sae(sae_at[r]).forward_with_pre(x if keep is None else x[keep])
                 x = outs[sae_at[r]][0] if keep is None else x.index_put((keep,), outs[sae_at[r]][0])
         return self.gpt.run_blocks(x, at, stop), kept, outs
-
-    def flops_per_token(self, local):
-        """Dense FLOPs of one training step per token (matmuls only), for MFU. The frozen model's backward computes
-        input gradients only (one matmul per forward matmul); the SAE's backward also computes weight gradients."""
-        gpt = self.gpt
-        block = 2 * sum(p.numel() for p in gpt.layers[0].parameters() if p.dim() == 2)  # 2 FLOPs per MAC
-        head = 2 * self.head.bias.numel() * gpt.config.n_embd
-        at = [gpt.resid_index(p) for p in self.sae_positions]
-        sae = sum(6 * 2 * s.d_in * s.n_dict for s in self.saes.values())  # encode + decode, forward and backward
-        if local:
-            return max(at) * block + sae
-        after = (gpt.config.n_layer - min(at)) * block + head
-        return min(at) * block + after + 2 * after + sae  # shared prefix, clean rest, spliced rest fwd + bwd
 
     # ---- checkpoints (interop.py reads and writes every format) ----
 

@@ -16,7 +16,7 @@ under a time limit, so that one that fails or hangs still leaves the others' res
    random tokens per step, sparsity 3 + KL 1 (config/e2e_layer6.py's loss and lr), Adam, gradient clipping, bf16
    autocast. First as initialised (about half the codes fire: the dense path), then with the encoder bias moved so
    that ~40 codes per token fire (the sparse kernels: the regime of most of a real run). For each phase: tokens/s,
-   MFU (dense FLOPs from SAETransformer.flops_per_token) and peak memory;
+   MFU (dense FLOPs from report.flops_per_token) and peak memory;
 3. bench: `python bench.py --quick`, each kernel against eager PyTorch and torch.compile (BENCHMARKS.md);
 4. peers: bench.py --peers's works A and B on the GPU: one local TopK SAE training step (8,192 x 768 activations,
    46,080 latents, k = 32) and one e2e KL step (6 x 384 GPT-2, 8 x 128 tokens), this project's Triton path against
@@ -71,6 +71,7 @@ def train_run(args):
     import torch
 
     import bench
+    import report
     from e2esae import LossConfig, compute_loss
 
     device, shape = args.device, bench.TINY if args.tiny else bench.PAPER
@@ -82,7 +83,7 @@ def train_run(args):
     generator = torch.Generator(device=device).manual_seed(3)
     vocab, tokens = model.gpt.config.vocab_size, shape["batch"] * shape["seq"]
     batch = lambda: torch.randint(0, vocab, (shape["batch"], shape["seq"]), device=device, generator=generator)
-    flops_per_token = model.flops_per_token(local=False)
+    flops_per_token = report.flops_per_token(model, local=False)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step():

@@ -1,5 +1,6 @@
 """
-Tables, lines and plots of SAEs: train.py's log line and the summary it ends with, one row per SAE, the table
+Tables, lines and plots of SAEs: what train.py shows while it trains (TrainingLog: its opening lines, a line per
+logging step, the eval line, wandb, the summary it ends with; MFU from flops_per_token), one row per SAE, the table
 eval.py prints, the paper's Pareto plot (L0 and alive elements against CE increase) and its activation-frequency
 histogram. eval.py, train.py, reproduce.py, analysis.py and mlp.py share them. matplotlib is imported where a plot
 is drawn.
@@ -7,9 +8,13 @@ is drawn.
 
 import os
 import re
+import time
 from dataclasses import fields
 
-from e2esae import LossConfig, training_type
+import torch
+import torch.distributed as dist
+
+from e2esae import LossConfig, evaluate, training_type
 
 COEFF_KEYS = [f.name for f in fields(LossConfig) if f.name.endswith("_coeff") and f.name != "aux_k_coeff"]
 PUBLISHED = {"l": "local", "e": "e2e", "efr": "e2e+ds"}  # the paper's SAEs on the hub: res_s{c,l}{l,e,efr}-ajt
@@ -208,3 +213,99 @@ def log_line(step, figures, positions, lr, dt, tokens_per_s, mfu):
 
 def fmt(v):
     return f"{v:,}" if isinstance(v, int) else f"{v:.4f}"
+
+
+def flops_per_token(model, local):
+    """Dense FLOPs of one training step per token of an e2esae.SAETransformer (matmuls only), for MFU. The frozen
+    model's backward computes input gradients only (one matmul per forward matmul); the SAE's backward also computes
+    weight gradients. local: no end-to-end term (the model after the last SAE never runs)."""
+    gpt = model.gpt
+    block = 2 * sum(p.numel() for p in gpt.layers[0].parameters() if p.dim() == 2)  # 2 FLOPs per MAC
+    head = 2 * model.head.bias.numel() * gpt.config.n_embd
+    at = [gpt.resid_index(p) for p in model.sae_positions]
+    sae = sum(6 * 2 * s.d_in * s.n_dict for s in model.saes.values())  # encode + decode, forward and backward
+    if local:
+        return max(at) * block + sae
+    after = (gpt.config.n_layer - min(at)) * block + head
+    return min(at) * block + after + 2 * after + sae  # shared prefix, clean rest, spliced rest fwd + bwd
+
+
+class TrainingLog:
+    """What train.py shows as it trains, on the master process (and wandb, with c.wandb_log): the opening lines, every
+    log_every_n_steps steps the figures averaged over those steps and the processes (log_line), each evaluation's line,
+    and the summary of the finished run. `c` is train.py's settings, `config` the dict wandb records."""
+
+    def __init__(self, model, c, config, world_size, global_batch, master, log):
+        self.model, self.c, self.world_size, self.global_batch, self.master, self.log = \
+            model, c, world_size, global_batch, master, log
+        self.wandb = None
+        if c.wandb_log and master:
+            import wandb
+            os.makedirs(c.out_dir, exist_ok=True)
+            wandb.init(project=c.wandb_project, name=c.wandb_run_name or None, config=config, dir=c.out_dir)
+            self.wandb = wandb
+        self.flops_per_token = flops_per_token(model, local=LossConfig.of(config).local)
+        self.sums, self.last_step, self.t = {}, 0, time.time()
+
+    def start(self, step, n_steps, local_steps, resumed_from=None):
+        """The run's two opening lines: the model, its SAEs and the training type; the steps and where they go."""
+        model, c, global_batch = self.model, self.c, self.global_batch
+        kind = training_type(c.kl_coeff, c.in_to_orig_coeff)
+        if local_steps:
+            kind = (f"local for steps 1-{local_steps}, then {kind} for steps {local_steps + 1}-{n_steps} "
+                    "(finetune_fraction)")
+        first = model.sae(model.sae_positions[0])
+        self.log(f"model: {model.gpt.name_or_path} ({model.gpt.num_params() / 1e6:.1f}M parameters, frozen); SAEs at "
+                 f"{', '.join(model.sae_positions)}, {first.n_dict:,} elements each, {first.activation.name}"
+                 + (f" k={first.activation.k}" if hasattr(first.activation, "k") else "") + f"; training type: {kind}")
+        self.log(f"{n_steps:,} steps of {global_batch} samples x {c.n_ctx} tokens = {global_batch * c.n_ctx:,} tokens "
+                 f"per step ({c.batch_size} per micro-step x {c.gradient_accumulation_steps} accumulation x "
+                 f"{self.world_size} processes); out_dir {c.out_dir}"
+                 + (f"; resumed from {resumed_from} at step {step}" if resumed_from else ""))
+        self.last_step, self.t = step, time.time()
+
+    def add(self, figures, weight=1.0):
+        """A step's figures (0-d tensors), weighted (1 / the micro-steps of a step), summed until the next line."""
+        for k, v in figures.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.float() * weight
+
+    def line(self, step, lr, ddp, extra=None):
+        """The line of the steps since the last (their figures' mean over steps and processes, and `extra`'s)."""
+        n, keys = step - self.last_step, sorted(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]) / n
+        if ddp:
+            dist.all_reduce(values)
+            values /= self.world_size
+        figures, dt = dict(zip(keys, values.tolist())) | (extra or {}), (time.time() - self.t) / n
+        tokens_per_s = self.global_batch * self.c.n_ctx / dt
+        on_gpu = self.c.device.startswith("cuda")
+        mfu = self.flops_per_token * tokens_per_s / self.world_size / self.c.peak_flops if on_gpu else None
+        self.log(log_line(step, figures, self.model.sae_positions, lr, dt, tokens_per_s, mfu))
+        if self.wandb:
+            self.wandb.log({f"train/{k}": v for k, v in figures.items()} | {
+                "train/lr": lr, "train/tokens_per_s": tokens_per_s, "samples": step * self.global_batch}, step=step)
+        self.sums, self.last_step, self.t = {}, step, time.time()
+
+    def evaluate(self, eval_batches, autocast, ddp, step):
+        """Every metric on the held-out batches (e2esae.evaluate, summed over processes), one eval line, and wandb."""
+        model, c = self.model, self.c
+        metrics, counts = evaluate(model, eval_batches, LossConfig.for_evaluation(vars(c), c.in_to_orig_positions),
+                                   autocast, dist.all_reduce if ddp else None)
+        shown = ["ce_orig", "ce_sae", "ce_increase", "kl"] + [f"{k}/{p}" for p in model.sae_positions
+                                                             for k in ("l0", "alive", "explained_variance")]
+        self.log("eval | " + " | ".join(f"{k} {fmt(metrics[k])}" for k in shown))
+        if self.wandb:
+            import numpy as np
+            self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+            for p, f in counts.frequencies().items():
+                self.wandb.log({f"eval/log10_feature_frequency/{p}": self.wandb.Histogram(np.log10(f[f > 0].numpy()))},
+                               step=step)
+            self.wandb.save(os.path.join(c.out_dir, "saes.safetensors"), base_path=c.out_dir)
+        return metrics
+
+    def finish(self, metrics, unigram=None):
+        """The paper's figures for the finished run (print_summary), and the end of the wandb run."""
+        if self.master:
+            print_summary(metrics, self.model, self.c.dataset, self.c.out_dir, unigram)
+        if self.wandb:
+            self.wandb.finish()

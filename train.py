@@ -18,9 +18,7 @@ written before every evaluation; Ctrl-C saves at the end of the step; a loss or 
 the run before the step is applied, with the last finite weights saved.
 """
 
-import os
 import sys
-import time
 from contextlib import nullcontext
 from itertools import islice
 from types import SimpleNamespace
@@ -38,12 +36,10 @@ from e2esae import (
     SAETransformer,
     at_positions,
     compute_loss,
-    evaluate,
     make_activation,
-    training_type,
 )
 from language_models import load_model, tokenizer_of
-from report import fmt, log_line, print_summary
+from report import TrainingLog
 from runs import Run, average_over_processes, check_finite, get_lr, setup_distributed, stop_everywhere
 from train_gpt import small_model, unigram_cross_entropy
 
@@ -236,26 +232,6 @@ def loss_at(c, step, local_steps):
 
 # ---- the steps of main, in order ----
 
-def load_heldout(c, rank, world_size, log):
-    """This process's held-out batches, after checking that both parts of the data hold samples (and every local
-    file is readable): before the model, which may have to be trained first. The text is tokenised as the model
-    reads it (c.tokenizer)."""
-    try:
-        rule = data.heldout_rule(c.dataset)
-        eval_samples = data.heldout_samples(c.dataset, c.n_ctx, c.eval_n_samples, rank, world_size,
-                                            tokenizer=c.tokenizer)
-        if data.count_samples(c.dataset, c.n_ctx, "train", at_most=world_size, tokenizer=c.tokenizer) < world_size:
-            raise data.DataError(f"the training part of dataset {c.dataset!r} holds fewer than {world_size} samples "
-                                 f"of n_ctx={c.n_ctx} tokens (held out: {rule[1]}): give more text or a smaller n_ctx")
-    except data.DataError as e:
-        raise ConfigError(str(e)) from None
-    n_eval = len(eval_samples) * world_size
-    log(f"data: {c.dataset!r}, held out: {rule[1]}; evaluating on {n_eval} samples"
-        + (f" (eval_n_samples={c.eval_n_samples}: there are no more)" if n_eval < c.eval_n_samples else "")
-        + (f", {len(eval_samples)} on each of {world_size} processes" if world_size > 1 else ""))
-    return data.in_batches(eval_samples, c.batch_size)
-
-
 def build_model(c, phases, log):
     """The frozen model and its SAEs (the same initialisation on every process), the pretrained ones in place, checked
     against the settings: the context, the dictionary's size, and the loss's own checks in each phase of the run
@@ -363,7 +339,12 @@ def main(argv):
         ckpt = run.resume_checkpoint(lambda saved: [
             (k, saved.get(k, v), config[k]) for k, v in DEFAULTS.items()
             if k not in HOW_IT_RUNS and saved.get(k, v) != config[k]], global_batch) if c.resume else None
-        eval_batches = load_heldout(c, rank, world_size, log)
+        try:  # this process's held-out batches, both parts of the data checked before the model (maybe trained first)
+            eval_batches, line = data.heldout_batches(c.dataset, c.n_ctx, c.eval_n_samples, c.batch_size, rank,
+                                                      world_size, c.tokenizer)
+        except data.DataError as e:
+            raise ConfigError(str(e)) from None
+        log(line)
         if ddp and not master:
             dist.barrier()  # the master trains the small model first, if it must
         model = build_model(c, [loss_at(c, s, local_steps) for s in {0, local_steps}], log)
@@ -390,12 +371,11 @@ def main(argv):
         if c.compile:
             for block in model.gpt.layers:
                 block.compile()
-        log_start(model, c, n_steps, local_steps, global_batch, world_size, ckpt, run, log)
-        wandb = start_wandb(c, config) if c.wandb_log and master else None
-        flops_per_token = model.flops_per_token(local=c.kl_coeff == 0 and c.in_to_orig_coeff == 0)
+        shown = TrainingLog(model, c, config, world_size, global_batch, master, log)
+        shown.start(step, n_steps, local_steps, run.ckpt_path if ckpt else None)
         params = [p for p in model.saes.parameters() if p.requires_grad]
 
-        sums, n_logged, t_log, eval_metrics, reached = {}, 0, time.time(), None, {}
+        eval_metrics, reached = None, {}
         while step < n_steps:
             if stop_everywhere(run.stop_requested, ddp, c.device):
                 run.save(step)
@@ -416,8 +396,7 @@ def main(argv):
                         loss, metrics = compute_loss(model, idx, loss_config, full_metrics=False,
                                                      feature_counts=fired, dead=masks)
                     scaler.scale(loss / c.gradient_accumulation_steps).backward()
-                    for k, v in metrics.items():  # the step's figures: the mean over its micro-steps
-                        sums[k] = sums.get(k, 0.0) + v.float() / c.gradient_accumulation_steps
+                    shown.add(metrics, 1 / c.gradient_accumulation_steps)  # the step's: the mean of its micro-steps
                 if ddp:  # the SAE gradients (and BatchTopK's running thresholds) averaged, the firing counts summed
                     average_over_processes([p.grad for p in params if p.grad is not None]
                                            + [b for b in model.saes.buffers() if b.is_floating_point()], world_size)
@@ -437,95 +416,33 @@ def main(argv):
                 optimizer.zero_grad(set_to_none=True)
                 for sae in model.saes.values():
                     sae.activation.project_()  # JumpReLU's thresholds back to >= 0: what is saved is what runs
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.float()
+                shown.add({"grad_norm": grad_norm})
                 if dead is not None:
                     dead.step(fired)
-                    for p, m in dead.masks().items():
-                        sums[f"dead/{p}"] = sums.get(f"dead/{p}", 0.0) + m.sum().float()
-            step, n_logged = step + 1, n_logged + 1
-            run.step = step
+                    shown.add({f"dead/{p}": m.sum() for p, m in dead.masks().items()})
+            step = run.step = step + 1
 
             if step % c.log_every_n_steps == 0 or step == n_steps:
-                figures, dt = log_figures(sums, n_logged, t_log, ddp, world_size)
-                figures.update(reached)  # the logging step's own
-                tokens_per_s = global_batch * c.n_ctx / dt
-                mfu = flops_per_token * tokens_per_s / world_size / c.peak_flops if device_type == "cuda" else None
-                log(log_line(step, figures, model.sae_positions, lr, dt, tokens_per_s, mfu))
-                if wandb:
-                    wandb.log({f"train/{k}": v for k, v in figures.items()} | {
-                        "train/lr": lr, "train/tokens_per_s": tokens_per_s, "samples": step * global_batch}, step=step)
-                sums, n_logged, t_log = {}, 0, time.time()
+                shown.line(step, lr, ddp, reached)  # reached: the logging step's own
             save_now = crossed(step, global_batch, c.save_every_n_samples)
             eval_now = crossed(step, global_batch, c.eval_every_n_samples) or step == n_steps
             if save_now or eval_now:
                 run.save(step)  # before any evaluation, so that an evaluation that fails or is stopped loses nothing
             if eval_now:
-                eval_metrics = evaluate_and_log(model, eval_batches, c, autocast, ddp, wandb, step, log)
+                eval_metrics = shown.evaluate(eval_batches, autocast, ddp, step)
 
         run.save(step)  # nothing new, unless a finished run was resumed without its saes.safetensors
-        eval_metrics = eval_metrics or evaluate_and_log(model, eval_batches, c, autocast, ddp, wandb, step, log)
-        if master:  # the paper's figures for the finished run, beside a unigram model's CE where there is one
-            unigram = unigram_cross_entropy(c.dataset, c.n_ctx, c.eval_n_samples) if c.init_from == "shakespeare" \
-                and c.dataset == "shakespeare" else None
-            print_summary(eval_metrics, model, c.dataset, c.out_dir, unigram)
-        if wandb:
-            wandb.finish()
+        eval_metrics = eval_metrics or shown.evaluate(eval_batches, autocast, ddp, step)
+        unigram = unigram_cross_entropy(c.dataset, c.n_ctx, c.eval_n_samples) if master and \
+            c.init_from == "shakespeare" and c.dataset == "shakespeare" else None  # a unigram model's, beside it
+        shown.finish(eval_metrics, unigram)
     if ddp:
         dist.destroy_process_group()
-
-
-# ---- the pieces main uses once training runs ----
-
-def log_start(model, c, n_steps, local_steps, global_batch, world_size, ckpt, run, log):
-    kind = training_type(c.kl_coeff, c.in_to_orig_coeff)
-    if local_steps:
-        kind = f"local for steps 1-{local_steps}, then {kind} for steps {local_steps + 1}-{n_steps} (finetune_fraction)"
-    first = model.sae(model.sae_positions[0])
-    log(f"model: {model.gpt.name_or_path} ({model.gpt.num_params() / 1e6:.1f}M parameters, frozen); SAEs at "
-        f"{', '.join(model.sae_positions)}, {first.n_dict:,} elements each, {first.activation.name}"
-        + (f" k={first.activation.k}" if hasattr(first.activation, "k") else "") + f"; training type: {kind}")
-    log(f"{n_steps:,} steps of {global_batch} samples x {c.n_ctx} tokens = {global_batch * c.n_ctx:,} tokens per step "
-        f"({c.batch_size} per micro-step x {c.gradient_accumulation_steps} accumulation x {world_size} processes); "
-        f"out_dir {c.out_dir}" + (f"; resumed from {run.ckpt_path} at step {ckpt['step']}" if ckpt else ""))
 
 
 def crossed(step, global_batch, every):
     """Whether this step's samples crossed a multiple of `every` samples."""
     return step * global_batch // every > (step - 1) * global_batch // every
-
-
-def start_wandb(c, config):
-    import wandb
-    os.makedirs(c.out_dir, exist_ok=True)
-    wandb.init(project=c.wandb_project, name=c.wandb_run_name or None, config=config, dir=c.out_dir)
-    return wandb
-
-
-def evaluate_and_log(model, eval_batches, c, autocast, ddp, wandb, step, log):
-    """Every metric on the held-out batches (e2esae.evaluate, summed over processes), one eval line, and wandb."""
-    all_reduce = (lambda t: dist.all_reduce(t)) if ddp else None
-    metrics, counts = evaluate(model, eval_batches, LossConfig.for_evaluation(vars(c), c.in_to_orig_positions),
-                               autocast, all_reduce)
-    shown = ["ce_orig", "ce_sae", "ce_increase", "kl"] + [f"{k}/{p}" for p in model.sae_positions
-                                                         for k in ("l0", "alive", "explained_variance")]
-    log("eval | " + " | ".join(f"{k} {fmt(metrics[k])}" for k in shown))
-    if wandb:
-        import numpy as np
-        wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-        for p, f in counts.frequencies().items():
-            wandb.log({f"eval/log10_feature_frequency/{p}": wandb.Histogram(np.log10(f[f > 0].numpy()))}, step=step)
-        wandb.save(os.path.join(c.out_dir, "saes.safetensors"), base_path=c.out_dir)
-    return metrics
-
-
-def log_figures(sums, n_logged, t_log, ddp, world_size):
-    """The figures since the last log line, averaged over its steps (and processes), and the seconds per step."""
-    keys = sorted(sums)
-    values = torch.stack([sums[k] for k in keys]) / n_logged
-    if ddp:
-        dist.all_reduce(values)
-        values /= world_size
-    return dict(zip(keys, values.tolist())), (time.time() - t_log) / n_logged
 
 
 if __name__ == "__main__":

@@ -159,9 +159,9 @@ def training_tokens(c):
 
 
 def seen_vocabulary(tokens, vocab_size):
-    """The Unembedding (language_models.py) that training uses: each token of the training text its own row, every other token
-    one shared row, the last. Equal rows give equal logits, so a softmax over these rows, with log(n_unseen) added to
-    the shared one, is exactly the full softmax of the model we save, whose lm_head has all 50,257 rows (the shared
+    """The Unembedding (language_models.py) that training uses: each token of the training text its own row, every other
+    token one shared row, the last. Equal rows give equal logits, so a softmax over these rows, with log(n_unseen) added
+    to the shared one, is exactly the full softmax of the model we save, whose lm_head has all 50,257 rows (the shared
     one written into each unseen token's), at ~38% of the cost of the head, which dominates at this width. The model
     still learns, as a full softmax would, how unlikely a token outside the training text is."""
     seen = torch.unique(tokens)

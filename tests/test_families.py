@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import analysis
 import eval as eval_script
+import report
 import sample
 import train
 from conftest import args, save_bpe_tokenizer
@@ -85,17 +86,17 @@ def test_resume_eval_and_the_saelens_export(model_dir, text_dir, tmp_path, capsy
     eval.py reads it on the model's own tokens; SAELens's loader reads its export, which names the model and hook."""
     directory, tokenizer = model_dir
     train.main(family_args(directory, text_dir, tmp_path / "whole", **TYPES["e2e+ds"]))
-    log_line = train.log_line
+    log_line = report.log_line
 
     def stop_after_step_3(step, *rest):  # Ctrl-C as the third step's line is logged: the run saves and stops
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)
         return log_line(step, *rest)
-    monkeypatch.setattr(train, "log_line", stop_after_step_3)
+    monkeypatch.setattr(report, "log_line", stop_after_step_3)
     with pytest.raises(SystemExit) as stopped:
         train.main(family_args(directory, text_dir, tmp_path / "cut", **TYPES["e2e+ds"]))
     assert stopped.value.code == 130
-    monkeypatch.setattr(train, "log_line", log_line)
+    monkeypatch.setattr(report, "log_line", log_line)
     train.main(family_args(directory, text_dir, tmp_path / "cut", **TYPES["e2e+ds"], resume=True))
     assert "resumed from" in capsys.readouterr().out
     whole, cut = load_file(tmp_path / "whole" / "saes.safetensors"), load_file(tmp_path / "cut" / "saes.safetensors")

@@ -542,10 +542,8 @@ def short_text(tmp_path, chars):
 
 
 def heldout(dataset, rank, world_size):
-    c = SimpleNamespace(dataset=dataset, n_ctx=32, eval_n_samples=8, batch_size=4, tokenizer="gpt2")
-    lines = []
-    batches = train.load_heldout(c, rank, world_size, lines.append)
-    return sum(len(b) for b in batches), lines[0]
+    batches, line = data.heldout_batches(dataset, 32, 8, 4, rank, world_size)
+    return sum(len(b) for b in batches), line
 
 
 def test_held_out_samples_are_counted_over_every_process(one_file):
@@ -557,7 +555,7 @@ def test_too_little_held_out_text_for_the_processes_says_how_much_there_is(tmp_p
     dataset = short_text(tmp_path, 1500)
     assert data.count_samples(dataset, 32, "eval", at_most=10) == 1
     for rank in (0, 1):
-        with pytest.raises(ConfigError, match=r"holds 1 sample.* 2 processes"):
+        with pytest.raises(data.DataError, match=r"holds 1 sample.* 2 processes"):
             heldout(dataset, rank, 2)
 
 
