@@ -58,7 +58,6 @@ import e2esae
 from configurator import (
     ConfigError,
     check_settings,
-    check_writable,
     configure,
     default_device,
     defaults,
@@ -69,7 +68,7 @@ from e2esae import LossConfig, SAETransformer
 from interop import check_specs
 from language_models import load_model, tokenizer_of
 from report import TYPE_STYLE, result_rows
-from runs import write_atomic, write_json
+from runs import check_writable, write_atomic, write_json
 
 # -----------------------------------------------------------------------------
 checkpoints = ["out/saes.safetensors"]

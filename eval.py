@@ -38,7 +38,7 @@ from configurator import ConfigError
 from e2esae import LossConfig, SAETransformer
 from interop import check_specs
 from language_models import load_model, tokenizer_of
-from runs import write_json
+from runs import check_writable, write_json
 
 # -----------------------------------------------------------------------------
 checkpoints = ["out/saes.safetensors"]
@@ -66,7 +66,7 @@ SETTINGS = [  # (key, test, what the value must be)
 def check_output_file(path, what):
     if os.path.isdir(path):
         raise ConfigError(f"{what} {path!r} is a directory: give a file name, e.g. {os.path.join(path, 'eval.json')!r}")
-    configurator.check_writable(os.path.dirname(path) or ".", f"the folder of {what}")
+    check_writable(os.path.dirname(path) or ".", f"the folder of {what}")
 
 
 def evaluate_checkpoint(spec, c, samples_of):
@@ -122,7 +122,7 @@ def main(argv):
         raise ConfigError(str(e)) from None
     check_output_file(c.out_json, "out_json")
     if c.plot_dir:
-        configurator.check_writable(c.plot_dir, "plot_dir")
+        check_writable(c.plot_dir, "plot_dir")
     print("config:")
     configurator.print_config(config)
 

@@ -37,9 +37,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sae_kernels
-from configurator import ConfigError, check_settings, check_writable, configure, defaults, print_config
+from configurator import ConfigError, check_settings, configure, defaults, print_config
 from e2esae import SAE, explained_variance, nonfinite_parameters
-from runs import Diverged, get_lr, write_json
+from runs import Diverged, check_writable, get_lr, write_json
 
 # -----------------------------------------------------------------------------
 # the MLP

@@ -36,7 +36,34 @@ import sys
 import time
 from contextlib import contextmanager
 
-from configurator import ConfigError, check_writable
+from configurator import ConfigError
+
+
+def check_writable(directory, what):
+    """Raise ConfigError unless `directory` exists or can be created, and a file can be written in it. Leaves
+    nothing behind: a directory created for the test is removed again."""
+    created, d = [], os.path.abspath(directory)
+    while not os.path.exists(d):
+        created.append(d)
+        d = os.path.dirname(d)
+    try:
+        for d in created[::-1]:
+            try:
+                os.mkdir(d)
+            except FileExistsError:  # made by another process meanwhile: not ours to remove
+                created.remove(d)
+        probe = os.path.join(directory, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{what} {directory!r} cannot be written ({e.strerror or e}): choose another") from None
+    finally:
+        for d in created:
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
 
 
 def get_lr(step, n_steps, warmup_steps, lr, min_lr_factor):

@@ -31,11 +31,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from configurator import ConfigError, check_settings, check_writable, configure, defaults, print_config
+from configurator import ConfigError, check_settings, configure, defaults, print_config
 from data import DataError, cache_root, count_samples, heldout_rule, heldout_samples, token_samples
 from language_models import Unembedding, save_pretrained
 from model import GPT, GPTConfig
-from runs import get_lr
+from runs import check_writable, get_lr
 
 # -----------------------------------------------------------------------------
 # data
