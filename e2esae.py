@@ -151,37 +151,23 @@ class BatchTopK(TopK):
 
 
 class _JumpReLUFunction(torch.autograd.Function):
-    """c = pre H(pre - theta). Gradients: to pre, H(pre - theta); to theta, the straight-through estimate
-    -(theta / eps) K((pre - theta) / eps) with the rectangle kernel K(u) = 1[|u| < 1/2]."""
+    """c = pre H(pre - theta), or with step=True H(pre - theta) itself (the L0 penalty's count). Gradients: to pre,
+    H(pre - theta) (the step has none); to theta, the straight-through estimate -(theta / eps) K((pre - theta) / eps),
+    the step's -(1 / eps) K((pre - theta) / eps), with the rectangle kernel K(u) = 1[|u| < 1/2]."""
 
     @staticmethod
-    def forward(ctx, pre, theta, eps):
+    def forward(ctx, pre, theta, eps, step=False):
         ctx.save_for_backward(pre, theta)
-        ctx.eps = eps
-        return pre * (pre > theta)
+        ctx.eps, ctx.step = eps, step
+        return (pre > theta).to(pre.dtype) if step else pre * (pre > theta)
 
     @staticmethod
     def backward(ctx, grad):
         pre, theta = ctx.saved_tensors
         near = ((pre - theta).abs() < ctx.eps / 2).to(grad.dtype)
-        grad_theta = -(theta / ctx.eps) * near * grad
-        return grad * (pre > theta), grad_theta.reshape(-1, theta.shape[0]).sum(0), None
-
-
-class _StepFunction(torch.autograd.Function):
-    """H(pre - theta), for the L0 penalty. Gradient to theta only: -(1 / eps) K((pre - theta) / eps); none to pre."""
-
-    @staticmethod
-    def forward(ctx, pre, theta, eps):
-        ctx.save_for_backward(pre, theta)
-        ctx.eps = eps
-        return (pre > theta).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, theta = ctx.saved_tensors
-        near = ((pre - theta).abs() < ctx.eps / 2).to(grad.dtype)
-        return None, (-(1 / ctx.eps) * near * grad).reshape(-1, theta.shape[0]).sum(0), None
+        grad_theta = -((1 if ctx.step else theta) / ctx.eps) * near * grad
+        grad_pre = None if ctx.step else grad * (pre > theta)
+        return grad_pre, grad_theta.reshape(-1, theta.shape[0]).sum(0), None, None
 
 
 class JumpReLU(Activation):
@@ -206,7 +192,8 @@ class JumpReLU(Activation):
         return _JumpReLUFunction.apply(pre, self.threshold.to(pre.dtype), self.bandwidth)
 
     def penalty(self, code, pre, p_norm):
-        return _StepFunction.apply(pre, self.threshold.to(pre.dtype), self.bandwidth).sum(-1, dtype=torch.float32)
+        step = _JumpReLUFunction.apply(pre, self.threshold.to(pre.dtype), self.bandwidth, True)  # H(pre - theta)
+        return step.sum(-1, dtype=torch.float32)
 
     def settings(self):
         return {"bandwidth": self.bandwidth}
