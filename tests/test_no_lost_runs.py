@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import report
 import train
 import train_gpt
 from configurator import ConfigError
@@ -166,7 +167,7 @@ def test_an_evaluation_that_fails_leaves_a_checkpoint_that_resumes_exactly(gpt_d
 
     def broken(*a, **k):
         raise RuntimeError("an evaluation that fails")
-    monkeypatch.setattr(train, "evaluate", broken)
+    monkeypatch.setattr(report, "evaluate", broken)  # train.py evaluates through report.TrainingLog
     with pytest.raises(RuntimeError, match="an evaluation that fails"):
         train.main(args(gpt_dir, one_file, tmp_path / "cut", **settings))
     assert "the checkpoint of step 12 in" in capsys.readouterr().err  # saved before the evaluation, and said so
