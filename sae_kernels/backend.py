@@ -90,10 +90,3 @@ def autocast_inputs(device: torch.device, *tensors):
         return tensors
     dtype = torch.get_autocast_dtype(device.type)
     return tuple(t.to(dtype) if t is not None else None for t in tensors)
-
-
-def autocast_dtype(device: torch.device):
-    """The dtype autocast would run matmuls in on `device`, or None when autocast is off there."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None

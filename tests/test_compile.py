@@ -60,16 +60,11 @@ TOPK_NNZ = 32 * TOKENS  # TopK's selected pairs, k = 32 per token: a multiple of
 
 
 def kl_forward_launches(t):
-    """KL of (R, V) logits of dtype t: alone (kl_div), or writing its gradient over the new logits (linear_kl_div)."""
-    logits = dict(new_ptr=f"*{t}", orig_ptr=f"*{t}", kl_ptr="*fp32", lse_new_ptr="*fp32", lse_orig_ptr="*fp32",
-                  grad_scale=1 / TOKENS, vocab=VOCAB, stride_new=VOCAB, stride_orig=VOCAB)
-    return {"kl_div": dict(logits, WRITE_GRAD=False), "linear_kl_div": dict(logits, WRITE_GRAD=True)}
-
-
-def kl_backward_launches(t):
-    return {"kl_div backward": dict(new_ptr=f"*{t}", orig_ptr=f"*{t}", grad_ptr=f"*{t}", lse_new_ptr="*fp32",
-                                    lse_orig_ptr="*fp32", grad_output_ptr="*fp32", inv_rows=1 / TOKENS, vocab=VOCAB,
-                                    stride_new=VOCAB, stride_orig=VOCAB)}
+    """KL of (R, V) logits of dtype t: the loss alone (kl_div without a gradient), or writing its gradient over the
+    new logits (kl_div's copy of them, linear_kl_div's chunk)."""
+    logits = dict(new_ptr=f"*{t}", orig_ptr=f"*{t}", kl_ptr="*fp32", grad_scale=1 / TOKENS, vocab=VOCAB,
+                  stride_new=VOCAB, stride_orig=VOCAB)
+    return {"loss alone": dict(logits, WRITE_GRAD=False), "loss and gradient": dict(logits, WRITE_GRAD=True)}
 
 
 def relu_count_launches(t):
@@ -102,7 +97,7 @@ def sddmm_launches(t):
     return {"ReLU": launch(NNZ), "TopK": launch(TOPK_NNZ)}
 
 
-LAUNCHES = {"kl._kl_forward_kernel": kl_forward_launches, "kl._kl_backward_kernel": kl_backward_launches,
+LAUNCHES = {"kl._kl_forward_kernel": kl_forward_launches,
             "sae._relu_count_kernel": relu_count_launches, "sae._compact_kernel": compact_launches,
             "sae._spmm_kernel": spmm_launches, "sae._sddmm_kernel": sddmm_launches}
 

@@ -323,6 +323,24 @@ def test_kl_div_of_equal_distributions_is_zero(backend):
     assert abs(loss.item()) < 1e-6 and grad.abs().max().item() < 1e-8
 
 
+def test_kl_div_without_a_gradient_and_backward_once(backend):
+    """Under no_grad, or for logits that need no gradient, kl_div computes the loss alone; otherwise its gradient,
+    computed in forward and scaled in place by backward, serves one backward."""
+    backend("triton")
+    g = torch.Generator().manual_seed(9)
+    new, orig = (torch.randn(5, 301, generator=g).to(DEVICE) for _ in range(2))
+    ref_loss, _ = kl_reference(new, orig)
+    with torch.no_grad():
+        loss = sae_kernels.kl_div(new.clone().requires_grad_(), orig)
+    assert loss.grad_fn is None
+    assert_close(loss, ref_loss, TOL[torch.float32], "kl under no_grad")
+    assert_close(sae_kernels.kl_div(new, orig), ref_loss, TOL[torch.float32], "kl of logits without grad")
+    loss = sae_kernels.kl_div(new.clone().requires_grad_(), orig)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", ["peaked", "large"])
 def test_kl_div_peaked_and_large_logits(case, dtype, backend):
@@ -382,13 +400,13 @@ def test_backend_variable_picks_the_implementation(backend, monkeypatch):
                 type(sae_kernels.kl_div(logits, logits.detach()).grad_fn).__name__)
 
     backend("triton")
-    assert names() == ("triton", "KLDivTritonBackward")
+    assert names() == ("triton", "PrecomputedGradBackward")
     backend("torch")
-    assert names()[0] == "torch" and "Triton" not in names()[1]
+    assert names()[0] == "torch" and names()[1] != "PrecomputedGradBackward"
     backend("auto")
     sae_path, kl_name = names()
     assert sae_path == ("triton" if DEVICE == "cuda" else "torch")
-    assert ("Triton" in kl_name) == (DEVICE == "cuda")
+    assert (kl_name == "PrecomputedGradBackward") == (DEVICE == "cuda")
     backend("torch")  # the reference of linear_kl_div is chunked too, and agrees with the kernel
     reference = sae_kernels.linear_kl_div(h, h.detach() + 0.1, weight, chunk_rows=16)
     backend("triton")
