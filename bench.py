@@ -165,12 +165,14 @@ def bench_sae(results, args, shape, torch, sae_kernels):
             run_case(results, op, "torch.compile", grad(compiled), args, torch, active=measured)
         set_backend("triton")
         run_case(results, op, "triton", grad(loss_of(sae_kernels.sae_forward)), args, torch, active=measured)
-        default = sae_kernels.sae.SPARSE_MAX_DENSITY
-        for path, density in (("sparse", 1.0), ("dense", 0.0)):  # both paths, to check the threshold
-            sae_kernels.sae.SPARSE_MAX_DENSITY = density
-            run_case(results, op, f"triton, {path} path forced", grad(loss_of(sae_kernels.sae_forward)), args, torch,
-                     active=measured)
-        sae_kernels.sae.SPARSE_MAX_DENSITY = default
+        # The sparse path at any density, on either device: where it crosses eager (the dense reference, the path
+        # above the threshold) checks SPARSE_MAX_DENSITY
+        sae = sae_kernels.sae
+        defaults = sae.SPARSE_MAX_DENSITY, sae.CPU_SPARSE_MAX_DENSITY
+        sae.SPARSE_MAX_DENSITY = sae.CPU_SPARSE_MAX_DENSITY = 1.0
+        run_case(results, op, "triton, sparse path forced", grad(loss_of(sae_kernels.sae_forward)), args, torch,
+                 active=measured)
+        sae.SPARSE_MAX_DENSITY, sae.CPU_SPARSE_MAX_DENSITY = defaults
 
 
 def bench_sae_topk(results, args, shape, torch, sae_kernels):

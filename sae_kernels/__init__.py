@@ -9,8 +9,9 @@
     linear_kl_div(h_new, h_orig, weight, bias=None) -> kl_div(h_new @ weight.T + bias, h_orig @ weight.T + bias),
                                                        computed in chunks of tokens
 
-E2ESAE_BACKEND=auto|triton|torch picks the implementation at every call (sae_kernels/backend.py): by default
-Triton for CUDA tensors, and elsewhere the PyTorch path over the selected pairs (sae_kernels/sparse.py).
+The SAE runs over its selected pairs (sparse.py: the math, one autograd Function) with Triton's primitives or
+PyTorch's. E2ESAE_BACKEND=auto|triton|torch picks at every call (sae_kernels/backend.py): by default Triton for
+CUDA tensors, PyTorch's elsewhere.
 Tests: `python -m pytest tests/test_kernels.py tests/test_sparse_sae.py`.
 """
 

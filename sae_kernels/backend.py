@@ -83,8 +83,10 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def autocast_dtype(device: torch.device):
-    """The dtype autocast would run matmuls in on `device`, or None when autocast is off there."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
+def autocast_inputs(device: torch.device, *tensors):
+    """The tensors (None stays None) in the dtype autocast would run matmuls in on `device`, where autocast is on:
+    a fused path casts its inputs once, as autocast would, then runs with autocast off."""
+    if not torch.is_autocast_enabled(device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    return tuple(t.to(dtype) if t is not None else None for t in tensors)

@@ -12,25 +12,20 @@ The original logits are a constant target: no gradient flows into them (nor, bel
 One pass per row suffices for the loss: keep running maxima m_z, m_y, running sums s_z = sum exp(z - m_z),
 s_y = sum exp(y - m_y) and a = sum exp(y - m_y)(y - z), rescaling all three when a maximum grows (the online
 softmax trick); then lse = m + log s and KL = a / s_y + lse(z) - lse(y). Everything is in fp32 registers,
-so logits of magnitude 1e4 or one-hot-peaked rows neither overflow nor lose the answer; only two fp32
-numbers per row (the lse's) are kept for the gradient pass.
-
-Memory traffic for R rows x V vocab, b bytes per logit (paper: R = 8,192, V = 50,257, so one pass over a
-(R, V) bf16 tensor is 823 MB):
-    eager: log_softmax twice (read 2, write 2), the pointwise KL (read 2, write 1), the sum (read 1), and in
-           backward about as much again: ~15 passes, and 3-4 (R, V) temporaries alive at the peak (fp32 ones
-           under autocast, which runs log_softmax in fp32).
-    fused: forward reads z and y once (2 passes); backward reads them again and writes the gradient (3 passes).
-           No (R, V) temporary except the gradient autograd asks for.
-It is memory bound (a few FLOPs per logit), so time follows the bytes: ~5 passes instead of ~15.
+so logits of magnitude 1e4 or one-hot-peaked rows neither overflow nor lose the answer. A second sweep of the
+row, in the same program, can write the gradient (times a given scale) over z: the loss is a scalar, so its
+gradient is known when the forward pass ends, and backward only multiplies it by grad_output. kl_div runs it on a
+copy of the new logits, which becomes the gradient autograd asks for: no other (R, V) tensor, where eager PyTorch
+makes several, and fewer passes over the logits (BENCHMARKS.md counts both); the loss is memory bound, so time
+follows the bytes.
 
 `linear_kl_div` goes one step further for the end of the network, where the logits come from the frozen,
 tied lm_head W (V, d): logits = h @ W^T. It never builds the (R, V) logits of either model. It walks over
 chunks of C rows; per chunk it computes both chunks of logits with matmuls, runs the fused kernel, which
-writes d KL / d z over the new logits in place (scaled by 1/R), and turns that into grad_h = grad_z @ W.
-The gradient is therefore ready when the forward pass ends and backward only multiplies it by the scalar
-grad_output. Matmul FLOPs are the eager ones (2 R d V for each logits matmul, 2 R d V for grad_h); memory
-is 2 C V b for one chunk's logits plus R d for grad_h, instead of several (R, V) tensors.
+writes d KL / d z over the new logits in place (scaled by 1/R), and turns that into grad_h = grad_z @ W,
+which backward multiplies by grad_output. Matmul FLOPs are the eager ones (2 R d V for each logits matmul,
+2 R d V for grad_h); memory is 2 C V b for one chunk's logits plus R d for grad_h, instead of several (R, V)
+tensors.
 
 Checked against kl_div_torch by `python -m pytest tests/test_kernels.py`; timed by `python bench.py`.
 """
@@ -38,13 +33,13 @@ Checked against kl_div_torch by `python -m pytest tests/test_kernels.py`; timed 
 import torch
 import torch.nn.functional as F
 
-from .backend import autocast_dtype, tl, triton, tuning_configs, use_triton
+from .backend import autocast_inputs, tl, triton, tuning_configs, use_triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # linear_kl_div's default chunk: rows whose logits hold about 2^25 values per model (64 MB each in bf16).
 LOGITS_PER_CHUNK = 2**25
-# On a CPU smaller chunks stay in the allocator's cache: buffers above ~32 MB are mmapped and page-faulted afresh
-# on every use, which made an e2e step of the embedded default about twice as slow.
+# On a CPU smaller chunks stay in the allocator's cache: larger buffers are mmapped and page-faulted afresh on every
+# use, which slowed an e2e step of the embedded default (BENCHMARKS.md).
 CPU_LOGITS_PER_CHUNK = 2**22
 
 
@@ -80,37 +75,17 @@ _KL_CONFIGS = [triton.Config({"BLOCK_V": 4096}, num_warps=8),
 _KL_INTERPRETER_CONFIG = triton.Config({"BLOCK_V": 128})
 
 
-@triton.jit
-def _kl_grad_row(new_row,  # pointer to this row's new logits z
-                 orig_row,  # pointer to this row's original logits y
-                 grad_row,  # pointer to this row's gradient output (may equal new_row: written in place)
-                 lse_new,  # fp32 log-sum-exp of z
-                 lse_orig,  # fp32 log-sum-exp of y
-                 scale,  # fp32 factor applied to p_new - p_orig (grad_output / R)
-                 vocab,  # V
-                 BLOCK_V: tl.constexpr):  # vocabulary entries per block
-    for start in range(0, vocab, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < vocab
-        z = tl.load(new_row + cols, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(orig_row + cols, mask=mask, other=0.0).to(tl.float32)
-        grad = (tl.exp(z - lse_new) - tl.exp(y - lse_orig)) * scale
-        tl.store(grad_row + cols, grad.to(grad_row.dtype.element_ty), mask=mask)
-
-
 @triton.autotune(configs=tuning_configs(_KL_CONFIGS, _KL_INTERPRETER_CONFIG), key=["vocab", "WRITE_GRAD"],
                  restore_value=["new_ptr"])  # autotuning reruns the kernel: undo its in-place gradient
 @triton.jit
 def _kl_forward_kernel(new_ptr,  # (R, V) new logits z; overwritten by the scaled gradient if WRITE_GRAD
                        orig_ptr,  # (R, V) original logits y
                        kl_ptr,  # (R,) fp32 out: KL of each row
-                       lse_new_ptr,  # (R,) fp32 out: lse(z), for the gradient pass
-                       lse_orig_ptr,  # (R,) fp32 out: lse(y)
                        grad_scale,  # fp32, used if WRITE_GRAD: the gradient is grad_scale * (p_new - p_orig)
                        vocab,  # V
                        stride_new,  # elements between rows of z (the vocab dimension is contiguous)
                        stride_orig,  # elements between rows of y
-                       WRITE_GRAD: tl.constexpr,  # also write d KL / d z over z (linear_kl_div)
+                       WRITE_GRAD: tl.constexpr,  # also write d KL / d z over z
                        BLOCK_V: tl.constexpr):  # vocabulary entries per block
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 for long batches
     new_row = new_ptr + row * stride_new
@@ -140,29 +115,14 @@ def _kl_forward_kernel(new_ptr,  # (R, V) new logits z; overwritten by the scale
     lse_new = m_new + tl.log(s_new)
     lse_orig = m_orig + tl.log(s_orig)
     tl.store(kl_ptr + row, acc / s_orig + lse_new - lse_orig)
-    tl.store(lse_new_ptr + row, lse_new)
-    tl.store(lse_orig_ptr + row, lse_orig)
-    if WRITE_GRAD:
-        _kl_grad_row(new_row, orig_row, new_row, lse_new, lse_orig, grad_scale, vocab, BLOCK_V)
-
-
-@triton.autotune(configs=tuning_configs(_KL_CONFIGS, _KL_INTERPRETER_CONFIG), key=["vocab"])
-@triton.jit
-def _kl_backward_kernel(new_ptr,  # (R, V) new logits z
-                        orig_ptr,  # (R, V) original logits y
-                        grad_ptr,  # (R, V) out, contiguous: grad_output / R * (p_new - p_orig)
-                        lse_new_ptr,  # (R,) fp32 lse(z) from the forward kernel
-                        lse_orig_ptr,  # (R,) fp32 lse(y)
-                        grad_output_ptr,  # scalar: d loss / d (mean KL)
-                        inv_rows,  # fp32 1 / R (the batchmean)
-                        vocab,  # V
-                        stride_new,  # elements between rows of z
-                        stride_orig,  # elements between rows of y
-                        BLOCK_V: tl.constexpr):  # vocabulary entries per block
-    row = tl.program_id(0).to(tl.int64)
-    scale = tl.load(grad_output_ptr).to(tl.float32) * inv_rows  # read on the device: no host sync
-    _kl_grad_row(new_ptr + row * stride_new, orig_ptr + row * stride_orig, grad_ptr + row * vocab,
-                 tl.load(lse_new_ptr + row), tl.load(lse_orig_ptr + row), scale, vocab, BLOCK_V)
+    if WRITE_GRAD:  # grad_scale * (p_new - p_orig), over z
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < vocab
+            z = tl.load(new_row + cols, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(orig_row + cols, mask=mask, other=0.0).to(tl.float32)
+            grad = (tl.exp(z - lse_new) - tl.exp(y - lse_orig)) * grad_scale
+            tl.store(new_row + cols, grad.to(new_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,102 +136,67 @@ def _check_logits(new: torch.Tensor, orig: torch.Tensor):
     assert new.stride(1) == 1 and orig.stride(1) == 1, "the vocabulary dimension must be contiguous"
 
 
-def kl_forward_triton(new: torch.Tensor, orig: torch.Tensor, grad_scale: float | None = None):
-    """Per-row KL and lse's of (R, V) logits. With grad_scale, also overwrite `new` with grad_scale x d KL/d new."""
-    _check_logits(new, orig)
-    rows, vocab = new.shape
-    kl_rows, lse_new, lse_orig = (torch.empty(rows, device=new.device, dtype=torch.float32) for _ in range(3))
-    write_grad = grad_scale is not None
-    _kl_forward_kernel[(rows,)](new, orig, kl_rows, lse_new, lse_orig, float(grad_scale or 0.0), vocab,
-                                new.stride(0), orig.stride(0), WRITE_GRAD=write_grad)
-    return kl_rows, lse_new, lse_orig
-
-
-def kl_backward_triton(new, orig, lse_new, lse_orig, grad_output: torch.Tensor) -> torch.Tensor:
-    """grad_output / R * (p_new - p_orig) as a fresh (R, V) tensor in new's dtype."""
-    _check_logits(new, orig)
-    assert grad_output.numel() == 1, "the KL is a scalar, so its grad_output must be one too"
-    rows, vocab = new.shape
-    grad = torch.empty((rows, vocab), device=new.device, dtype=new.dtype)
-    grad_output = grad_output.reshape(1).float()
-    _kl_backward_kernel[(rows,)](new, orig, grad, lse_new, lse_orig, grad_output, 1.0 / rows, vocab,
-                                 new.stride(0), orig.stride(0))
-    return grad
-
-
-def kl_and_grad_triton(new_logits: torch.Tensor, orig_logits: torch.Tensor, grad_scale: float):
-    """Same contract as kl_and_grad_torch, but the gradient is written over new_logits (returned)."""
-    kl_rows, _, _ = kl_forward_triton(new_logits, orig_logits, grad_scale=grad_scale)
-    return kl_rows, new_logits
+def kl_and_grad_triton(new_logits: torch.Tensor, orig_logits: torch.Tensor, grad_scale: float | None = None):
+    """kl_and_grad_torch's contract for (R, V) logits, the gradient written over new_logits (returned); without
+    grad_scale, the per-row KL alone (and None)."""
+    _check_logits(new_logits, orig_logits)
+    rows, vocab = new_logits.shape
+    kl_rows = torch.empty(rows, device=new_logits.device, dtype=torch.float32)
+    _kl_forward_kernel[(rows,)](new_logits, orig_logits, kl_rows, float(grad_scale or 0.0), vocab,
+                                new_logits.stride(0), orig_logits.stride(0), WRITE_GRAD=grad_scale is not None)
+    return kl_rows, new_logits if grad_scale is not None else None
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Autograd
 
 
-class KLDivTriton(torch.autograd.Function):
-    """Mean over rows of KL(p_orig || p_new); gradient for new_logits only."""
+class PrecomputedGrad(torch.autograd.Function):
+    """A scalar loss of x computed with its gradient, loss_and_grad(x) -> (loss, d loss / d x): backward only
+    multiplies that by grad_output. Differentiable in x only."""
 
     @staticmethod
-    def forward(ctx, new_logits, orig_logits):
-        vocab = new_logits.shape[-1]
-        new = new_logits.reshape(-1, vocab)  # (R, V), a view when the input is contiguous
-        orig = orig_logits.reshape(-1, vocab)  # (R, V)
-        kl_rows, lse_new, lse_orig = kl_forward_triton(new, orig)
-        ctx.save_for_backward(new, orig, lse_new, lse_orig)
-        ctx.input_shape = new_logits.shape
-        return kl_rows.mean()
+    def forward(ctx, x, loss_and_grad):
+        loss, ctx.grad = loss_and_grad(x)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        new, orig, lse_new, lse_orig = ctx.saved_tensors
-        grad = kl_backward_triton(new, orig, lse_new, lse_orig, grad_output)
-        return grad.view(ctx.input_shape), None
+        # Scaled in place, not copied (kl_div's is (R, V)): so it serves one backward, not two.
+        if ctx.grad is None:
+            raise RuntimeError("kl_div and linear_kl_div compute their gradient in forward, for one backward")
+        grad, ctx.grad = ctx.grad, None
+        return grad.mul_(grad_output.to(grad.dtype)), None
 
 
-class ChunkedLinearKL(torch.autograd.Function):
-    """Mean KL of cap(h_new @ W^T) + b against cap(h_orig @ W^T) + b, chunk by chunk; gradient for h_new only.
+def linear_kl_and_grad(h_new, h_orig, weight, bias, softcap, chunk_rows, kl_and_grad):
+    """Mean KL of cap(h_new @ W^T) + b against cap(h_orig @ W^T) + b, chunk by chunk, and its gradient for h_new.
     cap(z) = s tanh(z / s) where a soft cap s is given (Gemma 2's), z itself otherwise; its derivative, 1 - tanh^2,
-    multiplies the gradient of the capped logits.
+    multiplies the gradient of the capped logits. kl_and_grad is kl_and_grad_triton or kl_and_grad_torch."""
+    d = h_new.shape[-1]
+    h_new2, h_orig2 = h_new.reshape(-1, d), h_orig.reshape(-1, d)  # (R, d)
+    rows = h_new2.shape[0]
+    grad_h = torch.empty_like(h_new2)  # (R, d)
+    kl_sum = torch.zeros((), device=h_new.device, dtype=torch.float32)
 
-    kl_and_grad(new_logits, orig_logits, grad_scale) -> (kl_rows, grad_scale * dKL/dnew_logits) is either
-    the Triton kernel (which writes the gradient over the new logits) or the PyTorch reference.
-    """
+    def logits(h):  # (C, V), and the cap's tanh where there is one
+        z = h @ weight.t() if bias is None or softcap is not None else torch.addmm(bias, h, weight.t())
+        if softcap is None:
+            return z, None
+        tanh = torch.tanh(z / softcap)
+        return softcap * tanh + (bias if bias is not None else 0), tanh
 
-    @staticmethod
-    def forward(ctx, h_new, h_orig, weight, bias, softcap, chunk_rows, kl_and_grad):
-        d = h_new.shape[-1]
-        h_new2, h_orig2 = h_new.reshape(-1, d), h_orig.reshape(-1, d)  # (R, d)
-        rows = h_new2.shape[0]
-        grad_h = torch.empty_like(h_new2)  # (R, d)
-        kl_sum = torch.zeros((), device=h_new.device, dtype=torch.float32)
-
-        def logits(h):  # (C, V), and the cap's tanh where there is one
-            z = h @ weight.t() if bias is None or softcap is not None else torch.addmm(bias, h, weight.t())
-            if softcap is None:
-                return z, None
-            tanh = torch.tanh(z / softcap)
-            return softcap * tanh + (bias if bias is not None else 0), tanh
-
-        for start in range(0, rows, chunk_rows):
-            chunk = slice(start, start + chunk_rows)
-            new_logits, tanh = logits(h_new2[chunk])
-            orig_logits, _ = logits(h_orig2[chunk])
-            kl_rows, grad_logits = kl_and_grad(new_logits, orig_logits, 1.0 / rows)
-            del orig_logits
-            kl_sum += kl_rows.sum()
-            if tanh is not None:  # through the cap: d (s tanh(z / s)) / dz = 1 - tanh^2
-                grad_logits = grad_logits * (1 - tanh * tanh)
-            torch.matmul(grad_logits, weight, out=grad_h[chunk])  # (C, V) @ (V, d) -> (C, d)
-        # A gradient computed in forward is the right one only for this scalar: backward checks that.
-        ctx.save_for_backward(grad_h.view(h_new.shape))
-        return kl_sum / rows
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        assert grad_output.numel() == 1, "linear_kl_div precomputes its gradient, valid for a scalar loss only"
-        (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_output.to(grad_h.dtype), None, None, None, None, None, None
+    for start in range(0, rows, chunk_rows):
+        chunk = slice(start, start + chunk_rows)
+        new_logits, tanh = logits(h_new2[chunk])
+        orig_logits, _ = logits(h_orig2[chunk])
+        kl_rows, grad_logits = kl_and_grad(new_logits, orig_logits, 1.0 / rows)
+        del orig_logits
+        kl_sum += kl_rows.sum()
+        if tanh is not None:  # through the cap: d (s tanh(z / s)) / dz = 1 - tanh^2
+            grad_logits = grad_logits * (1 - tanh * tanh)
+        torch.matmul(grad_logits, weight, out=grad_h[chunk])  # (C, V) @ (V, d) -> (C, d)
+    return kl_sum / rows, grad_h.view(h_new.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,9 +209,18 @@ def kl_div(new_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch.Tensor:
     Differentiable in new_logits only; orig_logits is a constant target. The Triton path returns fp32.
     """
     assert new_logits.shape == orig_logits.shape, f"logits {new_logits.shape} vs {orig_logits.shape}"
-    if use_triton(new_logits, orig_logits):
-        return KLDivTriton.apply(new_logits, orig_logits.detach())
-    return kl_div_torch(new_logits, orig_logits)
+    if not use_triton(new_logits, orig_logits):
+        return kl_div_torch(new_logits, orig_logits)
+    vocab = new_logits.shape[-1]
+    orig = orig_logits.detach().reshape(-1, vocab)  # (R, V)
+    if not (torch.is_grad_enabled() and new_logits.requires_grad):  # the loss alone
+        return kl_and_grad_triton(new_logits.reshape(-1, vocab), orig)[0].mean()
+
+    def loss_and_grad(new):  # the gradient is written over a copy of the new logits
+        grad = new.reshape(-1, vocab).clone(memory_format=torch.contiguous_format)  # (R, V)
+        kl_rows, grad = kl_and_grad_triton(grad, orig, 1.0 / grad.shape[0])
+        return kl_rows.mean(), grad.view(new.shape)
+    return PrecomputedGrad.apply(new_logits, loss_and_grad)
 
 
 def linear_kl_div(h_new: torch.Tensor, h_orig: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -306,11 +240,8 @@ def linear_kl_div(h_new: torch.Tensor, h_orig: torch.Tensor, weight: torch.Tenso
         per_chunk = LOGITS_PER_CHUNK if h_new.is_cuda else CPU_LOGITS_PER_CHUNK
         chunk_rows = max(16, per_chunk // weight.shape[0] // 16 * 16)
     kl_and_grad = kl_and_grad_triton if use_triton(h_new, h_orig, weight) else kl_and_grad_torch
-    h_orig, weight = h_orig.detach(), weight.detach()
     bias = bias.detach().to(weight.dtype) if bias is not None else None
-    dtype = autocast_dtype(h_new.device)
-    if dtype is not None:  # do what autocast would do to the matmuls, once, outside the chunk loop
-        h_new, h_orig, weight = h_new.to(dtype), h_orig.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    h_new, h_orig, weight, bias = autocast_inputs(h_new.device, h_new, h_orig.detach(), weight.detach(), bias)
     with torch.autocast(h_new.device.type, enabled=False):
-        return ChunkedLinearKL.apply(h_new, h_orig, weight, bias, softcap, chunk_rows, kl_and_grad)
+        return PrecomputedGrad.apply(h_new, lambda h: linear_kl_and_grad(h, h_orig, weight, bias, softcap,
+                                                                         chunk_rows, kl_and_grad))

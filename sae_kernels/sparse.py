@@ -1,64 +1,53 @@
-"""The SAE over its selected (token, element) pairs only, in PyTorch: the path wherever Triton does not run.
+"""The SAE over its selected (token, element) pairs: one forward and one backward, over either set of primitives.
 
-The SAE of sae.py (its docstring has the math; `sae.sae_forward_torch` is the dense reference), for N tokens x of
-width d and a dictionary of n elements. Call S the selected pairs, |S| = nnz, and S_i the elements token i keeps:
+The SAE of Braun et al. (2024), for N tokens x of width d and a dictionary of n elements, with a ReLU code or,
+given k, the TopK code of Gao et al. (2024, "Scaling and evaluating sparse autoencoders") or BatchTopK's training
+code. Call S the selected pairs, |S| = nnz, and S_i the elements token i keeps:
 
+    ReLU       S   = {(i, j): pre_ij > 0}                                        nnz = whatever fires
     TopK       S_i = the k largest pre-activations of token i                   nnz = N k
     BatchTopK  S   = the N k largest pre-activations of the whole batch         nnz = N k, any number per token
-    ReLU       S   = {(i, j): pre_ij > 0}                                        nnz = whatever fires
 
-and c_ij = relu(pre_ij) on S, 0 elsewhere (a selected pre-activation below 0 stays in S with c = 0; relu's gate
-stops its gradient). Only the encoder is dense; every other product runs over S:
+and c_ij = relu(pre_ij) on S, 0 elsewhere. A selected pre-activation below 0 stays in S with c = 0 (every TopK row
+keeps its k pairs, so nothing needs measuring; relu's gate stops its gradient). Given g = dL/dx_hat (N, d) and
+g_c = dL/dc from outside (a sparsity term), if any:
 
-    pre       = x W_enc^T + b_enc                        the one dense matmul, 2 N d n FLOPs
-    x_hat_i   = sum_{j in S_i} c_ij D_j + b_dec          decode: a weighted sum of k rows of D^T
+    pre       = x W_enc^T + b_enc                        (N, n), the one dense matmul
+    D_j       = W_dec_j / ||W_dec_j||                    the decoder's unit-norm columns, recomputed every call
+    x_hat_i   = sum_{j in S_i} c_ij D_j + b_dec          decode: a weighted sum of rows of D^T
     g_pre_ij  = (g_i . D_j + g_c_ij) [c_ij > 0]          on S only (SDDMM: g D sampled at S)
     dx_i      = sum_{j in S_i} g_pre_ij W_enc_j          dW_enc_j = sum_{i: j in S_i} g_pre_ij x_i
     db_enc_j  = sum_{i: j in S_i} g_pre_ij               dD_j     = sum_{i: j in S_i} c_ij g_i
-    dW_dec_j  = (dD_j - D_j (D_j . dD_j)) / ||W_dec_j||  through D_j = W_dec_j / ||W_dec_j|| (column j)
+    db_dec    = sum_i g_i                                dW_dec_j = (dD_j - D_j (D_j . dD_j)) / ||W_dec_j||
 
-A weighted sum of gathered table rows is `F.embedding_bag(mode="sum", per_sample_weights=...)`: with S in CSR form
-(per token, its elements: row_ptr, col, value) it decodes and gives dx; with S sorted by element (CSC: per element,
-the tokens it fires on; one sort of nnz indices) it gives dW_enc from the rows of x and dD from the rows of g. The
-SDDMM is `torch.sparse.sampled_addmm` on the CSC pattern: each element's row of D^T is read once and the rows of g
-it meets (6 MB, cache-resident) are gathered. db_enc is an index_add of nnz numbers.
+Only the encoder's pre-activation is inherently dense: every other product involves c or g_pre, zero off S, so each
+is a sum over the nnz selected pairs instead of a matmul over all N n. Two primitives compute them all, over S in
+CSR form (per token, its elements: row_ptr, col, value) or sorted by element (CSC: per element, the tokens it fires
+on; one stable sort of nnz indices, so a fixed summation order, deterministic):
 
-Cost of one TopK training step at N = 2,048, d = 768, n = 12,288, k = 32, fp32 (each dense product 2 N d n =
-38.7 GFLOP; one (N, n) tensor 100 MB; on the 2-core CPU this was written on, ~100 GFLOP/s and ~40 ms to fault in
-each fresh 100 MB):
-    dense (the reference): 5 such matmuls (encoder, decoder, g D, g_pre^T x, c^T g; a 6th for dx), and c, the
-        relu mask, g D and g_pre as fresh (N, n) tensors: ~190 GFLOP and ~0.5 GB of (N, n) traffic, ~2 s.
-    here: the encoder matmul (38.7 GFLOP, ~0.4 s), topk's read of pre, c written over pre's buffer (no new
-        (N, n) tensor), then 4 passes (5 with dx) over nnz = 65,536 pairs of d = 768: 50 M multiply-adds each,
-        0.4 GFLOP in all; and D^T, dD^T, dW_enc and dW_dec, 37 MB each. Alternatives measured on the same CPU
-        (fastest of repeated runs, other jobs running): for dW_enc, index_add of the nnz outer products g_pre_ij
-        x_i (an nnz x d = 200 MB intermediate) 195 ms, a CSR sparse.mm 55 ms, embedding_bag on the element-sorted
-        pattern 24 ms; for the SDDMM, gathering D's rows and a bmm 136 ms, sampled_addmm on the CSR pattern
-        14 ms, on the CSC one 2 to 10 ms.
-The decoder weight is (d, n), its rows the input dimensions, as nn.Linear stores it: D^T and dW_dec each cost a
-transposing copy (~25 ms each here). With W_dec stored column-major (W_dec.t() contiguous), D^T is a straight
-copy and dW_dec a view in W_dec's own layout; both layouts work.
+    gather_sum    out_b = sum_{e in [ptr_b, ptr_b+1)} w_e table[idx_e] (+ bias): on the CSR pattern it decodes
+                  (table D^T) and gives dx (table W_enc); on the CSC one dW_enc (table x), dD (table g), db_enc
+                  (a table of ones)
+    sampled_dots  left_b . right[idx_e] for each pair e of b: on the CSC pattern D_j . g_i, reading each element's
+                  row of D^T once and gathering the rows of g it meets
 
-ReLU pays only while few codes fire: per active pair the sparse path gathers ~6 rows of d, where a dense matmul
-spends ~10 d FLOPs on every pair, active or not. On a CPU the two cross near a density of 1/5 (BENCHMARKS.md), so
-the dispatch in sae.py measures a sample of tokens and takes the sparse path up to SPARSE_MAX_DENSITY = 1/8 (with a
-margin: a faster BLAS moves the crossing down). TopK and BatchTopK always take the sparse path. `python bench.py
---peers` times a whole TopK training step against SAELens and sparsify.
+TORCH below computes them with F.embedding_bag and torch.sparse.sampled_addmm, in fp32 (fp64 for fp64 inputs);
+sae.TRITON with Triton kernels, in the inputs' dtype with fp32 accumulation. The selection is torch.topk for TopK,
+select_batch_topk for BatchTopK, and for ReLU each set's select_relu.
 
-Checked against sae.sae_forward_torch by `python -m pytest tests/test_sparse_sae.py`.
+Checked against sae.sae_forward_torch by `python -m pytest tests/test_sparse_sae.py tests/test_kernels.py`.
 """
 
 import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .backend import autocast_dtype
+from .backend import autocast_inputs
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# On a CPU, ReLU takes the sparse path when at most this share of the codes fires (measured on 2 cores; see above).
-SPARSE_MAX_DENSITY = 1 / 8
 
 
 def check_sae_inputs(x, enc_weight, enc_bias, dec_weight, dec_bias, dtypes):
@@ -74,11 +63,14 @@ def check_sae_inputs(x, enc_weight, enc_bias, dec_weight, dec_bias, dtypes):
     return n_dict, d
 
 
-def check_k(k, n_dict: int):
-    """k is None (the ReLU code) or TopK's number of codes per token, an int from 1 to n_dict; else ValueError."""
+def check_k(k, n_dict: int, batch_topk: bool = False):
+    """k is None (the ReLU code) or TopK's number of codes per token, an int from 1 to n_dict, and given if
+    batch_topk; else ValueError."""
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_dict):
         raise ValueError(f"k={k!r}: TopK needs k, the codes it keeps per token, an int from 1 to n_dict={n_dict} "
                          "(or None for the ReLU code)")
+    if batch_topk and k is None:
+        raise ValueError("batch_topk=True selects k codes per token on average over the batch: give k")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -92,11 +84,19 @@ def pattern_rows(row_ptr: torch.Tensor, nnz: int) -> torch.Tensor:
 
 
 def sort_indices(keys: torch.Tensor):
-    """torch.sort(keys, stable=True) of (nnz,) int64 keys, as one row of a 2-D tensor: PyTorch sorts that on one
-    thread, where a 1-D integer tensor gets a parallel radix sort whose passes each wait for every thread (on 2
-    shared cores: 0.3 ms idle, 180 ms when another job held a core; this way 3 to 25 ms)."""
-    values, order = torch.sort(keys.view(1, -1), dim=1, stable=True)
+    """torch.sort(keys, stable=True) of (nnz,) int64 keys. On a CPU as one row of a 2-D tensor: PyTorch sorts that
+    on one thread, where a 1-D integer tensor gets a parallel radix sort whose passes each wait for every thread,
+    slow on shared cores (BENCHMARKS.md)."""
+    values, order = torch.sort(keys.view(1, -1) if keys.device.type == "cpu" else keys, dim=-1, stable=True)
     return values.view(-1), order.view(-1)
+
+
+def by_element(row_ptr, col, n_dict: int):
+    """The CSR pattern sorted by element (CSC): col_ptr (n + 1,), and per pair its element, its token and its
+    place in the CSR order (each (nnz,)). No host sync."""
+    col_sorted, order = sort_indices(col)
+    col_ptr = torch.searchsorted(col_sorted, torch.arange(n_dict + 1, device=col.device))
+    return col_ptr, col_sorted, pattern_rows(row_ptr, col.numel())[order], order
 
 
 def select_topk(pre: torch.Tensor, k: int):
@@ -139,37 +139,25 @@ def select_batch_topk(pre: torch.Tensor, k: int):
 
 
 def select_relu(pre: torch.Tensor):
-    """Every positive pre-activation, ordered by (token, element)."""
-    flat = (pre > 0).view(-1).nonzero().squeeze(1)  # (nnz,) positions in the flattened (N, n)
+    """relu over (N, n) pre-activations in place, and every positive one, ordered by (token, element)."""
+    flat = pre.relu_().view(-1).nonzero().squeeze(1)  # (nnz,) positions in the flattened (N, n)
     n = pre.shape[1]
     row_ptr = F.pad(torch.bincount(flat // n, minlength=pre.shape[0]).cumsum(0), (1, 0))
     return row_ptr, flat % n, pre.view(-1)[flat]
 
 
-def relu_density(x, enc_weight, enc_bias, tokens: int = 64) -> float:
-    """The share of ReLU's codes that fire on about `tokens` tokens spread through x: one small matmul, one sync."""
-    x2 = x.reshape(-1, x.shape[-1])
-    with torch.no_grad():
-        pre = F.linear(x2[:: max(1, x2.shape[0] // tokens)], enc_weight, enc_bias)  # (~tokens, n)
-        return (pre > 0).float().mean().item()
-
-
-def by_element(row_ptr, col, n_dict: int):
-    """The CSR pattern sorted by element (CSC): col_ptr (n + 1,), and per pair its element, its token and its
-    place in the CSR order (each (nnz,)). The sort is stable: a fixed summation order, deterministic."""
-    col_sorted, order = sort_indices(col)
-    col_ptr = F.pad(torch.bincount(col_sorted, minlength=n_dict).cumsum(0), (1, 0))
-    return col_ptr, col_sorted, pattern_rows(row_ptr, col.numel())[order], order
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Products over a pattern
+# The primitives in PyTorch
 
 
-def gather_sum(ptr, idx, weight, table) -> torch.Tensor:
-    """out[b] = sum over e in [ptr[b], ptr[b + 1]) of weight[e] table[idx[e]]: (len(ptr) - 1, d)."""
-    return F.embedding_bag(idx, table.contiguous(), ptr, mode="sum", per_sample_weights=weight,
-                           include_last_offset=True)
+def gather_sum(ptr, idx, weight, table, bias=None, out_dtype=None) -> torch.Tensor:
+    """out[b] = sum over e in [ptr[b], ptr[b + 1]) of weight[e] table[idx[e]] (+ bias): (len(ptr) - 1, d), computed
+    in weight's dtype, returned in out_dtype (default table's)."""
+    out = F.embedding_bag(idx, table.to(weight.dtype).contiguous(), ptr, mode="sum", per_sample_weights=weight,
+                          include_last_offset=True)
+    if bias is not None:
+        out += bias
+    return out.to(out_dtype or table.dtype)
 
 
 def sampled_dots(ptr, idx, left, right) -> torch.Tensor:
@@ -181,6 +169,21 @@ def sampled_dots(ptr, idx, left, right) -> torch.Tensor:
     return torch.sparse.sampled_addmm(mask, left, right.t(), beta=0).values()
 
 
+class Ops(NamedTuple):
+    """A set of primitives the SAE over its pairs computes with (see the docstring), and the dtypes it takes."""
+
+    name: str  # "torch" or "triton"; the backward's ctx.ops tells which set ran
+    gather_sum: Callable  # (ptr, idx, weight, table, bias=None, out_dtype=None) -> (len(ptr) - 1, d)
+    sampled_dots: Callable  # (ptr, idx, left, right) -> (nnz,), fp32 or wider
+    select_relu: Callable  # (pre) -> (row_ptr, col, value), writing relu(pre) over pre
+    dtypes: tuple  # the inputs' dtypes it takes
+    compute: Callable  # the inputs' dtype -> the dtype of D^T, the values and the gradients computed inside
+
+
+TORCH = Ops("torch", gather_sum, sampled_dots, select_relu, SUPPORTED_DTYPES,
+            lambda dtype: torch.float64 if dtype == torch.float64 else torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Autograd
 
@@ -188,27 +191,25 @@ def sampled_dots(ptr, idx, left, right) -> torch.Tensor:
 class SAEForwardSparse(torch.autograd.Function):
     """(x_hat, row_ptr, col, value, c or None) of the SAE, computed over the selected pairs (see the docstring).
 
-    select: "topk", "batch_topk" (k per token, over each token or over the batch) or "relu" (k None).
-    dense: also return c (N, n), written over the pre-activations' buffer. Gradients arrive through x_hat, value
-    and c; the compute dtype is fp32 (fp64 for fp64 inputs), the outputs and gradients are in the inputs' dtype.
+    ops: TORCH or sae.TRITON; select: "topk", "batch_topk" (k per token, over each token or over the batch) or
+    "relu" (k None); dense: also return c (N, n), written over the pre-activations' buffer. Gradients arrive through
+    x_hat, value and c; the outputs and gradients are in the inputs' dtype.
     """
 
     @staticmethod
-    def forward(ctx, x, enc_weight, enc_bias, dec_weight, dec_bias, select, k, dense):
-        n_dict, d = check_sae_inputs(x, enc_weight, enc_bias, dec_weight, dec_bias, SUPPORTED_DTYPES)
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    def forward(ctx, x, enc_weight, enc_bias, dec_weight, dec_bias, ops, select, k, dense):
+        n_dict, d = check_sae_inputs(x, enc_weight, enc_bias, dec_weight, dec_bias, ops.dtypes)
+        compute = ops.compute(x.dtype)
         x2 = x.reshape(-1, d).contiguous()  # (N, d)
         pre = torch.addmm(enc_bias, x2, enc_weight.t())  # (N, n), the one dense matmul
-        if select == "topk":
-            row_ptr, col, value = select_topk(pre, k)
-        elif select == "batch_topk":
-            row_ptr, col, value = select_batch_topk(pre, k)
+        if select == "relu":  # its buffer becomes c
+            row_ptr, col, value = ops.select_relu(pre)
         else:
-            row_ptr, col, value = select_relu(pre)
+            row_ptr, col, value = (select_topk if select == "topk" else select_batch_topk)(pre, k)
         value = value.to(compute).relu_()  # (nnz,) the code at the selected pairs
         c = None
         if dense and select == "relu":
-            c = pre.relu_()
+            c = pre
         elif dense:  # pre is not needed any more: its buffer becomes c
             c = pre.view(-1).zero_().index_put_((pattern_rows(row_ptr, col.numel()) * n_dict + col,),
                                                 value.to(pre.dtype)).view(pre.shape)
@@ -216,59 +217,58 @@ class SAEForwardSparse(torch.autograd.Function):
 
         # (n, d) rows of D^T, contiguous: a transposing copy unless W_dec is stored column-major
         dictionary_t = dec_weight.t().to(compute, memory_format=torch.contiguous_format, copy=True)
-        norms = torch.linalg.vector_norm(dictionary_t, dim=1)  # (n,) ||W_dec_j||
-        dictionary_t.div_(norms[:, None])
-        x_hat = gather_sum(row_ptr, col, value, dictionary_t).add_(dec_bias)  # (N, d)
+        norms = torch.linalg.vector_norm(dictionary_t, dim=1, dtype=torch.promote_types(compute, torch.float32))
+        dictionary_t.div_(norms[:, None])  # norms (n,) ||W_dec_j||, in fp32 or wider
+        x_hat = ops.gather_sum(row_ptr, col, value, dictionary_t, bias=dec_bias, out_dtype=x.dtype)  # (N, d)
 
         ctx.save_for_backward(x2, enc_weight, dictionary_t, norms, row_ptr, col, value)
-        ctx.x_shape, ctx.column_major = x.shape, dec_weight.t().is_contiguous()
+        ctx.ops, ctx.x_shape, ctx.column_major = ops, x.shape, dec_weight.t().is_contiguous()
         ctx.mark_non_differentiable(row_ptr, col)
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros
         c = c.view(*x.shape[:-1], n_dict) if c is not None else None
-        return x_hat.to(x.dtype).view(x.shape), row_ptr, col, value.to(x.dtype), c
+        return x_hat.view(x.shape), row_ptr, col, value.to(x.dtype), c
 
     @staticmethod
     def backward(ctx, grad_x_hat, grad_row_ptr, grad_col, grad_value, grad_c):
         needs = ctx.needs_input_grad
-        none = (None,) * 8
         if grad_x_hat is None and grad_value is None and grad_c is None:
-            return none
+            return (None,) * 9
         x2, enc_weight, dictionary_t, norms, row_ptr, col, value = ctx.saved_tensors
-        (N, d), n_dict, compute = x2.shape, enc_weight.shape[0], dictionary_t.dtype
-        g = grad_x_hat.reshape(N, d).to(compute).contiguous() if grad_x_hat is not None else None  # (N, d)
+        ops, (N, d), n_dict, wide = ctx.ops, x2.shape, enc_weight.shape[0], norms.dtype
+        g = grad_x_hat.reshape(N, d).to(dictionary_t.dtype).contiguous() if grad_x_hat is not None else None
 
         col_ptr, csc_col, csc_rows, order = by_element(row_ptr, col, n_dict)
         value_csc = value[order]
-        # g_pre on S, in CSC order: what dW_enc and db_enc sum over
+        # g_pre on S, in CSC order (what dW_enc and db_enc sum over), fp32 or wider
         if g is not None:
-            grad_pre = sampled_dots(col_ptr, csc_rows, dictionary_t, g)  # (nnz,) D_j . g_i
+            grad_pre = ops.sampled_dots(col_ptr, csc_rows, dictionary_t, g)  # (nnz,) D_j . g_i
         else:
-            grad_pre = torch.zeros_like(value_csc)
+            grad_pre = torch.zeros_like(value_csc, dtype=wide)
         if grad_value is not None:
-            grad_pre += grad_value.to(compute)[order]
+            grad_pre += grad_value[order]
         if grad_c is not None:  # possibly expanded (c.sum()): read at the pairs only
-            grad_pre += grad_c.reshape(N, n_dict)[csc_rows, csc_col].to(compute)
+            grad_pre += grad_c.reshape(N, n_dict)[csc_rows, csc_col]
         grad_pre.masked_fill_(value_csc <= 0, 0)  # relu's gate
 
         grad_x = grad_enc_w = grad_enc_b = grad_dec_w = grad_dec_b = None
         if needs[0]:
             grad_pre_csr = torch.empty_like(grad_pre).index_copy_(0, order, grad_pre)
-            grad_x = gather_sum(row_ptr, col, grad_pre_csr, enc_weight.to(compute)).to(x2.dtype).view(ctx.x_shape)
+            grad_x = ops.gather_sum(row_ptr, col, grad_pre_csr, enc_weight).view(ctx.x_shape)  # G_pre W_enc
         if needs[1]:
-            grad_enc_w = gather_sum(col_ptr, csc_rows, grad_pre, x2.to(compute)).to(enc_weight.dtype)  # (n, d)
+            grad_enc_w = ops.gather_sum(col_ptr, csc_rows, grad_pre, x2)  # (n, d) = G_pre^T x
         if needs[2]:
-            grad_enc_b = torch.zeros(n_dict, dtype=compute, device=x2.device).index_add_(0, csc_col, grad_pre)
-            grad_enc_b = grad_enc_b.to(enc_weight.dtype)
+            grad_enc_b = ops.gather_sum(col_ptr, csc_rows, grad_pre, x2.new_ones(N, 1))[:, 0]  # G_pre^T 1
         if g is not None and needs[3]:
-            grad_dict_t = gather_sum(col_ptr, csc_rows, value_csc, g)  # (n, d) = C^T g, dL/dD^T
-            radial = torch.einsum("nd,nd->n", dictionary_t, grad_dict_t)  # (n,) D_j . dD_j
-            grad_dict_t.addcmul_(dictionary_t, radial[:, None], value=-1).div_(norms[:, None])
+            grad_dict_t = ops.gather_sum(col_ptr, csc_rows, value_csc, g, out_dtype=wide)  # (n, d) = C^T g = dL/dD^T
+            unit = dictionary_t.to(wide)
+            radial = torch.einsum("nd,nd->n", unit, grad_dict_t)  # (n,) D_j . dD_j
+            grad_dict_t.addcmul_(unit, radial[:, None], value=-1).div_(norms[:, None])
             # (d, n) in W_dec's layout: a transposing copy unless W_dec is stored column-major (then a view)
             layout = torch.preserve_format if ctx.column_major else torch.contiguous_format
             grad_dec_w = grad_dict_t.t().to(enc_weight.dtype, memory_format=layout)
         if g is not None and needs[4]:
-            grad_dec_b = g.sum(0).to(enc_weight.dtype)
-        return grad_x, grad_enc_w, grad_enc_b, grad_dec_w, grad_dec_b, None, None, None
+            grad_dec_b = g.sum(0, dtype=wide).to(enc_weight.dtype)
+        return grad_x, grad_enc_w, grad_enc_b, grad_dec_w, grad_dec_b, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -298,8 +298,17 @@ class SparseCode(NamedTuple):
         return c.index_put((self.rows() * n_dict + self.col,), self.value).view(self.shape)
 
 
+def sae_pairs(ops, x, enc_weight, enc_bias, dec_weight, dec_bias, k, batch_topk, dense):
+    """SAEForwardSparse with ops' primitives, under autocast in its dtype: (x_hat, SparseCode)."""
+    tensors = autocast_inputs(x.device, x, enc_weight, enc_bias, dec_weight, dec_bias)
+    select = "relu" if k is None else ("batch_topk" if batch_topk else "topk")
+    with torch.autocast(x.device.type, enabled=False):
+        x_hat, row_ptr, col, value, c = SAEForwardSparse.apply(*tensors, ops, select, k, dense)
+    return x_hat, SparseCode(row_ptr, col, value, torch.Size((*x.shape[:-1], enc_weight.shape[0])), c)
+
+
 def sae_forward_sparse(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_topk=False, dense=False):
-    """The SAE on x (..., d_in) over its selected pairs: (x_hat (..., d_in), SparseCode). On every device.
+    """The SAE on x (..., d_in) over its selected pairs, in PyTorch: (x_hat (..., d_in), SparseCode). On every device.
 
     k=None: the ReLU code (every positive pre-activation); k an int: TopK, each token's k largest pre-activations
     through relu; with batch_topk=True, BatchTopK's training code: the batch's N k largest (N tokens), k per token
@@ -307,14 +316,5 @@ def sae_forward_sparse(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, ba
     (N, n_dict) tensor). Gradients flow from x_hat and from the code's values (or c) to every input. Under
     autocast the inputs are cast to the autocast dtype first.
     """
-    check_k(k, enc_weight.shape[0])
-    if batch_topk and k is None:
-        raise ValueError("batch_topk=True selects k codes per token on average over the batch: give k")
-    dtype = autocast_dtype(x.device)
-    tensors = (x, enc_weight, enc_bias, dec_weight, dec_bias)
-    if dtype is not None:  # what autocast would do to the matmuls, done once for every product
-        tensors = tuple(t.to(dtype) for t in tensors)
-    select = "relu" if k is None else ("batch_topk" if batch_topk else "topk")
-    with torch.autocast(x.device.type, enabled=False):
-        x_hat, row_ptr, col, value, c = SAEForwardSparse.apply(*tensors, select, k, dense)
-    return x_hat, SparseCode(row_ptr, col, value, torch.Size((*x.shape[:-1], enc_weight.shape[0])), c)
+    check_k(k, enc_weight.shape[0], batch_topk)
+    return sae_pairs(TORCH, x, enc_weight, enc_bias, dec_weight, dec_bias, k, batch_topk, dense)

@@ -60,55 +60,44 @@ TOPK_NNZ = 32 * TOKENS  # TopK's selected pairs, k = 32 per token: a multiple of
 
 
 def kl_forward_launches(t):
-    """KL of (R, V) logits of dtype t: alone (kl_div), or writing its gradient over the new logits (linear_kl_div)."""
-    logits = dict(new_ptr=f"*{t}", orig_ptr=f"*{t}", kl_ptr="*fp32", lse_new_ptr="*fp32", lse_orig_ptr="*fp32",
-                  grad_scale=1 / TOKENS, vocab=VOCAB, stride_new=VOCAB, stride_orig=VOCAB)
-    return {"kl_div": dict(logits, WRITE_GRAD=False), "linear_kl_div": dict(logits, WRITE_GRAD=True)}
-
-
-def kl_backward_launches(t):
-    return {"kl_div backward": dict(new_ptr=f"*{t}", orig_ptr=f"*{t}", grad_ptr=f"*{t}", lse_new_ptr="*fp32",
-                                    lse_orig_ptr="*fp32", grad_output_ptr="*fp32", inv_rows=1 / TOKENS, vocab=VOCAB,
-                                    stride_new=VOCAB, stride_orig=VOCAB)}
+    """KL of (R, V) logits of dtype t: the loss alone (kl_div without a gradient), or writing its gradient over the
+    new logits (kl_div's copy of them, linear_kl_div's chunk)."""
+    logits = dict(new_ptr=f"*{t}", orig_ptr=f"*{t}", kl_ptr="*fp32", grad_scale=1 / TOKENS, vocab=VOCAB,
+                  stride_new=VOCAB, stride_orig=VOCAB)
+    return {"loss alone": dict(logits, WRITE_GRAD=False), "loss and gradient": dict(logits, WRITE_GRAD=True)}
 
 
 def relu_count_launches(t):
-    return {"relu + count": dict(c_ptr=f"*{t}", count_ptr="*i32", n_dict=N_DICT, stride_row=N_DICT)}
+    return {"relu + count": dict(c_ptr=f"*{t}", count_ptr="*i32", n_dict=N_DICT)}
 
 
 def compact_launches(t):
-    return {"compact": dict(c_ptr=f"*{t}", row_ptr="*i64", col_ptr="*i32", val_ptr=f"*{t}", n_dict=N_DICT,
-                            stride_row=N_DICT)}
+    return {"compact": dict(c_ptr=f"*{t}", row_ptr="*i64", col_ptr="*i64", val_ptr=f"*{t}", n_dict=N_DICT)}
 
 
 def spmm_launches(t):
-    """SAEForwardTriton's gathers: the decoder, then the gradients (fp32 values g_pre; fp32 outputs for sums).
+    """gather_sum in SAEForwardSparse: the decoder, then the gradients (fp32 weights g_pre; fp32 outputs for dD).
 
     ReLU's pattern and TopK's launch them alike: no argument depends on the number of entries."""
     def launch(val, out, width, has_bias):
-        return dict(ptr_ptr="*i64", idx_ptr="*i32", val_ptr=f"*{val}", table_ptr=f"*{t}",
-                    bias_ptr=f"*{t if has_bias else out}", out_ptr=f"*{out}", d=width, stride_table=width,
-                    HAS_BIAS=has_bias)
+        return dict(ptr_ptr="*i64", idx_ptr="*i64", val_ptr=f"*{val}", table_ptr=f"*{t}",
+                    bias_ptr=f"*{t if has_bias else out}", out_ptr=f"*{out}", d=width, HAS_BIAS=has_bias)
     return {"x_hat = C D^T + b_dec": launch(t, t, D_IN, True),
             "dx = G_pre W_enc, dW_enc = G_pre^T x": launch("fp32", t, D_IN, False),
-            "db_enc = G_pre^T 1 (a table of one column)": launch("fp32", "fp32", 1, False),
+            "db_enc = G_pre^T 1 (a table of one column)": launch("fp32", t, 1, False),
             "dD = C^T g": launch(t, "fp32", D_IN, False)}
 
 
 def sddmm_launches(t):
-    """g_pre at the active pairs, from g = dL/dx_hat and g_c = dL/dc (a sparsity term), or from either alone;
-    for ReLU's pattern and for TopK's, whose entry count is a multiple of 16."""
-    def launch(has_left, has_extra, nnz):
-        return dict(entry_row_ptr="*i32", col_ptr="*i32", left_ptr=f"*{t}", right_ptr=f"*{t}", extra_ptr=f"*{t}",
-                    out_ptr="*fp32", nnz=nnz, d=D_IN, stride_left=D_IN if has_left else 0, stride_right=D_IN,
-                    stride_extra_row=N_DICT if has_extra else 0, stride_extra_col=1 if has_extra else 0,
-                    HAS_LEFT=has_left, HAS_EXTRA=has_extra)
-    flags = {"g and g_c": (True, True), "g only": (True, False), "g_c only": (False, True)}
-    return {**{name: launch(*f, NNZ) for name, f in flags.items()},
-            **{f"TopK, {name}": launch(*f, TOPK_NNZ) for name, f in flags.items()}}
+    """sampled_dots: D_j . g_i at the selected pairs, for ReLU's pattern and for TopK's, whose entry count is a
+    multiple of 16."""
+    def launch(nnz):
+        return dict(row_ptr="*i64", idx_ptr="*i64", left_ptr=f"*{t}", right_ptr=f"*{t}", out_ptr="*fp32", nnz=nnz,
+                    d=D_IN)
+    return {"ReLU": launch(NNZ), "TopK": launch(TOPK_NNZ)}
 
 
-LAUNCHES = {"kl._kl_forward_kernel": kl_forward_launches, "kl._kl_backward_kernel": kl_backward_launches,
+LAUNCHES = {"kl._kl_forward_kernel": kl_forward_launches,
             "sae._relu_count_kernel": relu_count_launches, "sae._compact_kernel": compact_launches,
             "sae._spmm_kernel": spmm_launches, "sae._sddmm_kernel": sddmm_launches}
 

@@ -33,6 +33,20 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
+def force_path(monkeypatch, path):
+    """Set ReLU's density threshold on every device so that it takes `path`: "sparse" (the selected pairs), "dense"
+    (the reference), or a threshold."""
+    density = {"sparse": 1.0, "dense": 0.0}.get(path, path)
+    for name in ("SPARSE_MAX_DENSITY", "CPU_SPARSE_MAX_DENSITY"):
+        monkeypatch.setattr(sae_kernels.sae, name, density)
+
+
+def path_of(output):
+    """Which path computed an output of sae_forward: "triton" or "torch" (the SAE over its selected pairs, with that
+    set of primitives: its backward's ctx.ops), or "reference" (sae_forward_torch, by autograd)."""
+    return getattr(getattr(output.grad_fn, "ops", None), "name", "reference")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # SAE
 
@@ -74,7 +88,7 @@ def check_sae(inputs, tol, requires_grad=(True,) * 5, grads_of=None, expect_spar
     x_hat, c, grads = sae_run(inputs, requires_grad, grads_of, reference=False, k=k)
     ref_x_hat, ref_c, ref_grads = sae_run(inputs, requires_grad, grads_of, reference=True, k=k)
     if expect_sparse is not None:
-        assert c.grad_fn.sparse == expect_sparse
+        assert path_of(c) == ("triton" if expect_sparse else "reference")
     assert x_hat.dtype == c.dtype == inputs[0].dtype
     assert_close(x_hat, ref_x_hat, tol, "x_hat")
     assert_close(c, ref_c, tol, "c")
@@ -92,7 +106,7 @@ def check_sae(inputs, tol, requires_grad=(True,) * 5, grads_of=None, expect_spar
 def test_sae_forward_and_gradients(dtype, regime, path, backend, monkeypatch):
     """Either path (forced through the density threshold) on sparse or dense codes, random grad_outputs."""
     backend("triton")
-    monkeypatch.setattr(sae_kernels.sae, "SPARSE_MAX_DENSITY", 1.0 if path == "sparse" else 0.0)
+    force_path(monkeypatch, path)
     check_sae(sae_inputs(dtype, regime), TOL[dtype], expect_sparse=path == "sparse")
 
 
@@ -101,7 +115,7 @@ def test_sae_forward_and_gradients(dtype, regime, path, backend, monkeypatch):
 def test_sae_partial_gradients(case, path, backend, monkeypatch):
     """Unused outputs (their gradient is None), c.sum()'s expanded gradient, an input without grad."""
     backend("triton")
-    monkeypatch.setattr(sae_kernels.sae, "SPARSE_MAX_DENSITY", 1.0 if path == "sparse" else 0.0)
+    force_path(monkeypatch, path)
     g = torch.Generator().manual_seed(2)
     g_x_hat = torch.randn(3, 7, 48, generator=g).to(DEVICE)
     grads_of, requires_grad = {
@@ -121,11 +135,12 @@ def test_sae_with_no_active_code_at_all(backend):
 
 def test_sae_picks_its_path_from_the_measured_density(backend, monkeypatch):
     backend("triton")
-    monkeypatch.setattr(sae_kernels.sae, "SPARSE_MAX_DENSITY", 0.2)
+    force_path(monkeypatch, 0.2)
     for regime, sparse in (("sparse", True), ("dense", False)):
         x_hat, c = sae_kernels.sae_forward(*[t.requires_grad_() for t in sae_inputs(torch.float32, regime)])
         density = (c > 0).float().mean().item()
-        assert (density <= 0.2) == sparse and c.grad_fn.sparse == sparse, f"{regime}: density {density:.3f}"
+        assert (density <= 0.2) == sparse, f"{regime}: density {density:.3f}"
+        assert path_of(c) == path_of(x_hat) == ("triton" if sparse else "reference")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,7 +200,7 @@ def test_sae_topk_forward_and_gradients(dtype, k, backend, monkeypatch):
     """k = 1, a small odd k and every code; random grad_outputs of x_hat and c; always the sparse path, even where
     the ReLU code's density threshold would pick the dense one."""
     backend("triton")
-    monkeypatch.setattr(sae_kernels.sae, "SPARSE_MAX_DENSITY", 0.0)
+    force_path(monkeypatch, "dense")
     inputs = topk_inputs(dtype, k)
     c = check_sae(inputs, TOL[dtype], expect_sparse=True, k=k)
     assert_topk_code(c, inputs, k)
@@ -221,9 +236,10 @@ def test_sae_topk_where_most_selected_codes_are_negative(backend):
 
 
 @pytest.mark.parametrize("k", [None, 5])
-def test_sae_under_autocast(k, backend):
+def test_sae_under_autocast(k, backend, monkeypatch):
     """fp32 weights under fp16 autocast: the Triton path runs in fp16 and returns fp32 gradients, for either code."""
     backend("triton")
+    force_path(monkeypatch, "sparse")
     inputs = sae_inputs(torch.float16, "sparse") if k is None else topk_inputs(torch.float16, k)
     inputs = [t.float() for t in inputs]  # fp16 values, exact in fp32: autocast's casts lose nothing
     g = torch.Generator().manual_seed(8)
@@ -233,7 +249,7 @@ def test_sae_under_autocast(k, backend):
         x_hat, c, grads = sae_run(inputs, (True,) * 5, grads_of, reference=False, k=k)
     ref_x_hat, ref_c, ref_grads = sae_run(inputs, (True,) * 5, grads_of, reference=True, k=k)
     assert x_hat.dtype == c.dtype == torch.float16 and all(grad.dtype == torch.float32 for grad in grads)
-    assert type(c.grad_fn).__name__ == "SAEForwardTritonBackward"
+    assert path_of(c) == "triton"
     assert_close(x_hat, ref_x_hat, TOL[torch.float16], "x_hat")
     assert_close(c, ref_c, TOL[torch.float16], "c")
     for name, grad, ref in zip(["x", "enc_weight", "enc_bias", "dec_weight", "dec_bias"], grads, ref_grads):
@@ -307,6 +323,24 @@ def test_kl_div_of_equal_distributions_is_zero(backend):
     assert abs(loss.item()) < 1e-6 and grad.abs().max().item() < 1e-8
 
 
+def test_kl_div_without_a_gradient_and_backward_once(backend):
+    """Under no_grad, or for logits that need no gradient, kl_div computes the loss alone; otherwise its gradient,
+    computed in forward and scaled in place by backward, serves one backward."""
+    backend("triton")
+    g = torch.Generator().manual_seed(9)
+    new, orig = (torch.randn(5, 301, generator=g).to(DEVICE) for _ in range(2))
+    ref_loss, _ = kl_reference(new, orig)
+    with torch.no_grad():
+        loss = sae_kernels.kl_div(new.clone().requires_grad_(), orig)
+    assert loss.grad_fn is None
+    assert_close(loss, ref_loss, TOL[torch.float32], "kl under no_grad")
+    assert_close(sae_kernels.kl_div(new, orig), ref_loss, TOL[torch.float32], "kl of logits without grad")
+    loss = sae_kernels.kl_div(new.clone().requires_grad_(), orig)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", ["peaked", "large"])
 def test_kl_div_peaked_and_large_logits(case, dtype, backend):
@@ -354,22 +388,25 @@ def test_linear_kl_div_matches_the_full_logits_kl(impl, dtype, with_bias, softca
 # Dispatch
 
 
-def test_backend_variable_picks_the_implementation(backend):
+def test_backend_variable_picks_the_implementation(backend, monkeypatch):
+    force_path(monkeypatch, "sparse")
     sae_args = [t.requires_grad_() for t in sae_inputs(torch.float32, "sparse")]
     logits = torch.randn(4, 301, device=DEVICE, requires_grad=True)
     h = torch.randn(4, 48, device=DEVICE, requires_grad=True)
     weight = torch.randn(301, 48, device=DEVICE)
 
     def names():
-        return (type(sae_kernels.sae_forward(*sae_args)[0].grad_fn).__name__,
+        return (path_of(sae_kernels.sae_forward(*sae_args)[0]),
                 type(sae_kernels.kl_div(logits, logits.detach()).grad_fn).__name__)
 
     backend("triton")
-    assert names() == ("SAEForwardTritonBackward", "KLDivTritonBackward")
+    assert names() == ("triton", "PrecomputedGradBackward")
     backend("torch")
-    assert "Triton" not in "".join(names())
+    assert names()[0] == "torch" and names()[1] != "PrecomputedGradBackward"
     backend("auto")
-    assert ("Triton" in "".join(names())) == (DEVICE == "cuda")
+    sae_path, kl_name = names()
+    assert sae_path == ("triton" if DEVICE == "cuda" else "torch")
+    assert (kl_name == "PrecomputedGradBackward") == (DEVICE == "cuda")
     backend("torch")  # the reference of linear_kl_div is chunked too, and agrees with the kernel
     reference = sae_kernels.linear_kl_div(h, h.detach() + 0.1, weight, chunk_rows=16)
     backend("triton")
@@ -414,7 +451,7 @@ def test_compute_loss_is_the_same_with_either_backend(full_metrics, path, backen
     from e2esae import LossConfig, SAETransformer, compute_loss
     from model import GPT, GPTConfig
 
-    monkeypatch.setattr(sae_kernels.sae, "SPARSE_MAX_DENSITY", 1.0 if path == "sparse" else 0.0)
+    force_path(monkeypatch, path)
     torch.manual_seed(6)
     gpt = GPT(GPTConfig(block_size=16, vocab_size=301, n_layer=2, n_head=2, n_embd=48, bias=True))
     model = SAETransformer(gpt, sae_positions=["blocks.1.hook_resid_pre"], dict_size_to_input_ratio=2.0).to(DEVICE)
