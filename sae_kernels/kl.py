@@ -14,10 +14,9 @@ s_y = sum exp(y - m_y) and a = sum exp(y - m_y)(y - z), rescaling all three when
 softmax trick); then lse = m + log s and KL = a / s_y + lse(z) - lse(y). Everything is in fp32 registers,
 so logits of magnitude 1e4 or one-hot-peaked rows neither overflow nor lose the answer. A second sweep of the
 row, in the same program, can write the gradient (times a given scale) over z: the loss is a scalar, so its
-gradient is known when the forward pass ends, and backward only multiplies it by grad_output. kl_div runs it on a
-copy of the new logits, which becomes the gradient autograd asks for: no other (R, V) tensor, where eager PyTorch
-makes several, and fewer passes over the logits (BENCHMARKS.md counts both); the loss is memory bound, so time
-follows the bytes.
+gradient is known when the forward pass ends, and backward only multiplies it by grad_output. kl_div writes it
+into a fresh tensor, the gradient autograd asks for: no other (R, V) tensor, where eager PyTorch makes several,
+and fewer passes over the logits (BENCHMARKS.md counts both); the loss is memory bound, so time follows the bytes.
 
 `linear_kl_div` goes one step further for the end of the network, where the logits come from the frozen,
 tied lm_head W (V, d): logits = h @ W^T. It never builds the (R, V) logits of either model. It walks over
@@ -78,14 +77,16 @@ _KL_INTERPRETER_CONFIG = triton.Config({"BLOCK_V": 128})
 @triton.autotune(configs=tuning_configs(_KL_CONFIGS, _KL_INTERPRETER_CONFIG), key=["vocab", "WRITE_GRAD"],
                  restore_value=["new_ptr"])  # autotuning reruns the kernel: undo its in-place gradient
 @triton.jit
-def _kl_forward_kernel(new_ptr,  # (R, V) new logits z; overwritten by the scaled gradient if WRITE_GRAD
+def _kl_forward_kernel(new_ptr,  # (R, V) new logits z
                        orig_ptr,  # (R, V) original logits y
+                       grad_ptr,  # (R, V) out if WRITE_GRAD: grad_scale * (p_new - p_orig); may be new_ptr (in place)
                        kl_ptr,  # (R,) fp32 out: KL of each row
-                       grad_scale,  # fp32, used if WRITE_GRAD: the gradient is grad_scale * (p_new - p_orig)
+                       grad_scale,  # fp32, used if WRITE_GRAD
                        vocab,  # V
-                       stride_new,  # elements between rows of z (the vocab dimension is contiguous)
+                       stride_new,  # elements between rows of z (the vocab dimension is contiguous, in all three)
                        stride_orig,  # elements between rows of y
-                       WRITE_GRAD: tl.constexpr,  # also write d KL / d z over z
+                       stride_grad,  # elements between rows of the gradient
+                       WRITE_GRAD: tl.constexpr,  # also write d KL / d z
                        BLOCK_V: tl.constexpr):  # vocabulary entries per block
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 for long batches
     new_row = new_ptr + row * stride_new
@@ -115,14 +116,15 @@ def _kl_forward_kernel(new_ptr,  # (R, V) new logits z; overwritten by the scale
     lse_new = m_new + tl.log(s_new)
     lse_orig = m_orig + tl.log(s_orig)
     tl.store(kl_ptr + row, acc / s_orig + lse_new - lse_orig)
-    if WRITE_GRAD:  # grad_scale * (p_new - p_orig), over z
+    if WRITE_GRAD:  # grad_scale * (p_new - p_orig): a second sweep of the row
+        grad_row = grad_ptr + row * stride_grad
         for start in range(0, vocab, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < vocab
             z = tl.load(new_row + cols, mask=mask, other=0.0).to(tl.float32)
             y = tl.load(orig_row + cols, mask=mask, other=0.0).to(tl.float32)
             grad = (tl.exp(z - lse_new) - tl.exp(y - lse_orig)) * grad_scale
-            tl.store(new_row + cols, grad.to(new_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,15 +138,19 @@ def _check_logits(new: torch.Tensor, orig: torch.Tensor):
     assert new.stride(1) == 1 and orig.stride(1) == 1, "the vocabulary dimension must be contiguous"
 
 
-def kl_and_grad_triton(new_logits: torch.Tensor, orig_logits: torch.Tensor, grad_scale: float | None = None):
-    """kl_and_grad_torch's contract for (R, V) logits, the gradient written over new_logits (returned); without
-    grad_scale, the per-row KL alone (and None)."""
+def kl_and_grad_triton(new_logits: torch.Tensor, orig_logits: torch.Tensor, grad_scale: float | None = None,
+                       out: torch.Tensor | None = None):
+    """kl_and_grad_torch's contract for (R, V) logits, the gradient written into `out` (by default over new_logits
+    itself) and returned; without grad_scale, the per-row KL alone (and None)."""
     _check_logits(new_logits, orig_logits)
     rows, vocab = new_logits.shape
+    out = new_logits if out is None else out
+    assert out.shape == new_logits.shape and out.stride(1) == 1, f"gradient {out.shape} for logits {new_logits.shape}"
     kl_rows = torch.empty(rows, device=new_logits.device, dtype=torch.float32)
-    _kl_forward_kernel[(rows,)](new_logits, orig_logits, kl_rows, float(grad_scale or 0.0), vocab,
-                                new_logits.stride(0), orig_logits.stride(0), WRITE_GRAD=grad_scale is not None)
-    return kl_rows, new_logits if grad_scale is not None else None
+    _kl_forward_kernel[(rows,)](new_logits, orig_logits, out, kl_rows, float(grad_scale or 0.0), vocab,
+                                new_logits.stride(0), orig_logits.stride(0), out.stride(0),
+                                WRITE_GRAD=grad_scale is not None)
+    return kl_rows, out if grad_scale is not None else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -162,11 +168,7 @@ class PrecomputedGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        # Scaled in place, not copied (kl_div's is (R, V)): so it serves one backward, not two.
-        if ctx.grad is None:
-            raise RuntimeError("kl_div and linear_kl_div compute their gradient in forward, for one backward")
-        grad, ctx.grad = ctx.grad, None
-        return grad.mul_(grad_output.to(grad.dtype)), None
+        return ctx.grad * grad_output.to(ctx.grad.dtype), None
 
 
 def linear_kl_and_grad(h_new, h_orig, weight, bias, softcap, chunk_rows, kl_and_grad):
@@ -216,10 +218,10 @@ def kl_div(new_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch.Tensor:
     if not (torch.is_grad_enabled() and new_logits.requires_grad):  # the loss alone
         return kl_and_grad_triton(new_logits.reshape(-1, vocab), orig)[0].mean()
 
-    def loss_and_grad(new):  # the gradient is written over a copy of the new logits
-        grad = new.reshape(-1, vocab).clone(memory_format=torch.contiguous_format)  # (R, V)
-        kl_rows, grad = kl_and_grad_triton(grad, orig, 1.0 / grad.shape[0])
-        return kl_rows.mean(), grad.view(new.shape)
+    def loss_and_grad(new):  # the gradient written into a fresh (R, V) tensor, the one autograd asks for
+        new = new.reshape(-1, vocab)
+        kl_rows, grad = kl_and_grad_triton(new, orig, 1.0 / new.shape[0], out=torch.empty_like(new))
+        return kl_rows.mean(), grad.view(new_logits.shape)
     return PrecomputedGrad.apply(new_logits, loss_and_grad)
 
 
@@ -229,7 +231,7 @@ def linear_kl_div(h_new: torch.Tensor, h_orig: torch.Tensor, weight: torch.Tenso
     logits; cap(z) = softcap * tanh(z / softcap), or z without a softcap.
 
     h_new, h_orig: (..., d) final (normed) hidden states; weight: (vocab, d), the frozen lm_head; bias: (vocab,) or
-    None (an lm_head's bias, or model.Unembedding's log multiplicities). Differentiable in h_new only (h_orig,
+    None (an lm_head's bias, or language_models.Unembedding's log multiplicities). Differentiable in h_new only (h_orig,
     weight and bias are treated as constants). chunk_rows defaults to LOGITS_PER_CHUNK // vocab rows
     (CPU_LOGITS_PER_CHUNK on a CPU; at least 16). Under autocast, the matmuls run in the autocast dtype.
     """

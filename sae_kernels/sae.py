@@ -234,10 +234,10 @@ def sae_forward(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_top
     firing takes the dense reference instead (see above). Under autocast all run in the autocast dtype.
     """
     check_k(k, enc_weight.shape[0], batch_topk)
-    triton = use_triton(x, enc_weight, enc_bias, dec_weight, dec_bias) and not batch_topk
+    on_triton = use_triton(x, enc_weight, enc_bias, dec_weight, dec_bias) and not batch_topk
     limit = CPU_SPARSE_MAX_DENSITY if x.device.type == "cpu" else SPARSE_MAX_DENSITY
     if k is None and relu_density(x, enc_weight, enc_bias) > limit:
         return sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias)
-    x_hat, code = sparse.sae_pairs(TRITON if triton else sparse.TORCH, x, enc_weight, enc_bias, dec_weight, dec_bias,
+    x_hat, code = sparse.sae_pairs(TRITON if on_triton else sparse.TORCH, x, enc_weight, enc_bias, dec_weight, dec_bias,
                                    k, batch_topk, dense=True)
     return x_hat, code.dense

@@ -60,10 +60,10 @@ TOPK_NNZ = 32 * TOKENS  # TopK's selected pairs, k = 32 per token: a multiple of
 
 
 def kl_forward_launches(t):
-    """KL of (R, V) logits of dtype t: the loss alone (kl_div without a gradient), or writing its gradient over the
-    new logits (kl_div's copy of them, linear_kl_div's chunk)."""
-    logits = dict(new_ptr=f"*{t}", orig_ptr=f"*{t}", kl_ptr="*fp32", grad_scale=1 / TOKENS, vocab=VOCAB,
-                  stride_new=VOCAB, stride_orig=VOCAB)
+    """KL of (R, V) logits of dtype t: the loss alone (kl_div without a gradient), or writing its gradient too (into
+    a fresh tensor for kl_div, over the chunk's new logits for linear_kl_div)."""
+    logits = dict(new_ptr=f"*{t}", orig_ptr=f"*{t}", grad_ptr=f"*{t}", kl_ptr="*fp32", grad_scale=1 / TOKENS,
+                  vocab=VOCAB, stride_new=VOCAB, stride_orig=VOCAB, stride_grad=VOCAB)
     return {"loss alone": dict(logits, WRITE_GRAD=False), "loss and gradient": dict(logits, WRITE_GRAD=True)}
 
 
