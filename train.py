@@ -371,8 +371,8 @@ def main(argv):
         if c.compile:
             for block in model.gpt.layers:
                 block.compile()
-        shown = TrainingLog(model, c, config, world_size, global_batch, master, log)
-        shown.start(step, n_steps, local_steps, run.ckpt_path if ckpt else None)
+        progress = TrainingLog(model, c, config, world_size, global_batch, master, log)
+        progress.start(step, n_steps, local_steps, run.ckpt_path if ckpt else None)
         params = [p for p in model.saes.parameters() if p.requires_grad]
 
         eval_metrics, reached = None, {}
@@ -396,7 +396,7 @@ def main(argv):
                         loss, metrics = compute_loss(model, idx, loss_config, full_metrics=False,
                                                      feature_counts=fired, dead=masks)
                     scaler.scale(loss / c.gradient_accumulation_steps).backward()
-                    shown.add(metrics, 1 / c.gradient_accumulation_steps)  # the step's: the mean of its micro-steps
+                    progress.add(metrics, 1 / c.gradient_accumulation_steps)  # the step's: the mean of its micro-steps
                 if ddp:  # the SAE gradients (and BatchTopK's running thresholds) averaged, the firing counts summed
                     average_over_processes([p.grad for p in params if p.grad is not None]
                                            + [b for b in model.saes.buffers() if b.is_floating_point()], world_size)
@@ -416,26 +416,26 @@ def main(argv):
                 optimizer.zero_grad(set_to_none=True)
                 for sae in model.saes.values():
                     sae.activation.project_()  # JumpReLU's thresholds back to >= 0: what is saved is what runs
-                shown.add({"grad_norm": grad_norm})
+                progress.add({"grad_norm": grad_norm})
                 if dead is not None:
                     dead.step(fired)
-                    shown.add({f"dead/{p}": m.sum() for p, m in dead.masks().items()})
+                    progress.add({f"dead/{p}": m.sum() for p, m in dead.masks().items()})
             step = run.step = step + 1
 
             if step % c.log_every_n_steps == 0 or step == n_steps:
-                shown.line(step, lr, ddp, reached)  # reached: the logging step's own
+                progress.line(step, lr, ddp, reached)  # reached: the logging step's own
             save_now = crossed(step, global_batch, c.save_every_n_samples)
             eval_now = crossed(step, global_batch, c.eval_every_n_samples) or step == n_steps
             if save_now or eval_now:
                 run.save(step)  # before any evaluation, so that an evaluation that fails or is stopped loses nothing
             if eval_now:
-                eval_metrics = shown.evaluate(eval_batches, autocast, ddp, step)
+                eval_metrics = progress.evaluate(eval_batches, autocast, ddp, step)
 
         run.save(step)  # nothing new, unless a finished run was resumed without its saes.safetensors
-        eval_metrics = eval_metrics or shown.evaluate(eval_batches, autocast, ddp, step)
+        eval_metrics = eval_metrics or progress.evaluate(eval_batches, autocast, ddp, step)
         unigram = unigram_cross_entropy(c.dataset, c.n_ctx, c.eval_n_samples) if master and \
             c.init_from == "shakespeare" and c.dataset == "shakespeare" else None  # a unigram model's, beside it
-        shown.finish(eval_metrics, unigram)
+        progress.finish(eval_metrics, unigram)
     if ddp:
         dist.destroy_process_group()
 
