@@ -51,7 +51,6 @@ Usage:
 """
 
 import contextlib
-import os
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -60,7 +59,7 @@ import torch.nn.functional as F
 
 import interop
 import sae_kernels
-from language_models import Unembedding, load_model
+from language_models import Unembedding
 
 # ---- the activations: pre-activations (..., n_dict) -> the code c ----
 
@@ -209,21 +208,19 @@ def make_activation(activation, n_dict, k=None, bandwidth=None, init_threshold=N
     """An activation by name, its settings checked: k for topk and batchtopk only, the rest for jumprelu only."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-    if activation in ("topk", "batchtopk"):
-        if k is None:
-            raise ValueError(f"activation={activation!r} needs k, the active codes per token: e.g. --k=32")
-        if (bandwidth, init_threshold) != (None, None):
-            raise ValueError(f"bandwidth and init_threshold are JumpReLU's; activation={activation!r} has neither")
-        return ACTIVATIONS[activation](k, n_dict)
-    if k is not None:
+    if k is not None and activation not in ("topk", "batchtopk"):
         raise ValueError(f"k={k} is the active codes per token of topk and batchtopk; activation={activation!r} has no "
                          "k (its sparsity comes from the sparsity coefficient): drop k or choose topk")
+    if (bandwidth, init_threshold) != (None, None) and activation != "jumprelu":
+        raise ValueError(f"bandwidth and init_threshold are JumpReLU's; activation={activation!r} has neither")
+    if activation == "jumprelu":
+        given = {"bandwidth": bandwidth, "init_threshold": init_threshold}
+        return JumpReLU(n_dict, **{name: v for name, v in given.items() if v is not None})
     if activation == "relu":
-        if (bandwidth, init_threshold) != (None, None):
-            raise ValueError("bandwidth and init_threshold are JumpReLU's; activation='relu' has neither")
         return ReLU()
-    return JumpReLU(n_dict, 0.001 if bandwidth is None else bandwidth,
-                    0.001 if init_threshold is None else init_threshold)
+    if k is None:
+        raise ValueError(f"activation={activation!r} needs k, the active codes per token: e.g. --k=32")
+    return ACTIVATIONS[activation](k, n_dict)
 
 
 # ---- the SAE ----
@@ -239,12 +236,13 @@ def geometric_median(x, iterations=50):
     return median
 
 
-class SAE(nn.Module):
+class SAE(interop.SAEFiles, nn.Module):
     """A sparse autoencoder with a column-normalised decoder. `sae(x)` returns (x_hat, c).
 
     input_scale s (1 unless set; SAELens's "expected_average_only_in" normalisation): the SAE reads s x, so that its
     inputs have a mean squared norm of d_in, and writes x_hat / s; its codes, thresholds and reconstruction terms are
-    in those units. folded_state_dict() folds s into the weights (an SAE of scale 1 with the same outputs)."""
+    in those units. folded_state_dict() folds s into the weights (an SAE of scale 1 with the same outputs).
+    from_saelens, save_saelens and from_spec, the methods for files, are interop.SAEFiles's."""
 
     def __init__(self, d_in, n_dict, activation="relu", k=None, bandwidth=None, init_threshold=None):
         super().__init__()
@@ -315,28 +313,6 @@ class SAE(nn.Module):
             code = self.activation(pre)
             x_hat = self.decode(code)
         return x_hat / self.input_scale.to(x_hat.dtype), code, pre
-
-    # ---- other formats (interop.py reads and writes the files) ----
-
-    @classmethod
-    def from_spec(cls, spec):
-        """An SAE from a checkpoint's entry (interop.Checkpoint.saes[position]): its shape, settings and tensors."""
-        settings = {k: v for k, v in spec.items() if k not in ("d_in", "n_dict", "state")}
-        sae = cls(spec["d_in"], spec["n_dict"], **settings)
-        sae.load_state_dict(spec["state"])
-        return sae
-
-    @classmethod
-    def from_saelens(cls, path_or_repo, folder=None):
-        """A SAELens SAE from a directory or a hub repo and its folder: `hook_name` says where it belongs."""
-        checkpoint = interop.read_saelens(path_or_repo, folder)
-        sae = cls.from_spec(checkpoint.saes[checkpoint.hook_name])
-        sae.hook_name, sae.saelens_cfg = checkpoint.hook_name, checkpoint.saelens_cfg
-        return sae
-
-    def save_saelens(self, path, hook_name, **cfg):
-        """Write this SAE as a directory SAELens loads (interop.save_saelens has the details)."""
-        interop.save_saelens(self, path, hook_name, **cfg)
 
 
 # ---- metrics, each a small function of tensors ----
@@ -422,10 +398,13 @@ def nonfinite_parameters(module):
 # ---- the spliced model ----
 
 
-class SAETransformer(nn.Module):
+class SAETransformer(interop.SAETransformerFiles, nn.Module):
     """A frozen language model (model.GPT, or anything with its seam) with one SAE at each listed residual-stream
     position. `saes` ({position: SAE}) places trained SAEs; the others are new, built with `sae_kwargs`
-    (activation, k, ...)."""
+    (activation, k, ...). Its methods for files (from_checkpoint, from_local_path, from_wandb, save, save_saelens)
+    are interop.SAETransformerFiles's."""
+
+    sae_type = SAE  # what those methods build the SAEs of a checkpoint as
 
     def __init__(self, gpt, sae_positions, dict_size_to_input_ratio=60.0, saes=None, **sae_kwargs):
         super().__init__()
@@ -492,62 +471,6 @@ class SAETransformer(nn.Module):
                 outs[sae_at[r]] = self.sae(sae_at[r]).forward_with_pre(x if keep is None else x[keep])
                 x = outs[sae_at[r]][0] if keep is None else x.index_put((keep,), outs[sae_at[r]][0])
         return self.gpt.run_blocks(x, at, stop), kept, outs
-
-    # ---- checkpoints (interop.py reads and writes every format) ----
-
-    def contents(self, config=None, **record):
-        """(tensors, metadata) of save's file, with more metadata in `record` (train.py's ckpt.pt holds them)."""
-        saes = {p: dict(d_in=self.sae(p).d_in, n_dict=self.sae(p).n_dict, **self.sae(p).settings,
-                        state=self.sae(p).folded_state_dict()) for p in self.sae_positions}
-        return interop.ours_contents(saes, self.dict_size_to_input_ratio, getattr(self.gpt, "name_or_path", ""),
-                                     config, bos_token_id=self.bos_token_id, **record)
-
-    def save(self, f, config=None):
-        """Write the SAEs to `f` (a path or a binary file) in this project's format, with the training config."""
-        interop.write_file(f, *self.contents(config))
-
-    def save_saelens(self, directory):
-        """Write every SAE as a SAELens directory, directory/<position>, naming the model (its hub id, GPT-2 name or
-        directory), the hook, the context and the data it was trained on, and whether samples start with BOS."""
-        for p in self.sae_positions:
-            interop.save_saelens(self.sae(p), os.path.join(directory, p), p, model_name=self.gpt.name_or_path,
-                                 context_size=self.config.get("n_ctx", self.gpt.config.block_size),
-                                 dataset_path=self.config.get("dataset", ""), prepend_bos=self.bos_token_id is not None)
-
-    @classmethod
-    def from_checkpoint(cls, spec, gpt=None):
-        """The SAEs of any checkpoint spec (interop.py: ours, the reference library's, SAELens's, local or remote),
-        spliced into `gpt`, else into the model the checkpoint names. `config` holds its training settings."""
-        return cls._build(interop.read_checkpoint(spec), gpt)
-
-    @classmethod
-    def from_local_path(cls, checkpoint_dir=None, checkpoint_file=None, config_file=None, gpt=None):
-        """The reference library's loader: a run directory (final_config.yaml and samples_{N}.pt, the newest), or
-        one checkpoint_file with its config_file (the hub's e2e_similar_ce_layer_6.pt and .yaml)."""
-        return cls._build(interop.read_e2e_sae(*interop.e2e_sae_files(checkpoint_dir, checkpoint_file, config_file)),
-                          gpt)
-
-    @classmethod
-    def from_wandb(cls, run_path, gpt=None, cache_dir=None):
-        """The reference library's loader for a wandb run, "entity/project/run_id" (the paper's:
-        "sparsify/gpt2/tvj2owza"): its files are downloaded to cache_dir, then read as from_local_path does."""
-        return cls.from_local_path(checkpoint_dir=interop.download_wandb_run(run_path, cache_dir), gpt=gpt)
-
-    @classmethod
-    def _build(cls, checkpoint, gpt):
-        if gpt is None:
-            if not checkpoint.model:
-                raise ValueError("the checkpoint does not say which model it was trained on: pass it as gpt= "
-                                 "(eval.py: --init_from=...)")
-            try:
-                gpt = load_model(checkpoint.model)
-            except (OSError, ValueError, RuntimeError) as e:
-                raise ValueError(f"the model the checkpoint was trained on, {checkpoint.model!r}, could not be "
-                                 f"loaded ({e}): pass the model as gpt= (eval.py: --init_from=...)") from e
-        saes = {p: SAE.from_spec(spec) for p, spec in checkpoint.saes.items()}
-        model = cls(gpt, list(saes), checkpoint.dict_size_to_input_ratio, saes=saes)
-        model.config, model.bos_token_id = checkpoint.config, checkpoint.bos_token_id
-        return model.to(next(gpt.parameters()).device)
 
 
 # ---- the loss ----
@@ -764,6 +687,14 @@ class FeatureCounts:
         self.counts[position] += torch.bincount(fired, minlength=n_dict)
         self.n_tokens[position] += active.numel() // n_dict
 
+    def sum_over_processes(self, all_reduce):
+        """The counts of every process (DDP), with all_reduce summing a tensor in place."""
+        for p, counts in self.counts.items():
+            n_tokens = torch.tensor(self.n_tokens[p], device=counts.device)
+            all_reduce(counts)
+            all_reduce(n_tokens)
+            self.n_tokens[p] = int(n_tokens)
+
     def alive(self):
         return {p: int((n > 0).sum()) for p, n in self.counts.items()}
 
@@ -822,9 +753,7 @@ def evaluate(model, batches, loss, autocast=None, all_reduce=None, progress=None
                                                    torch.tensor(float(n_tokens)).to(sums[keys[0]])])
     if all_reduce:
         all_reduce(totals)
-        for p in counts.counts:
-            all_reduce(counts.counts[p])
-            counts.n_tokens[p] = int(totals[-1].item())
+        counts.sum_over_processes(all_reduce)
     figures = {k: v / totals[-2].item() for k, v in zip(keys, totals.tolist())}
     figures |= {f"alive/{p}": a for p, a in counts.alive().items()}
     figures["eval_tokens"] = int(totals[-1].item())

@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from language_models import load_model
+
 
 @dataclass
 class Checkpoint:
@@ -598,3 +600,87 @@ def read_checkpoint(spec):
         return read_saelens(repo, name)
     local = f"SAETransformer.from_local_path(checkpoint_file='{name}.pt', config_file='{name}.yaml')"
     return read_e2e_sae(*hub_files(repo, [f"{name}.pt", f"{name}.yaml"], local))
+
+
+# ---- the classes' methods for files: e2esae.SAE and SAETransformer inherit them ----
+
+class SAEFiles:
+    """e2esae.SAE's: built from a checkpoint's entry, read from and written as SAELens's format."""
+
+    @classmethod
+    def from_spec(cls, spec):
+        """An SAE from a checkpoint's entry (Checkpoint.saes[position]): its shape, settings and tensors."""
+        settings = {k: v for k, v in spec.items() if k not in ("d_in", "n_dict", "state")}
+        sae = cls(spec["d_in"], spec["n_dict"], **settings)
+        sae.load_state_dict(spec["state"])
+        return sae
+
+    @classmethod
+    def from_saelens(cls, path_or_repo, folder=None):
+        """A SAELens SAE from a directory or a hub repo and its folder: `hook_name` says where it belongs."""
+        checkpoint = read_saelens(path_or_repo, folder)
+        sae = cls.from_spec(checkpoint.saes[checkpoint.hook_name])
+        sae.hook_name, sae.saelens_cfg = checkpoint.hook_name, checkpoint.saelens_cfg
+        return sae
+
+    def save_saelens(self, path, hook_name, **cfg):
+        """Write this SAE as a directory SAELens loads (save_saelens above has the details)."""
+        save_saelens(self, path, hook_name, **cfg)
+
+
+class SAETransformerFiles:
+    """e2esae.SAETransformer's: its SAEs written in this project's format or SAELens's, and read from any spec."""
+
+    def contents(self, config=None, **record):
+        """(tensors, metadata) of save's file, with more metadata in `record` (train.py's ckpt.pt holds them)."""
+        saes = {p: dict(d_in=self.sae(p).d_in, n_dict=self.sae(p).n_dict, **self.sae(p).settings,
+                        state=self.sae(p).folded_state_dict()) for p in self.sae_positions}
+        return ours_contents(saes, self.dict_size_to_input_ratio, getattr(self.gpt, "name_or_path", ""), config,
+                             bos_token_id=self.bos_token_id, **record)
+
+    def save(self, f, config=None):
+        """Write the SAEs to `f` (a path or a binary file) in this project's format, with the training config."""
+        write_file(f, *self.contents(config))
+
+    def save_saelens(self, directory):
+        """Write every SAE as a SAELens directory, directory/<position>, naming the model (its hub id, GPT-2 name or
+        directory), the hook, the context and the data it was trained on, and whether samples start with BOS."""
+        for p in self.sae_positions:
+            save_saelens(self.sae(p), os.path.join(directory, p), p, model_name=self.gpt.name_or_path,
+                         context_size=self.config.get("n_ctx", self.gpt.config.block_size),
+                         dataset_path=self.config.get("dataset", ""), prepend_bos=self.bos_token_id is not None)
+
+    @classmethod
+    def from_checkpoint(cls, spec, gpt=None):
+        """The SAEs of any checkpoint spec (the module docstring lists them), spliced into `gpt`, else into the model
+        the checkpoint names. `config` holds its training settings."""
+        return cls.from_contents(read_checkpoint(spec), gpt)
+
+    @classmethod
+    def from_local_path(cls, checkpoint_dir=None, checkpoint_file=None, config_file=None, gpt=None):
+        """The reference library's loader: a run directory (final_config.yaml and samples_{N}.pt, the newest), or
+        one checkpoint_file with its config_file (the hub's e2e_similar_ce_layer_6.pt and .yaml)."""
+        return cls.from_contents(read_e2e_sae(*e2e_sae_files(checkpoint_dir, checkpoint_file, config_file)), gpt)
+
+    @classmethod
+    def from_wandb(cls, run_path, gpt=None, cache_dir=None):
+        """The reference library's loader for a wandb run, "entity/project/run_id" (the paper's:
+        "sparsify/gpt2/tvj2owza"): its files are downloaded to cache_dir, then read as from_local_path does."""
+        return cls.from_local_path(checkpoint_dir=download_wandb_run(run_path, cache_dir), gpt=gpt)
+
+    @classmethod
+    def from_contents(cls, checkpoint, gpt=None):
+        """The SAEs of a Checkpoint spliced into `gpt`, else into the model it names (language_models.load_model)."""
+        if gpt is None:
+            if not checkpoint.model:
+                raise ValueError("the checkpoint does not say which model it was trained on: pass it as gpt= "
+                                 "(eval.py: --init_from=...)")
+            try:
+                gpt = load_model(checkpoint.model)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise ValueError(f"the model the checkpoint was trained on, {checkpoint.model!r}, could not be "
+                                 f"loaded ({e}): pass the model as gpt= (eval.py: --init_from=...)") from e
+        saes = {p: cls.sae_type.from_spec(spec) for p, spec in checkpoint.saes.items()}
+        model = cls(gpt, list(saes), checkpoint.dict_size_to_input_ratio, saes=saes)
+        model.config, model.bos_token_id = checkpoint.config, checkpoint.bos_token_id
+        return model.to(next(gpt.parameters()).device)

@@ -400,10 +400,8 @@ def main(argv):
                 if ddp:  # the SAE gradients (and BatchTopK's running thresholds) averaged, the firing counts summed
                     average_over_processes([p.grad for p in params if p.grad is not None]
                                            + [b for b in model.saes.buffers() if b.is_floating_point()], world_size)
-                    for counts in fired.counts.values() if fired is not None else ():
-                        dist.all_reduce(counts)  # summed
                     if fired is not None:
-                        fired.n_tokens = {p: n * world_size for p, n in fired.n_tokens.items()}
+                        fired.sum_over_processes(dist.all_reduce)
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
                 check_finite(loss, grad_norm, c.lr, c.max_grad_norm, step, fp16=scaler.is_enabled())
