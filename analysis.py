@@ -68,7 +68,7 @@ from e2esae import LossConfig, SAETransformer
 from interop import check_specs
 from language_models import load_model, tokenizer_of
 from report import TYPE_STYLE, result_rows
-from runs import check_writable, write_atomic, write_json
+from runs import check_writable, nonfinite_parameters, write_atomic, write_json
 
 # -----------------------------------------------------------------------------
 checkpoints = ["out/saes.safetensors"]
@@ -240,7 +240,7 @@ def analyse_checkpoint(spec, c, samples_of):
         model = SAETransformer.from_checkpoint(spec, gpt).to(c.device).eval()
     except (OSError, ValueError, RuntimeError) as e:  # a damaged file, a model of another width: it says which
         raise ConfigError(f"{spec}: {e}") from None
-    broken = e2esae.nonfinite_parameters(model.saes)
+    broken = nonfinite_parameters(model.saes)
     if broken:
         raise ConfigError(f"{spec}: its SAE weights are not finite ({', '.join(broken[:4])}): the run diverged, so "
                           "there is no dictionary to analyse; retrain it with a lower lr")

@@ -389,12 +389,6 @@ def output_metrics(h_orig, h_new, idx, head, keep=None, chunk_rows=None):
     return figures
 
 
-def nonfinite_parameters(module):
-    """The names of a module's parameters and buffers that hold a NaN or an infinity: a diverged run's."""
-    named = [*module.named_parameters(), *module.named_buffers()]
-    return [name for name, t in named if t.is_floating_point() and not torch.isfinite(t).all()]
-
-
 # ---- the spliced model ----
 
 
@@ -514,9 +508,9 @@ class LossConfig:
         """No end-to-end term: every SAE reads the clean stream, and the model after the last SAE never runs."""
         return self.kl_coeff == 0 and self.in_to_orig_coeff == 0
 
-    def check(self, model):
-        """Refuse what cannot train: negative coefficients, no term that asks for a reconstruction, downstream
-        positions where the spliced stream cannot differ from the original."""
+    def check(self, model=None):
+        """Refuse what cannot train: negative coefficients, no term that asks for a reconstruction, and with the
+        model, downstream positions where the spliced stream cannot differ from the original."""
         for name, value in asdict(self).items():
             if name.endswith("_coeff") and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -527,17 +521,19 @@ class LossConfig:
             raise ValueError(f"p_norm must be positive, got {self.p_norm}")
         if isinstance(self.in_to_orig_positions, str):
             raise ValueError(f"in_to_orig_positions must be a list of names, got {self.in_to_orig_positions!r}")
-        first = min(model.gpt.resid_index(p) for p in model.sae_positions)
-        for p in self.in_to_orig_positions:
-            if model.gpt.resid_index(p) <= first:  # resid_index raises for unknown names
-                raise ValueError(f"in_to_orig position {p} is not after the first SAE ({model.sae_positions[0]}): the "
-                                 "spliced and original streams are identical there, so the term is always 0")
         if self.in_to_orig_coeff > 0 and not self.in_to_orig_positions:
             raise ValueError("in_to_orig_coeff > 0 needs in_to_orig_positions (e.g. every later "
                              "blocks.{i}.hook_resid_pre)")
         if self.kl_rescale and not (self.kl_coeff > 0 and self.out_to_in_coeff > 0):
             raise ValueError("kl_rescale scales the KL term to the local MSE's size: it needs kl_coeff > 0 and "
                              "out_to_in_coeff > 0")
+        if model is None:
+            return
+        first = min(model.gpt.resid_index(p) for p in model.sae_positions)
+        for p in self.in_to_orig_positions:
+            if model.gpt.resid_index(p) <= first:  # resid_index raises for unknown names
+                raise ValueError(f"in_to_orig position {p} is not after the first SAE ({model.sae_positions[0]}): the "
+                                 "spliced and original streams are identical there, so the term is always 0")
 
 
 def training_type(kl_coeff, in_to_orig_coeff):
@@ -665,6 +661,30 @@ def compute_loss(model, idx, loss, *, full_metrics=True, feature_counts=None, de
         metrics["kl"] = kl.detach()
     metrics["loss"] = total.detach()
     return total, metrics
+
+
+@torch.no_grad()
+def prepare_saes(model, positions, batches, sae_init="orthogonal", normalize_activations="none"):
+    """Before training, from the clean stream that the SAEs at `positions` read on `batches` of token ids (BOS
+    positions left out, as the SAEs leave them): each one's input scale (normalize_activations=
+    "expected_average_only_in": inputs of mean squared norm d_in, SAELens's), and its tied initialisation (sae_init
+    "tied_mean" or "tied_median": SAE.init_tied_; "orthogonal" keeps its own). Returns {position: tokens read}."""
+    at = {model.gpt.resid_index(p): p for p in positions}
+    seen = {p: [] for p in positions}
+    for idx in batches:
+        idx = idx.to(next(model.parameters()).device)
+        keep = model.positions_read(idx)
+        _, streams, _ = model.run(model.gpt.embed(idx), 0, max(at), record=at)
+        for r, p in at.items():
+            seen[p].append(at_positions(streams[r], keep).flatten(0, -2).float())  # (N, d)
+    for p in positions:
+        sae, x = model.sae(p), torch.cat(seen[p])
+        if normalize_activations == "expected_average_only_in":
+            sae.input_scale.fill_((sae.d_in / x.pow(2).sum(-1).mean()).sqrt().item())
+        if sae_init != "orthogonal":
+            sae.init_tied_(x, decoder_bias=sae_init.removeprefix("tied_"))
+        seen[p] = len(x)
+    return seen
 
 
 # ---- evaluation: figures over many batches ----

@@ -38,7 +38,7 @@ from configurator import ConfigError
 from e2esae import LossConfig, SAETransformer
 from interop import check_specs
 from language_models import load_model, tokenizer_of
-from runs import check_writable, write_json
+from runs import check_writable, nonfinite_parameters, write_json
 
 # -----------------------------------------------------------------------------
 checkpoints = ["out/saes.safetensors"]
@@ -72,7 +72,7 @@ def check_output_file(path, what):
 def evaluate_checkpoint(spec, c, samples_of):
     """Load, check and evaluate one checkpoint: (model, rows, metrics, counts, dataset)."""
     model = SAETransformer.from_checkpoint(spec, load_model(c.init_from) if c.init_from else None).to(c.device).eval()
-    broken = e2esae.nonfinite_parameters(model.saes)
+    broken = nonfinite_parameters(model.saes)
     if broken:
         raise ValueError(f"its SAE weights are not finite ({', '.join(broken[:4])}): the run diverged, so there is "
                          "nothing to evaluate; retrain it with a lower lr")

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 import sae_kernels
 from configurator import ConfigError, check_settings, configure, defaults, print_config
-from e2esae import SAE, explained_variance, nonfinite_parameters
-from runs import Diverged, check_writable, get_lr, write_json
+from e2esae import SAE, explained_variance
+from runs import Diverged, check_writable, get_lr, nonfinite_parameters, write_json
 
 # -----------------------------------------------------------------------------
 # the MLP

@@ -262,21 +262,33 @@ class TrainingLog:
                  f"per step ({c.batch_size} per micro-step x {c.gradient_accumulation_steps} accumulation x "
                  f"{self.world_size} processes); out_dir {c.out_dir}"
                  + (f"; resumed from {resumed_from} at step {step}" if resumed_from else ""))
-        self.last_step, self.t = step, time.time()
+        self.last_step, self.t, self.n_steps, self.reached = step, time.time(), n_steps, {}
+
+    def logs_at(self, step):
+        return step % self.c.log_every_n_steps == 0 or step == self.n_steps
+
+    def gradient_reach(self, step):
+        """At a step that logs, between backward and the update: the share of each SAE's elements the gradient
+        reached (a pass over the encoder's gradient the step itself does not need)."""
+        if self.logs_at(step):
+            grads = {p: self.model.sae(p).encoder.weight.grad for p in self.model.sae_positions}
+            self.reached = {f"reached/{p}": (g != 0).any(1).float().mean().item()
+                            for p, g in grads.items() if g is not None}
 
     def add(self, figures, weight=1.0):
         """A step's figures (0-d tensors), weighted (1 / the micro-steps of a step), summed until the next line."""
         for k, v in figures.items():
             self.sums[k] = self.sums.get(k, 0.0) + v.float() * weight
 
-    def line(self, step, lr, ddp, extra=None):
-        """The line of the steps since the last (their figures' mean over steps and processes, and `extra`'s)."""
+    def line(self, step, lr, ddp):
+        """The line of the steps since the last: their figures' mean over steps and processes, and the gradient's
+        reach at this step."""
         n, keys = step - self.last_step, sorted(self.sums)
         values = torch.stack([self.sums[k] for k in keys]) / n
         if ddp:
             dist.all_reduce(values)
             values /= self.world_size
-        figures, dt = dict(zip(keys, values.tolist())) | (extra or {}), (time.time() - self.t) / n
+        figures, dt = dict(zip(keys, values.tolist())) | self.reached, (time.time() - self.t) / n
         tokens_per_s = self.global_batch * self.c.n_ctx / dt
         on_gpu = self.c.device.startswith("cuda")
         mfu = self.flops_per_token * tokens_per_s / self.world_size / self.c.peak_flops if on_gpu else None

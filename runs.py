@@ -7,7 +7,7 @@ Runs that lose nothing: what every training script shares about a run, behind a 
         run.track(model, optimizer, ...)                # what save() writes; on resume, what the run depends on
                                                         # (pretrained SAEs, data) checked, the state restored
         while step < n_steps:
-            if run.stop_requested: ...                  # Ctrl-C or SIGTERM: save and stop at the end of the step
+            run.stop_if_requested(step, device)         # after Ctrl-C or SIGTERM: save this step and exit
             with run.in_step(): ...                     # an error inside a step leaves the step before intact
             run.save(step)                              # ckpt.pt, then saes.safetensors, each written atomically
 
@@ -443,6 +443,17 @@ class Run:
             tensors, _ = model.contents(self.config, step=ckpt["step"])
             write_atomic(self.saes_path, lambda f: interop.write_file(f, tensors, ckpt["saes_metadata"]))
 
+    def stop_if_requested(self, step, device):
+        """At the start of a step: where a stop was requested (on any process, under DDP), save this step and exit
+        with 130."""
+        if stop_everywhere(self.stop_requested, self.ddp, device):
+            self.save(step)
+            self.log(f"interrupted at step {step}: checkpoint saved in {self.out_dir}; continue with --resume=True")
+            if self.ddp:
+                import torch.distributed as dist
+                dist.destroy_process_group()
+            sys.exit(130)
+
     @contextmanager
     def in_step(self):
         """Around a training step: an error inside it leaves the weights of the step before, already counted."""
@@ -551,6 +562,13 @@ def average_over_processes(tensors, world_size):
     for t in tensors:
         dist.all_reduce(t)
         t /= world_size
+
+
+def nonfinite_parameters(module):
+    """The names of a module's parameters and buffers that hold a NaN or an infinity: a diverged run's."""
+    import torch
+    named = [*module.named_parameters(), *module.named_buffers()]
+    return [name for name, t in named if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def check_finite(loss, grad_norm, lr, max_grad_norm, step, fp16=False):

@@ -16,9 +16,10 @@ import torch
 
 import data
 from configurator import ConfigError, check_settings, configure, default_device, defaults, device_rule, print_config
-from e2esae import SAETransformer, nonfinite_parameters
+from e2esae import SAETransformer
 from interop import check_specs
 from language_models import load_model, tokenizer_of
+from runs import nonfinite_parameters
 
 # -----------------------------------------------------------------------------
 checkpoint = "out/saes.safetensors"

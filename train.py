@@ -34,13 +34,13 @@ from e2esae import (
     FeatureCounts,
     LossConfig,
     SAETransformer,
-    at_positions,
     compute_loss,
     make_activation,
+    prepare_saes,
 )
 from language_models import load_model, tokenizer_of
 from report import TrainingLog
-from runs import Run, average_over_processes, check_finite, get_lr, setup_distributed, stop_everywhere
+from runs import Run, average_over_processes, check_finite, get_lr, setup_distributed
 from train_gpt import small_model, unigram_cross_entropy
 
 # -----------------------------------------------------------------------------
@@ -109,7 +109,7 @@ DEFAULTS = defaults(globals())
 HOW_IT_RUNS = ("out_dir", "resume", "overwrite", "log_every_n_steps", "eval_every_n_samples", "eval_n_samples",
                "save_every_n_samples", "wandb_log", "wandb_project", "wandb_run_name", "device", "dtype", "compile",
                "peak_flops", "batch_size", "gradient_accumulation_steps")
-positive, non_negative = (lambda v: v > 0), (lambda v: v >= 0)
+positive = lambda v: v > 0
 all_strings = lambda v: all(isinstance(p, str) for p in v)
 RULES = [  # (key, test, what the value must be): every range, checked before anything else happens
     ("sae_positions", lambda v: bool(v) and all_strings(v), "a non-empty list like ['blocks.6.hook_resid_pre']"),
@@ -119,13 +119,11 @@ RULES = [  # (key, test, what the value must be): every range, checked before an
                                                                             "'tied_median'"),
     ("normalize_activations", lambda v: v in ("none", "expected_average_only_in"),
      "'none' or 'expected_average_only_in'"),
-    *[(key, positive, "positive") for key in ("jumprelu_bandwidth", "dead_window_tokens", "p_norm", "n_samples",
+    *[(key, positive, "positive") for key in ("jumprelu_bandwidth", "dead_window_tokens", "n_samples",
                                               "batch_size", "gradient_accumulation_steps", "lr", "max_grad_norm",
                                               "eval_every_n_samples", "eval_n_samples", "save_every_n_samples",
                                               "log_every_n_steps", "peak_flops")],
-    *[(key, non_negative, ">= 0") for key in ("k", "jumprelu_init_threshold", "sparsity_coeff", "kl_coeff",
-                                              "in_to_orig_coeff", "out_to_in_coeff", "out_to_orig_coeff",
-                                              "aux_k_coeff", "warmup_samples")],
+    *[(key, lambda v: v >= 0, ">= 0") for key in ("k", "jumprelu_init_threshold", "warmup_samples")],
     ("pretrained_sae_paths", all_strings, "a list of checkpoint specs like ['out-local']"),
     ("in_to_orig_positions", all_strings, "a list of names like ['blocks.7.hook_resid_pre']"),
     ("finetune_fraction", lambda v: 0 <= v < 1, "in [0, 1): the share of the steps fine-tuned end to end"),
@@ -161,6 +159,10 @@ def settings(argv):
     for bad, message in refuse:
         if bad:
             raise ConfigError(message)
+    try:  # the loss's own rules (LossConfig.check: its coefficients, p_norm, the terms it needs)
+        LossConfig.of(c).check()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for key in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
         if key in given and c["activation"] != "jumprelu":
             raise ConfigError(f"{key} is JumpReLU's; activation={c['activation']!r} has none: drop it, or use "
@@ -286,32 +288,6 @@ def build_model(c, phases, log):
     return model.train()
 
 
-def prepare_saes(model, c, log, n_batches=8):
-    """Input normalisation and the tied initialisation of the new SAEs, from the clean stream at each on the first
-    n_batches of training data (read afresh, so the same on every process; BOS positions left out as the SAEs leave
-    them). Pretrained SAEs keep their own."""
-    new = [p for p in model.sae_positions if not hasattr(model.sae(p), "source")]
-    if not new or (c.sae_init == "orthogonal" and c.normalize_activations == "none"):
-        return
-    at = {model.gpt.resid_index(p): p for p in new}
-    seen = {p: [] for p in new}
-    with torch.no_grad():
-        first = data.SampleStream(c.dataset, c.n_ctx, "train", tokenizer=c.tokenizer)
-        for idx in islice(data.batches(first, c.batch_size), n_batches):
-            idx = idx.to(c.device)
-            keep = model.positions_read(idx)
-            _, streams, _ = model.run(model.gpt.embed(idx), 0, max(at), record=at)
-            for r, p in at.items():
-                seen[p].append(at_positions(streams[r], keep).flatten(0, -2).float())  # (N, d)
-    for p in new:
-        sae, x = model.sae(p), torch.cat(seen[p])
-        if c.normalize_activations == "expected_average_only_in":
-            sae.input_scale.fill_((sae.d_in / x.pow(2).sum(-1).mean()).sqrt().item())
-        if c.sae_init != "orthogonal":
-            sae.init_tied_(x, decoder_bias=c.sae_init.removeprefix("tied_"))
-        log(f"{p}: input_scale {sae.input_scale.item():.4g}, initialisation {c.sae_init}, from {len(x):,} tokens")
-
-
 def main(argv):
     config, notes = settings(argv)
     c = SimpleNamespace(**config, tokenizer=tokenizer_of(config["init_from"]))  # the model's own, for the data
@@ -364,8 +340,14 @@ def main(argv):
                 stream.resume(ckpt.get("data"), replay=step * c.batch_size * c.gradient_accumulation_steps)
         except data.DataError as e:
             raise ConfigError(str(e)) from None
-        if not ckpt:
-            prepare_saes(model, c, log)
+        new = [p for p in model.sae_positions if not hasattr(model.sae(p), "source")]
+        if new and not ckpt and (c.sae_init != "orthogonal" or c.normalize_activations != "none"):
+            first = data.SampleStream(c.dataset, c.n_ctx, "train", tokenizer=c.tokenizer)  # the same on every process
+            read = prepare_saes(model, new, islice(data.batches(first, c.batch_size), 8), c.sae_init,
+                                c.normalize_activations)
+            for p, n in read.items():
+                log(f"{p}: input_scale {model.sae(p).input_scale.item():.4g}, initialisation {c.sae_init}, from "
+                    f"{n:,} tokens")
         run.track(model, optimizer, scaler, dead, global_batch, step, stream, ddp, ckpt)
         train_batches = data.batches(stream, c.batch_size)
         if c.compile:
@@ -375,14 +357,9 @@ def main(argv):
         progress.start(step, n_steps, local_steps, run.ckpt_path if ckpt else None)
         params = [p for p in model.saes.parameters() if p.requires_grad]
 
-        eval_metrics, reached = None, {}
+        eval_metrics = None
         while step < n_steps:
-            if stop_everywhere(run.stop_requested, ddp, c.device):
-                run.save(step)
-                log(f"interrupted at step {step}: checkpoint saved in {c.out_dir}; continue with --resume=True")
-                if ddp:
-                    dist.destroy_process_group()
-                sys.exit(130)
+            run.stop_if_requested(step, c.device)  # Ctrl-C or SIGTERM: a checkpoint of this step, then exit 130
             lr = get_lr(step, n_steps, warmup_steps, c.lr, c.min_lr_factor)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -405,10 +382,7 @@ def main(argv):
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
                 check_finite(loss, grad_norm, c.lr, c.max_grad_norm, step, fp16=scaler.is_enabled())
-                if (step + 1) % c.log_every_n_steps == 0 or step + 1 == n_steps:  # (a pass the step does not need)
-                    reached = {f"reached/{p}": (sae.encoder.weight.grad != 0).any(1).float().mean().item()
-                               for p, sae in zip(model.sae_positions, model.saes.values())
-                               if sae.encoder.weight.grad is not None}  # the share of elements the gradient reached
+                progress.gradient_reach(step + 1)  # at a step that logs: the share of elements the gradient reached
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -420,8 +394,8 @@ def main(argv):
                     progress.add({f"dead/{p}": m.sum() for p, m in dead.masks().items()})
             step = run.step = step + 1
 
-            if step % c.log_every_n_steps == 0 or step == n_steps:
-                progress.line(step, lr, ddp, reached)  # reached: the logging step's own
+            if progress.logs_at(step):
+                progress.line(step, lr, ddp)
             save_now = crossed(step, global_batch, c.save_every_n_samples)
             eval_now = crossed(step, global_batch, c.eval_every_n_samples) or step == n_steps
             if save_now or eval_now:
