@@ -3,7 +3,7 @@ Runs that lose nothing: what every training script shares about a run, behind a 
 
     lr = get_lr(step, n_steps, warmup_steps, lr_max, min_lr_factor)   # warmup, then cosine decay
     with Run(config, master=True, log=print) as run:    # out_dir chosen (out-2, ... if taken) and held (a lock)
-        ckpt = run.resume_checkpoint(compare)           # --resume=True: the checkpoint, checked to be this run's
+        ckpt = run.resume_checkpoint(defaults, ...)     # --resume=True: the checkpoint, checked to be this run's
         run.track(model, optimizer, ...)                # what save() writes; on resume, what the run depends on
                                                         # (pretrained SAEs, data) checked, the state restored
         while step < n_steps:
@@ -350,11 +350,12 @@ class Run:
         self.stop_requested = True
         self.log(f"\nsignal {signum}: stopping after this step and saving a checkpoint (Ctrl-C again: stop at once)")
 
-    def resume_checkpoint(self, differences, global_batch):
+    def resume_checkpoint(self, defaults, free, global_batch):
         """The checkpoint to resume, read and checked before any model is built (the model may have to be trained
-        first). differences(saved config) lists, as (key, saved, now), the settings that make it another run; the
-        global batch (samples per step, over every process) must be the same, for the data and the schedule. It is
-        read as tensors and plain data only (a shared run folder's ckpt.pt that holds anything else is refused)."""
+        first): every setting of `defaults` but those in `free` (how the run is watched, where and on what) must be
+        the saved one (a default where the checkpoint has none), and the global batch (samples per step, over every
+        process) the same, for the data and the schedule. It is read as tensors and plain data only (a shared run
+        folder's ckpt.pt that holds anything else is refused)."""
         if not os.path.isfile(self.ckpt_path):
             lone = os.path.isfile(self.saes_path)
             raise ConfigError(f"resume=True but there is no checkpoint at {self.ckpt_path}" + (
@@ -362,7 +363,8 @@ class Run:
                 f"them further as a new run: --pretrained_sae_paths=['{self.out_dir}'] --retrain_saes=True "
                 "--out_dir=..." if lone else "; drop --resume or point out_dir at a run"))
         ckpt = load_checkpoint(self.ckpt_path, "Start a fresh run in another out_dir")
-        differ = differences(ckpt["config"])
+        differ = [(k, ckpt["config"].get(k, v), self.config[k]) for k, v in defaults.items()
+                  if k not in free and ckpt["config"].get(k, v) != self.config[k]]
         if differ:
             shown = ", ".join(f"{k}={was!r} (this run: {now!r})" for k, was, now in differ)
             raise ConfigError(f"{self.ckpt_path} was trained with {shown}: a resumed run keeps its own "

@@ -159,22 +159,19 @@ def settings(argv):
     for bad, message in refuse:
         if bad:
             raise ConfigError(message)
-    try:  # the loss's own rules (LossConfig.check: its coefficients, p_norm, the terms it needs)
-        LossConfig.of(c).check()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     for key in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
         if key in given and c["activation"] != "jumprelu":
             raise ConfigError(f"{key} is JumpReLU's; activation={c['activation']!r} has none: drop it, or use "
                               "--activation=jumprelu")
-    try:  # which settings the activation takes (the dictionary's size is checked once the model gives its width)
-        make_activation(c["activation"], max(c["k"], 1), **sae_settings(c, given)[1])
+    try:  # the loss's own rules, and the settings the activation takes (the dictionary's size waits for the model)
+        LossConfig.of(c).check()
+        make_activation(c["activation"], max(c["k"], 1), **sae_settings(c)[1])
     except ValueError as e:
-        raise ConfigError(f"{e} (--activation={c['activation']})") from None
+        raise ConfigError(str(e)) from None
     return c, activation_defaults(c, given)
 
 
-def sae_settings(c, given=()):
+def sae_settings(c):
     """(activation, the settings it was given): what every new SAE is built with."""
     extra = {"k": c["k"] or None} if c["k"] or c["activation"] in ("topk", "batchtopk") else {}
     if c["activation"] == "jumprelu":
@@ -296,8 +293,7 @@ def main(argv):
     log = print if master else (lambda *a, **k: None)
     device_type = "cuda" if c.device.startswith("cuda") else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c.dtype]
-    autocast = torch.autocast(device_type, dtype=ptdtype) if c.dtype != "float32" else nullcontext()
+    autocast = torch.autocast(device_type, dtype=getattr(torch, c.dtype)) if c.dtype != "float32" else nullcontext()
     global_batch, n_steps, warmup_steps, local_steps = schedule(c, world_size)
     log("config:")
     if master:
@@ -312,9 +308,7 @@ def main(argv):
     # every check before any work: a checkpoint to resume, the data, the model
     with Run(config, master, log, bad_data=[data.DataError]) as run:
         c.out_dir = config["out_dir"]
-        ckpt = run.resume_checkpoint(lambda saved: [
-            (k, saved.get(k, v), config[k]) for k, v in DEFAULTS.items()
-            if k not in HOW_IT_RUNS and saved.get(k, v) != config[k]], global_batch) if c.resume else None
+        ckpt = run.resume_checkpoint(DEFAULTS, HOW_IT_RUNS, global_batch) if c.resume else None
         try:  # this process's held-out batches, both parts of the data checked before the model (maybe trained first)
             eval_batches, line = data.heldout_batches(c.dataset, c.n_ctx, c.eval_n_samples, c.batch_size, rank,
                                                       world_size, c.tokenizer)
@@ -326,7 +320,8 @@ def main(argv):
         model = build_model(c, [loss_at(c, s, local_steps) for s in {0, local_steps}], log)
         if ddp and master:
             dist.barrier()
-        optimizer = torch.optim.Adam([p for p in model.saes.parameters() if p.requires_grad], lr=c.lr)
+        params = [p for p in model.saes.parameters() if p.requires_grad]  # the SAEs (pretrained ones may be fixed)
+        optimizer = torch.optim.Adam(params, lr=c.lr)
         scaler = torch.amp.GradScaler(device_type, enabled=c.dtype == "float16")
         dead = DeadElements(model, c.dead_window_tokens) if c.aux_k_coeff > 0 else None
         step = ckpt["step"] if ckpt else 0
@@ -355,7 +350,6 @@ def main(argv):
                 block.compile()
         progress = TrainingLog(model, c, config, world_size, global_batch, master, log)
         progress.start(step, n_steps, local_steps, run.ckpt_path if ckpt else None)
-        params = [p for p in model.saes.parameters() if p.requires_grad]
 
         eval_metrics = None
         while step < n_steps:
