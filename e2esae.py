@@ -63,7 +63,6 @@ from language_models import Unembedding
 
 # ---- the activations: pre-activations (..., n_dict) -> the code c ----
 
-
 class Activation(nn.Module):
     """What every activation shares: the L_p sparsity term, and no fused kernel unless it says so."""
 
@@ -225,7 +224,6 @@ def make_activation(activation, n_dict, k=None, bandwidth=None, init_threshold=N
 
 # ---- the SAE ----
 
-
 def geometric_median(x, iterations=50):
     """The point minimising the sum of Euclidean distances to the rows of x (N, d): Weiszfeld's iteration from the
     mean, each step the average of the rows weighted by 1 / distance."""
@@ -317,7 +315,6 @@ class SAE(interop.SAEFiles, nn.Module):
 
 # ---- metrics, each a small function of tensors ----
 
-
 def aux_k_loss(sae, x, x_hat, dead):
     """Gao et al.'s auxiliary loss: MSE between the residual x - x_hat (detached) and its reconstruction from the
     k_aux = d_in // 2 largest pre-activations of the dead elements alone (no decoder bias), scaled by
@@ -354,12 +351,10 @@ def reconstruction_metrics(prefix, pred, target):
 def output_metrics(h_orig, h_new, idx, head, keep=None, chunk_rows=None):
     """How the spliced model's next-token predictions compare with the original's, from both final normed streams
     (B, T, d) through `head` (language_models.Unembedding): kl, ce_orig, ce_sae, ce_increase, top1_acc_orig,
-    top1_acc_sae, top1_consistency, stat_distance = 0.5 sum_v |p_orig - p_new|, each over the positions in `keep`
-    (B, T) (all by default); the logits at t predict token t + 1. Computed chunk by chunk of positions, so no
-    (tokens x vocab) logits are held, as in training's fused KL. Over a merged head's rows (log n_r in its logits) a
-    token's log-probability is its row's minus log n_r; the KL and the statistical distance are the rows'. Each
-    chunk's (C, U) logits are passed over as few times as the figures allow (on a CPU every pass is most of the
-    cost)."""
+    top1_acc_sae, top1_consistency, stat_distance = 0.5 sum_v |p_orig - p_new|, over the positions in `keep` (B, T)
+    (all by default); the logits at t predict token t + 1. Chunk by chunk of positions, so that, as in training's
+    fused KL, no (tokens x vocab) logits are held. Over a merged head's rows (log n_r in its logits) a token's
+    log-probability is its row's minus log n_r; the KL and the statistical distance are the rows'."""
     targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -1)], 1)  # (B, T): -1 where nothing follows
     at = torch.ones_like(idx, dtype=torch.bool) if keep is None else keep
     h_orig, h_new, targets = h_orig[at], h_new[at], targets[at]  # (N, d), (N, d), (N,)
@@ -390,7 +385,6 @@ def output_metrics(h_orig, h_new, idx, head, keep=None, chunk_rows=None):
 
 
 # ---- the spliced model ----
-
 
 class SAETransformer(interop.SAETransformerFiles, nn.Module):
     """A frozen language model (model.GPT, or anything with its seam) with one SAE at each listed residual-stream
@@ -469,7 +463,6 @@ class SAETransformer(interop.SAETransformerFiles, nn.Module):
 
 # ---- the loss ----
 
-
 @dataclass
 class LossConfig:
     """The loss's settings, named as train.py's config keys (the module docstring has the formulas). The paper's
@@ -536,13 +529,6 @@ class LossConfig:
                                  "spliced and original streams are identical there, so the term is always 0")
 
 
-def training_type(kl_coeff, in_to_orig_coeff):
-    """The paper's name for a mix of coefficients: e2e+ds (KL and downstream), e2e (KL), else local."""
-    if kl_coeff > 0 and in_to_orig_coeff > 0:
-        return "e2e+ds"
-    return "e2e" if kl_coeff > 0 else "local"
-
-
 def at_positions(t, keep):
     """t (B, T, ...) at the positions in keep (B, T), as a flat (N, ...); t itself where keep is None (every one)."""
     return t if keep is None else t[keep]
@@ -589,19 +575,16 @@ def sae_term(name, sae, x, x_hat, code, pre, x_orig, p_norm, dead):
 
 def compute_loss(model, idx, loss, *, full_metrics=True, feature_counts=None, dead=None):
     """The training loss of `model` (an SAETransformer) on token ids idx (B, T) under `loss` (a LossConfig), and a
-    flat dict of metrics.
-
-    Returns (total, metrics): total a scalar to backpropagate; metrics detached 0-d tensors named as in the paper's
-    logs (<pos> is the dotted position name): kl, ce_orig, ce_sae, ce_increase, top1_acc_orig, top1_acc_sae,
-    top1_consistency, stat_distance; l0/<pos>, frac_zeros/<pos>; each term that is computed (its coefficient > 0,
-    or every term with full_metrics): sparsity/<pos>, out_to_in/<pos>, out_to_orig/<pos>, in_to_orig/<pos>, aux_k/
-    <pos>; with full_metrics, explained_variance[_ln][_std]/<pos> and in_to_orig_explained_variance[...]/<pos>.
-    full_metrics=False skips the work only metrics need (full logits, extra passes); the loss is the same.
-    feature_counts, a FeatureCounts, counts which dictionary elements fired in this batch. dead, {position: bool
-    (n_dict,)} (DeadElements.masks()), names the elements the auxiliary-k loss reconstructs the residual from.
-    kl_rescale: the KL term is scaled to the size of the local MSE, alpha = (sum of out_to_in terms / kl) detached,
-    and the two are averaged: 0.5 (out_to_in_coeff mse + kl_coeff alpha kl).
-    """
+    flat dict of metrics: returns (total, metrics), total a scalar to backpropagate, metrics detached 0-d tensors
+    named as in the paper's logs (<pos> is the dotted position name): kl, ce_orig, ce_sae, ce_increase,
+    top1_acc_orig, top1_acc_sae, top1_consistency, stat_distance; l0/<pos>, frac_zeros/<pos>; each term that is
+    computed (its coefficient > 0, or every term with full_metrics): sparsity/<pos>, out_to_in/<pos>,
+    out_to_orig/<pos>, in_to_orig/<pos>, aux_k/<pos>; with full_metrics, explained_variance[_ln][_std]/<pos> and
+    in_to_orig_explained_variance[...]/<pos>. full_metrics=False skips the work only metrics need (full logits,
+    extra passes); the loss is the same. feature_counts, a FeatureCounts, counts which dictionary elements fired in
+    this batch. dead, {position: bool (n_dict,)} (DeadElements.masks()), names the elements the auxiliary-k loss
+    reconstructs the residual from. kl_rescale: the KL term scaled to the size of the local MSE, alpha = (sum of
+    out_to_in terms / kl) detached, and the two averaged: 0.5 (out_to_in_coeff mse + kl_coeff alpha kl)."""
     loss.check(model)
     gpt = model.gpt
     downstream = {p: gpt.resid_index(p) for p in loss.in_to_orig_positions}
@@ -688,7 +671,6 @@ def prepare_saes(model, positions, batches, sae_init="orthogonal", normalize_act
 
 
 # ---- evaluation: figures over many batches ----
-
 
 class FeatureCounts:
     """How many tokens each dictionary element fired on, over a window of tokens: the alive count and the

@@ -14,10 +14,17 @@ from dataclasses import fields
 import torch
 import torch.distributed as dist
 
-from e2esae import LossConfig, evaluate, training_type
+from e2esae import LossConfig, evaluate
 
 COEFF_KEYS = [f.name for f in fields(LossConfig) if f.name.endswith("_coeff") and f.name != "aux_k_coeff"]
 PUBLISHED = {"l": "local", "e": "e2e", "efr": "e2e+ds"}  # the paper's SAEs on the hub: res_s{c,l}{l,e,efr}-ajt
+
+
+def training_type(kl_coeff, in_to_orig_coeff):
+    """The paper's name for a mix of coefficients: e2e+ds (KL and downstream), e2e (KL), else local."""
+    if kl_coeff > 0 and in_to_orig_coeff > 0:
+        return "e2e+ds"
+    return "e2e" if kl_coeff > 0 else "local"
 
 
 def describe(spec, config):

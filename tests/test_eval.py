@@ -13,11 +13,11 @@ import torch.nn.functional as F
 import yaml
 
 import data
-from e2esae import SAE, SAETransformer, training_type
+from e2esae import SAE, SAETransformer
 from interop import save_saelens
 from language_models import save_pretrained
 from model import GPT, GPTConfig
-from report import plot_frequency_histogram, plot_pareto
+from report import plot_frequency_histogram, plot_pareto, training_type
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_CTX, N_SAMPLES = 32, 6
