@@ -98,13 +98,9 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _device_available(device):
-    import torch
-    return not device.startswith("cuda") or torch.cuda.is_available()
-
-
 # the rule every script's settings table has for its `device`
-device_rule = ("device", _device_available, "'cpu': no CUDA GPU is available")
+device_rule = ("device", lambda d: not d.startswith("cuda") or default_device() == "cuda",
+               "'cpu': no CUDA GPU is available")
 
 
 def print_config(config, file=sys.stdout):

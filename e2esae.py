@@ -251,10 +251,6 @@ class SAE(interop.SAEFiles, nn.Module):
         self.activation = make_activation(activation, n_dict, k, bandwidth, init_threshold)
         self.register_buffer("input_scale", torch.ones(()))
 
-    def _load_from_state_dict(self, state, prefix, *args):
-        state.setdefault(prefix + "input_scale", torch.ones(()))  # files from before input normalisation: 1
-        super()._load_from_state_dict(state, prefix, *args)
-
     @torch.no_grad()
     def init_tied_(self, x, decoder_bias="mean"):
         """The TopK paper's initialisation (Gao et al. 2024) on a sample of inputs x (N, d_in): the encoder is the

@@ -607,6 +607,10 @@ def read_checkpoint(spec):
 class SAEFiles:
     """e2esae.SAE's: built from a checkpoint's entry, read from and written as SAELens's format."""
 
+    def _load_from_state_dict(self, state, prefix, *args):
+        state.setdefault(prefix + "input_scale", torch.ones(()))  # files from before input normalisation: 1
+        super()._load_from_state_dict(state, prefix, *args)
+
     @classmethod
     def from_spec(cls, spec):
         """An SAE from a checkpoint's entry (Checkpoint.saes[position]): its shape, settings and tensors."""

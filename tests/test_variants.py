@@ -329,3 +329,12 @@ def test_a_file_from_before_input_normalisation_loads_with_scale_one():
     sae.input_scale.fill_(3.0)
     sae.load_state_dict(state)
     assert sae.input_scale.item() == 1.0
+
+
+def test_a_state_without_input_scale_loads_as_scale_one():
+    """Files from before input normalisation hold no input_scale: the SAE reads it as 1 (interop.SAEFiles)."""
+    old = {k: v for k, v in SAE(8, 16).state_dict().items() if k != "input_scale"}
+    sae = SAE(8, 16)
+    sae.input_scale.fill_(3.0)
+    sae.load_state_dict(old)
+    assert sae.input_scale.item() == 1.0
