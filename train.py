@@ -111,14 +111,13 @@ HOW_IT_RUNS = ("out_dir", "resume", "overwrite", "log_every_n_steps", "eval_ever
                "peak_flops", "batch_size", "gradient_accumulation_steps")
 positive = lambda v: v > 0
 all_strings = lambda v: all(isinstance(p, str) for p in v)
+one_of = lambda key, options: (key, lambda v: v in options, ", ".join(map(repr, options[:-1])) + f" or {options[-1]!r}")
 RULES = [  # (key, test, what the value must be): every range, checked before anything else happens
     ("sae_positions", lambda v: bool(v) and all_strings(v), "a non-empty list like ['blocks.6.hook_resid_pre']"),
     ("dict_size_to_input_ratio", positive, "positive (n_dict = ratio x the model's width)"),
-    ("activation", lambda v: v in ACTIVATIONS, " or ".join(map(repr, ACTIVATIONS))),
-    ("sae_init", lambda v: v in ("orthogonal", "tied_mean", "tied_median"), "'orthogonal', 'tied_mean' or "
-                                                                            "'tied_median'"),
-    ("normalize_activations", lambda v: v in ("none", "expected_average_only_in"),
-     "'none' or 'expected_average_only_in'"),
+    one_of("activation", list(ACTIVATIONS)),
+    one_of("sae_init", ["orthogonal", "tied_mean", "tied_median"]),
+    one_of("normalize_activations", ["none", "expected_average_only_in"]),
     *[(key, positive, "positive") for key in ("jumprelu_bandwidth", "dead_window_tokens", "n_samples",
                                               "batch_size", "gradient_accumulation_steps", "lr", "max_grad_norm",
                                               "eval_every_n_samples", "eval_n_samples", "save_every_n_samples",
@@ -129,7 +128,7 @@ RULES = [  # (key, test, what the value must be): every range, checked before an
     ("finetune_fraction", lambda v: 0 <= v < 1, "in [0, 1): the share of the steps fine-tuned end to end"),
     ("n_ctx", lambda v: v >= 2, "at least 2 (a sample's tokens predict the next ones)"),
     ("min_lr_factor", lambda v: 0 <= v <= 1, "between 0 and 1 (the final learning rate is min_lr_factor x lr)"),
-    ("dtype", lambda v: v in ("float32", "bfloat16", "float16"), "'float32', 'bfloat16' or 'float16'"),
+    one_of("dtype", ["float32", "bfloat16", "float16"]),
     device_rule,
 ]
 
