@@ -66,7 +66,7 @@ from configurator import (
 )
 from e2esae import LossConfig, SAETransformer
 from interop import check_specs
-from language_models import load_model, tokenizer_of
+from language_models import check_context, load_model, tokenizer_of
 from report import TYPE_STYLE, result_rows
 from runs import check_writable, nonfinite_parameters, write_atomic, write_json
 
@@ -245,8 +245,7 @@ def analyse_checkpoint(spec, c, samples_of):
         raise ConfigError(f"{spec}: its SAE weights are not finite ({', '.join(broken[:4])}): the run diverged, so "
                           "there is no dictionary to analyse; retrain it with a lower lr")
     gpt = model.gpt
-    if c.n_ctx > gpt.config.block_size:
-        raise ConfigError(f"n_ctx={c.n_ctx} is longer than the model's context of {gpt.config.block_size} tokens")
+    check_context(gpt, c.n_ctx)
     tokenizer = tokenizer_of(gpt)  # the text as this checkpoint's model reads it
     try:
         if tokenizer not in samples_of:

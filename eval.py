@@ -37,7 +37,7 @@ import report
 from configurator import ConfigError
 from e2esae import LossConfig, SAETransformer
 from interop import check_specs
-from language_models import load_model, tokenizer_of
+from language_models import check_context, load_model, tokenizer_of
 from runs import check_writable, nonfinite_parameters, write_json
 
 # -----------------------------------------------------------------------------
@@ -76,9 +76,7 @@ def evaluate_checkpoint(spec, c, samples_of):
     if broken:
         raise ValueError(f"its SAE weights are not finite ({', '.join(broken[:4])}): the run diverged, so there is "
                          "nothing to evaluate; retrain it with a lower lr")
-    if c.n_ctx > model.gpt.config.block_size:
-        raise ConfigError(f"n_ctx={c.n_ctx} is longer than the model's context of {model.gpt.config.block_size} "
-                          f"tokens: use --n_ctx={model.gpt.config.block_size} or less")
+    check_context(model.gpt, c.n_ctx)
     dataset = c.dataset or model.config.get("dataset") or "shakespeare"
     tokenizer = tokenizer_of(model.gpt)  # the text as this checkpoint's model reads it
     if (dataset, tokenizer) not in samples_of:  # read once: checkpoints of one dataset and model share their samples

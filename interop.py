@@ -2,10 +2,11 @@
 Every checkpoint format, in one place: this project's own, SAELens's (in which the paper's SAEs are published) and
 the reference library `e2e_sae`'s (its run directories and the paper's SAEs on the Hugging Face hub, locally or
 through wandb). This module reads and writes files as tensors and plain settings; e2esae.py's classes inherit their
-methods for files from the two classes at its end, SAEFiles and SAETransformerFiles. Files are shared, so reading one never runs code: .pt files are
-unpickled as tensors and plain data only (torch.load with weights_only=True), YAML with yaml.safe_load. A file
-that cannot be read as its format says (damaged, cut short, a tensor missing or of the wrong shape, a config that
-is not a mapping, objects that unpickling would run) is one ValueError naming the file and what is wrong.
+methods for files from the two classes at its end, SAEFiles and SAETransformerFiles. Files are shared, so reading
+one never runs code: .pt files are unpickled as tensors and plain data only (torch.load with weights_only=True),
+YAML with yaml.safe_load. A file that cannot be read as its format says (damaged, cut short, a tensor missing or of
+the wrong shape, a config that is not a mapping, objects that unpickling would run) is one ValueError naming the
+file and what is wrong.
 
     SAETransformer.from_checkpoint(spec)        # any spec below (read_checkpoint)
     SAETransformer.from_local_path(...)         # the reference library's names, as it documents them

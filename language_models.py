@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from configurator import ConfigError
 from model import GPT, HUB_REPOS
 
 # TransformerLens's and SAELens's names (what the reference library's configs and SAELens's cfg.json write) -> the hub
@@ -69,6 +70,13 @@ def load_model(init_from, dtype=None):
     else:
         model = GPT.from_pretrained(name)
     return model.requires_grad_(False).eval()
+
+
+def check_context(model, n_ctx):
+    """Refuse, as a setting, samples of n_ctx tokens longer than the model's context."""
+    if n_ctx > model.config.block_size:
+        raise ConfigError(f"n_ctx={n_ctx} is longer than the model's context of {model.config.block_size} tokens: use "
+                          f"--n_ctx={model.config.block_size} or less")
 
 
 def save_pretrained(model, directory):

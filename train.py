@@ -38,7 +38,7 @@ from e2esae import (
     make_activation,
     prepare_saes,
 )
-from language_models import load_model, tokenizer_of
+from language_models import check_context, load_model, tokenizer_of
 from report import TrainingLog
 from runs import Run, average_over_processes, check_finite, get_lr, setup_distributed
 from train_gpt import small_model, unigram_cross_entropy
@@ -240,9 +240,7 @@ def build_model(c, phases, log):
         gpt = load_model(small_model(c.small_model_config) if c.init_from == "shakespeare" else c.init_from, dtype)
     except (OSError, ValueError, RuntimeError) as e:
         raise ConfigError(f"init_from={c.init_from!r}: {e}") from None
-    if c.n_ctx > gpt.config.block_size:
-        raise ConfigError(f"n_ctx={c.n_ctx} is longer than the model's context of {gpt.config.block_size} tokens: "
-                          f"use --n_ctx={gpt.config.block_size} or less")
+    check_context(gpt, c.n_ctx)
     n_dict = int(gpt.config.n_embd * c.dict_size_to_input_ratio)
     if n_dict < 1:
         raise ConfigError(f"dict_size_to_input_ratio={c.dict_size_to_input_ratio} gives a dictionary of 0 elements at "
