@@ -13,6 +13,7 @@ below lets the kernel files define their @triton.jit functions unconditionally; 
 """
 
 import os
+from types import SimpleNamespace
 
 import torch
 
@@ -23,28 +24,11 @@ try:
     HAS_TRITON = True
 except ImportError:  # CPU-only installs without triton: reference path only
     HAS_TRITON = False
-
-    class _NoTriton:
-        """Just enough of `triton` / `triton.language` for the kernel definitions to parse."""
-
-        constexpr = None
-
-        @staticmethod
-        def jit(fn=None, **kwargs):
-            return fn if fn is not None else (lambda f: f)
-
-        @staticmethod
-        def autotune(configs, key, **kwargs):
-            return lambda f: f
-
-        @staticmethod
-        def Config(*args, **kwargs):
-            return None
-
-    triton = tl = _NoTriton()
+    triton = tl = SimpleNamespace(jit=lambda fn: fn, autotune=lambda **kwargs: (lambda fn: fn),
+                                  Config=lambda *args, **kwargs: None, constexpr=None)
 
 # @triton.jit picks the interpreter when a function is defined: Triton's own library (tl.sum, ...) when triton
-# is first imported, our kernels when kernels is. Both must have seen TRITON_INTERPRET=1.
+# is first imported, our kernels when sae_kernels is. Both must have seen TRITON_INTERPRET=1.
 INTERPRET = (HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
              and type(tl.sum).__name__ == "InterpretedFunction")
 
@@ -54,6 +38,7 @@ INTERPRET = (HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = HAS_TRITON and not INTERPRET and os.environ.get("E2ESAE_AUTOTUNE", "1") != "0"
 
 BACKENDS = ("auto", "triton", "torch")
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the kernels'; PyTorch's primitives add float64
 
 
 def tuning_configs(configs: list, interpreter_config) -> list:

@@ -32,9 +32,8 @@ Checked against kl_div_torch by `python -m pytest tests/test_kernels.py`; timed 
 import torch
 import torch.nn.functional as F
 
-from .backend import autocast_inputs, tl, triton, tuning_configs, use_triton
+from .backend import SUPPORTED_DTYPES, autocast_inputs, tl, triton, tuning_configs, use_triton
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # linear_kl_div's default chunk: rows whose logits hold about 2^25 values per model (64 MB each in bf16).
 LOGITS_PER_CHUNK = 2**25
 # On a CPU smaller chunks stay in the allocator's cache: larger buffers are mmapped and page-faulted afresh on every

@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from . import sparse
-from .backend import tl, triton, tuning_configs, use_triton
+from .backend import SUPPORTED_DTYPES, tl, triton, tuning_configs, use_triton
 from .sparse import check_k
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ReLU takes the sparse path while a sample of tokens shows at most this share of its codes firing (see above).
 SPARSE_MAX_DENSITY = 1 / 256  # on a GPU
 CPU_SPARSE_MAX_DENSITY = 1 / 8

@@ -45,9 +45,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .backend import autocast_inputs
-
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+from .backend import SUPPORTED_DTYPES, autocast_inputs
 
 
 def check_sae_inputs(x, enc_weight, enc_bias, dec_weight, dec_bias, dtypes):
@@ -180,7 +178,7 @@ class Ops(NamedTuple):
     compute: Callable  # the inputs' dtype -> the dtype of D^T, the values and the gradients computed inside
 
 
-TORCH = Ops("torch", gather_sum, sampled_dots, select_relu, SUPPORTED_DTYPES,
+TORCH = Ops("torch", gather_sum, sampled_dots, select_relu, (*SUPPORTED_DTYPES, torch.float64),
             lambda dtype: torch.float64 if dtype == torch.float64 else torch.float32)
 
 
