@@ -237,6 +237,6 @@ def sae_forward(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_top
     limit = CPU_SPARSE_MAX_DENSITY if x.device.type == "cpu" else SPARSE_MAX_DENSITY
     if k is None and relu_density(x, enc_weight, enc_bias) > limit:
         return sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias)
-    x_hat, code = sparse.sae_pairs(TRITON if on_triton else sparse.TORCH, x, enc_weight, enc_bias, dec_weight, dec_bias,
-                                   k, batch_topk, dense=True)
+    x_hat, code = sparse.sae_forward_sparse(x, enc_weight, enc_bias, dec_weight, dec_bias, k, batch_topk, dense=True,
+                                            ops=TRITON if on_triton else sparse.TORCH)
     return x_hat, code.dense

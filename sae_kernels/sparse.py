@@ -48,19 +48,6 @@ import torch.nn.functional as F
 from .backend import SUPPORTED_DTYPES, autocast_inputs
 
 
-def check_sae_inputs(x, enc_weight, enc_bias, dec_weight, dec_bias, dtypes):
-    """(n_dict, d) of an SAE's tensors, after checking that their shapes fit and that they share a dtype of dtypes
-    and a device."""
-    n_dict, d = enc_weight.shape
-    tensors = (x, enc_weight, enc_bias, dec_weight, dec_bias)
-    assert x.shape[-1] == d and dec_weight.shape == (d, n_dict) and enc_bias.shape == (n_dict,) \
-        and dec_bias.shape == (d,), f"shapes {[tuple(t.shape) for t in tensors]}"
-    assert len({t.dtype for t in tensors}) == 1 and x.dtype in dtypes, \
-        f"all inputs must share one of {dtypes}, got {[t.dtype for t in tensors]}"
-    assert len({t.device for t in tensors}) == 1, "all inputs must be on one device"
-    return n_dict, d
-
-
 def check_k(k, n_dict: int, batch_topk: bool = False):
     """k is None (the ReLU code) or TopK's number of codes per token, an int from 1 to n_dict, and given if
     batch_topk; else ValueError."""
@@ -196,7 +183,12 @@ class SAEForwardSparse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, enc_weight, enc_bias, dec_weight, dec_bias, ops, select, k, dense):
-        n_dict, d = check_sae_inputs(x, enc_weight, enc_bias, dec_weight, dec_bias, ops.dtypes)
+        n_dict, d = enc_weight.shape
+        tensors = (x, enc_weight, enc_bias, dec_weight, dec_bias)
+        assert x.shape[-1] == d and dec_weight.shape == (d, n_dict) and enc_bias.shape == (n_dict,) \
+            and dec_bias.shape == (d,), f"shapes {[tuple(t.shape) for t in tensors]}"
+        assert len({(t.dtype, t.device) for t in tensors}) == 1 and x.dtype in ops.dtypes, \
+            f"all inputs must share a device and one of {ops.dtypes}, got {[(t.dtype, t.device) for t in tensors]}"
         compute = ops.compute(x.dtype)
         x2 = x.reshape(-1, d).contiguous()  # (N, d)
         pre = torch.addmm(enc_bias, x2, enc_weight.t())  # (N, n), the one dense matmul
@@ -205,12 +197,9 @@ class SAEForwardSparse(torch.autograd.Function):
         else:
             row_ptr, col, value = (select_topk if select == "topk" else select_batch_topk)(pre, k)
         value = value.to(compute).relu_()  # (nnz,) the code at the selected pairs
-        c = None
-        if dense and select == "relu":
-            c = pre
-        elif dense:  # pre is not needed any more: its buffer becomes c
-            c = pre.view(-1).zero_().index_put_((pattern_rows(row_ptr, col.numel()) * n_dict + col,),
-                                                value.to(pre.dtype)).view(pre.shape)
+        if dense and select != "relu":  # pre is not needed any more: its buffer becomes c
+            pre.view(-1).zero_().index_put_((pattern_rows(row_ptr, col.numel()) * n_dict + col,), value.to(pre.dtype))
+        c = pre.view(*x.shape[:-1], n_dict) if dense else None
         del pre
 
         # (n, d) rows of D^T, contiguous: a transposing copy unless W_dec is stored column-major
@@ -223,7 +212,6 @@ class SAEForwardSparse(torch.autograd.Function):
         ctx.ops, ctx.x_shape, ctx.column_major = ops, x.shape, dec_weight.t().is_contiguous()
         ctx.mark_non_differentiable(row_ptr, col)
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros
-        c = c.view(*x.shape[:-1], n_dict) if c is not None else None
         return x_hat.view(x.shape), row_ptr, col, value.to(x.dtype), c
 
     @staticmethod
@@ -296,23 +284,21 @@ class SparseCode(NamedTuple):
         return c.index_put((self.rows() * n_dict + self.col,), self.value).view(self.shape)
 
 
-def sae_pairs(ops, x, enc_weight, enc_bias, dec_weight, dec_bias, k, batch_topk, dense):
-    """SAEForwardSparse with ops' primitives, under autocast in its dtype: (x_hat, SparseCode)."""
+def sae_forward_sparse(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_topk=False, dense=False,
+                       ops=TORCH):
+    """The SAE on x (..., d_in) over its selected pairs: (x_hat (..., d_in), SparseCode), differentiable in every input.
+
+    enc_weight (n_dict, d_in), enc_bias (n_dict), dec_weight (d_in, n_dict), dec_bias (d_in); the decoder's columns
+    are normalised on every call. k=None: the ReLU code (every positive pre-activation); k an int from 1 to n_dict:
+    TopK, each token's k largest pre-activations through relu; with batch_topk=True, BatchTopK's training code: the
+    batch's N k largest (N tokens), k per token on average. dense=True also makes the dense c, SparseCode.dense, over
+    the pre-activations' buffer (no extra (N, n_dict) tensor). Gradients flow from x_hat and from the code's values
+    (or c). ops: the primitives, TORCH (on every device) or sae.TRITON. Under autocast the inputs are cast to the
+    autocast dtype first, and everything runs in it.
+    """
+    check_k(k, enc_weight.shape[0], batch_topk)
     tensors = autocast_inputs(x.device, x, enc_weight, enc_bias, dec_weight, dec_bias)
     select = "relu" if k is None else ("batch_topk" if batch_topk else "topk")
     with torch.autocast(x.device.type, enabled=False):
         x_hat, row_ptr, col, value, c = SAEForwardSparse.apply(*tensors, ops, select, k, dense)
     return x_hat, SparseCode(row_ptr, col, value, torch.Size((*x.shape[:-1], enc_weight.shape[0])), c)
-
-
-def sae_forward_sparse(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_topk=False, dense=False):
-    """The SAE on x (..., d_in) over its selected pairs, in PyTorch: (x_hat (..., d_in), SparseCode). On every device.
-
-    k=None: the ReLU code (every positive pre-activation); k an int: TopK, each token's k largest pre-activations
-    through relu; with batch_topk=True, BatchTopK's training code: the batch's N k largest (N tokens), k per token
-    on average. dense=True also makes the dense c, SparseCode.dense, over the pre-activations' buffer (no extra
-    (N, n_dict) tensor). Gradients flow from x_hat and from the code's values (or c) to every input. Under
-    autocast the inputs are cast to the autocast dtype first.
-    """
-    check_k(k, enc_weight.shape[0], batch_topk)
-    return sae_pairs(TORCH, x, enc_weight, enc_bias, dec_weight, dec_bias, k, batch_topk, dense)
