@@ -174,15 +174,11 @@ TORCH = Ops("torch", gather_sum, sampled_dots, select_relu, (*SUPPORTED_DTYPES, 
 
 
 class SAEForwardSparse(torch.autograd.Function):
-    """(x_hat, row_ptr, col, value, c or None) of the SAE, computed over the selected pairs (see the docstring).
-
-    ops: TORCH or sae.TRITON; select: "topk", "batch_topk" (k per token, over each token or over the batch) or
-    "relu" (k None); dense: also return c (N, n), written over the pre-activations' buffer. Gradients arrive through
-    x_hat, value and c; the outputs and gradients are in the inputs' dtype.
-    """
+    """(x_hat, row_ptr, col, value, c or None) of sae_forward_sparse, with its arguments, over the selected pairs (the
+    module docstring has the math). Gradients arrive through x_hat, value and c, all in the inputs' dtype."""
 
     @staticmethod
-    def forward(ctx, x, enc_weight, enc_bias, dec_weight, dec_bias, ops, select, k, dense):
+    def forward(ctx, x, enc_weight, enc_bias, dec_weight, dec_bias, ops, k, batch_topk, dense):
         n_dict, d = enc_weight.shape
         tensors = (x, enc_weight, enc_bias, dec_weight, dec_bias)
         assert x.shape[-1] == d and dec_weight.shape == (d, n_dict) and enc_bias.shape == (n_dict,) \
@@ -192,12 +188,12 @@ class SAEForwardSparse(torch.autograd.Function):
         compute = ops.compute(x.dtype)
         x2 = x.reshape(-1, d).contiguous()  # (N, d)
         pre = torch.addmm(enc_bias, x2, enc_weight.t())  # (N, n), the one dense matmul
-        if select == "relu":  # its buffer becomes c
+        if k is None:  # ReLU: its buffer becomes c
             row_ptr, col, value = ops.select_relu(pre)
         else:
-            row_ptr, col, value = (select_topk if select == "topk" else select_batch_topk)(pre, k)
+            row_ptr, col, value = (select_batch_topk if batch_topk else select_topk)(pre, k)
         value = value.to(compute).relu_()  # (nnz,) the code at the selected pairs
-        if dense and select != "relu":  # pre is not needed any more: its buffer becomes c
+        if dense and k is not None:  # pre is not needed any more: its buffer becomes c
             pre.view(-1).zero_().index_put_((pattern_rows(row_ptr, col.numel()) * n_dict + col,), value.to(pre.dtype))
         c = pre.view(*x.shape[:-1], n_dict) if dense else None
         del pre
@@ -226,10 +222,8 @@ class SAEForwardSparse(torch.autograd.Function):
         col_ptr, csc_col, csc_rows, order = by_element(row_ptr, col, n_dict)
         value_csc = value[order]
         # g_pre on S, in CSC order (what dW_enc and db_enc sum over), fp32 or wider
-        if g is not None:
-            grad_pre = ops.sampled_dots(col_ptr, csc_rows, dictionary_t, g)  # (nnz,) D_j . g_i
-        else:
-            grad_pre = torch.zeros_like(value_csc, dtype=wide)
+        grad_pre = (ops.sampled_dots(col_ptr, csc_rows, dictionary_t, g) if g is not None  # (nnz,) D_j . g_i
+                    else torch.zeros_like(value_csc, dtype=wide))
         if grad_value is not None:
             grad_pre += grad_value[order]
         if grad_c is not None:  # possibly expanded (c.sum()): read at the pairs only
@@ -298,7 +292,6 @@ def sae_forward_sparse(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, ba
     """
     check_k(k, enc_weight.shape[0], batch_topk)
     tensors = autocast_inputs(x.device, x, enc_weight, enc_bias, dec_weight, dec_bias)
-    select = "relu" if k is None else ("batch_topk" if batch_topk else "topk")
     with torch.autocast(x.device.type, enabled=False):
-        x_hat, row_ptr, col, value, c = SAEForwardSparse.apply(*tensors, ops, select, k, dense)
+        x_hat, row_ptr, col, value, c = SAEForwardSparse.apply(*tensors, ops, k, batch_topk, dense)
     return x_hat, SparseCode(row_ptr, col, value, torch.Size((*x.shape[:-1], enc_weight.shape[0])), c)
