@@ -13,10 +13,10 @@ One pass per row suffices for the loss: keep running maxima m_z, m_y, running su
 s_y = sum exp(y - m_y) and a = sum exp(y - m_y)(y - z), rescaling all three when a maximum grows (the online
 softmax trick); then lse = m + log s and KL = a / s_y + lse(z) - lse(y). Everything is in fp32 registers,
 so logits of magnitude 1e4 or one-hot-peaked rows neither overflow nor lose the answer. A second sweep of the
-row, in the same program, can write the gradient (times a given scale) over z: the loss is a scalar, so its
-gradient is known when the forward pass ends, and backward only multiplies it by grad_output. kl_div writes it
-into a fresh tensor, the gradient autograd asks for: no other (R, V) tensor, where eager PyTorch makes several,
-and fewer passes over the logits (BENCHMARKS.md counts both); the loss is memory bound, so time follows the bytes.
+row, in the same program, writes the gradient times a given scale: the loss is a scalar, so its gradient is known
+when the forward pass ends, and backward only multiplies it by grad_output. kl_div writes it into a fresh tensor,
+the one autograd asks for, and makes no other (R, V) tensor, where eager PyTorch makes several (BENCHMARKS.md
+counts the passes of each); the loss is memory bound, so time follows the bytes.
 
 `linear_kl_div` goes one step further for the end of the network, where the logits come from the frozen,
 tied lm_head W (V, d): logits = h @ W^T. It never builds the (R, V) logits of either model. It walks over
@@ -130,21 +130,16 @@ def _kl_forward_kernel(new_ptr,  # (R, V) new logits z
 # Launchers
 
 
-def _check_logits(new: torch.Tensor, orig: torch.Tensor):
-    assert new.dim() == 2 and new.shape == orig.shape, f"want two (rows, vocab) tensors, got {new.shape} {orig.shape}"
-    assert new.dtype in SUPPORTED_DTYPES and orig.dtype in SUPPORTED_DTYPES, f"dtypes {new.dtype} {orig.dtype}"
-    assert new.device == orig.device, f"logits on {new.device} and {orig.device}"
-    assert new.stride(1) == 1 and orig.stride(1) == 1, "the vocabulary dimension must be contiguous"
-
-
 def kl_and_grad_triton(new_logits: torch.Tensor, orig_logits: torch.Tensor, grad_scale: float | None = None,
                        out: torch.Tensor | None = None):
     """kl_and_grad_torch's contract for (R, V) logits, the gradient written into `out` (by default over new_logits
     itself) and returned; without grad_scale, the per-row KL alone (and None)."""
-    _check_logits(new_logits, orig_logits)
     rows, vocab = new_logits.shape
     out = new_logits if out is None else out
-    assert out.shape == new_logits.shape and out.stride(1) == 1, f"gradient {out.shape} for logits {new_logits.shape}"
+    logits = (new_logits, orig_logits, out)
+    assert new_logits.shape == orig_logits.shape == out.shape, f"shapes {[tuple(t.shape) for t in logits]}"
+    assert all(t.dtype in SUPPORTED_DTYPES and t.device == out.device and t.stride(1) == 1 for t in logits), \
+        f"want the kernels' dtypes, one device, a contiguous vocabulary: {[(t.dtype, t.device) for t in logits]}"
     kl_rows = torch.empty(rows, device=new_logits.device, dtype=torch.float32)
     _kl_forward_kernel[(rows,)](new_logits, orig_logits, out, kl_rows, float(grad_scale or 0.0), vocab,
                                 new_logits.stride(0), orig_logits.stride(0), out.stride(0),
@@ -171,9 +166,7 @@ class PrecomputedGrad(torch.autograd.Function):
 
 
 def linear_kl_and_grad(h_new, h_orig, weight, bias, softcap, chunk_rows, kl_and_grad):
-    """Mean KL of cap(h_new @ W^T) + b against cap(h_orig @ W^T) + b, chunk by chunk, and its gradient for h_new.
-    cap(z) = s tanh(z / s) where a soft cap s is given (Gemma 2's), z itself otherwise; its derivative, 1 - tanh^2,
-    multiplies the gradient of the capped logits. kl_and_grad is kl_and_grad_triton or kl_and_grad_torch."""
+    """linear_kl_div's loss and its gradient for h_new, chunk by chunk, with kl_and_grad (_triton or _torch)."""
     d = h_new.shape[-1]
     h_new2, h_orig2 = h_new.reshape(-1, d), h_orig.reshape(-1, d)  # (R, d)
     rows = h_new2.shape[0]
@@ -227,7 +220,7 @@ def kl_div(new_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch.Tensor:
 def linear_kl_div(h_new: torch.Tensor, h_orig: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   softcap: float | None = None, chunk_rows: int | None = None) -> torch.Tensor:
     """kl_div(cap(h_new @ weight.T) + bias, cap(h_orig @ weight.T) + bias) without ever holding either model's full
-    logits; cap(z) = softcap * tanh(z / softcap), or z without a softcap.
+    logits; cap(z) = softcap * tanh(z / softcap) (Gemma 2's soft cap), or z without a softcap.
 
     h_new, h_orig: (..., d) final (normed) hidden states; weight: (vocab, d), the frozen lm_head; bias: (vocab,) or
     None (an lm_head's bias, or language_models.Unembedding's log multiplicities). Differentiable in h_new only (h_orig,
