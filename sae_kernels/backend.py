@@ -1,7 +1,7 @@
 """Choosing between the Triton kernels and their pure-PyTorch references.
 
-Every public function in `sae_kernels/` calls `use_triton(...)` at call time, so the choice can change between
-calls (the tests switch it). The environment variable E2ESAE_BACKEND selects:
+Every public function in `sae_kernels/` with a Triton path calls `use_triton(...)` at call time, so the choice can
+change between calls (the tests switch it). The environment variable E2ESAE_BACKEND selects:
 
     auto    (default) Triton for CUDA tensors, the PyTorch reference for anything else
     triton  always Triton; on a CPU this needs Triton's interpreter: TRITON_INTERPRET=1 set before triton is
@@ -53,11 +53,9 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     backend = os.environ.get("E2ESAE_BACKEND", "auto").strip().lower() or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"E2ESAE_BACKEND={backend!r} is not one of {', '.join(BACKENDS)}")
-    if backend == "torch":
-        return False
     on_cuda = all(t.is_cuda for t in tensors)
-    if backend == "auto":
-        return HAS_TRITON and on_cuda
+    if backend != "triton":
+        return backend == "auto" and HAS_TRITON and on_cuda
     if not HAS_TRITON:
         raise RuntimeError("E2ESAE_BACKEND=triton but triton is not installed: `pip install triton`, "
                            "or set E2ESAE_BACKEND=torch (or auto) to use the PyTorch reference")
@@ -73,5 +71,4 @@ def autocast_inputs(device: torch.device, *tensors):
     a fused path casts its inputs once, as autocast would, then runs with autocast off."""
     if not torch.is_autocast_enabled(device.type):
         return tensors
-    dtype = torch.get_autocast_dtype(device.type)
-    return tuple(t.to(dtype) if t is not None else None for t in tensors)
+    return tuple(t.to(torch.get_autocast_dtype(device.type)) if t is not None else None for t in tensors)
