@@ -53,18 +53,20 @@ def kl_div_torch(new_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch.T
     return F.kl_div(F.log_softmax(new, -1), F.log_softmax(orig, -1), log_target=True, reduction="batchmean")
 
 
-def kl_and_grad_torch(new_logits: torch.Tensor, orig_logits: torch.Tensor, grad_scale: float):
-    """Per-row KL of (C, V) logits and grad_scale x its gradient w.r.t. new_logits, in new_logits' dtype."""
+def kl_and_grad_torch(new_logits: torch.Tensor, orig_logits: torch.Tensor, grad_scale: float = 1.0, out=None):
+    """(per-row KL of (C, V) logits, out): where out is given, grad_scale x the KL's gradient w.r.t. new_logits is
+    written into it (it may be new_logits itself)."""
     logp_new = F.log_softmax(new_logits.float(), -1)  # (C, V)
     logp_orig = F.log_softmax(orig_logits.float(), -1)  # (C, V)
     p_orig = logp_orig.exp()
     kl_rows = (p_orig * (logp_orig - logp_new)).sum(-1)  # (C,)
-    grad = (logp_new.exp() - p_orig) * grad_scale  # (C, V)
-    return kl_rows, grad.to(new_logits.dtype)
+    if out is not None:
+        out.copy_((logp_new.exp() - p_orig) * grad_scale)
+    return kl_rows, out
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Triton kernels: one program per row, sweeping the vocabulary in BLOCK_V-wide blocks.
+# The Triton kernel, one program per row, sweeping the vocabulary in BLOCK_V-wide blocks, and its launcher
 
 _KL_CONFIGS = [triton.Config({"BLOCK_V": 4096}, num_warps=8),
                triton.Config({"BLOCK_V": 2048}, num_warps=8),
@@ -126,25 +128,18 @@ def _kl_forward_kernel(new_ptr,  # (R, V) new logits z
             tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Launchers
-
-
-def kl_and_grad_triton(new_logits: torch.Tensor, orig_logits: torch.Tensor, grad_scale: float | None = None,
-                       out: torch.Tensor | None = None):
-    """kl_and_grad_torch's contract for (R, V) logits, the gradient written into `out` (by default over new_logits
-    itself) and returned; without grad_scale, the per-row KL alone (and None)."""
-    rows, vocab = new_logits.shape
-    out = new_logits if out is None else out
-    logits = (new_logits, orig_logits, out)
-    assert new_logits.shape == orig_logits.shape == out.shape, f"shapes {[tuple(t.shape) for t in logits]}"
-    assert all(t.dtype in SUPPORTED_DTYPES and t.device == out.device and t.stride(1) == 1 for t in logits), \
+def kl_and_grad_triton(new_logits: torch.Tensor, orig_logits: torch.Tensor, grad_scale: float = 1.0, out=None):
+    """kl_and_grad_torch by _kl_forward_kernel, for (R, V) logits."""
+    grad = new_logits if out is None else out  # never written without out: a valid pointer
+    logits = (new_logits, orig_logits, grad)
+    assert new_logits.shape == orig_logits.shape == grad.shape, f"shapes {[tuple(t.shape) for t in logits]}"
+    assert all(t.dtype in SUPPORTED_DTYPES and t.device == grad.device and t.stride(1) == 1 for t in logits), \
         f"want the kernels' dtypes, one device, a contiguous vocabulary: {[(t.dtype, t.device) for t in logits]}"
+    rows, vocab = new_logits.shape
     kl_rows = torch.empty(rows, device=new_logits.device, dtype=torch.float32)
-    _kl_forward_kernel[(rows,)](new_logits, orig_logits, out, kl_rows, float(grad_scale or 0.0), vocab,
-                                new_logits.stride(0), orig_logits.stride(0), out.stride(0),
-                                WRITE_GRAD=grad_scale is not None)
-    return kl_rows, out if grad_scale is not None else None
+    _kl_forward_kernel[(rows,)](new_logits, orig_logits, grad, kl_rows, float(grad_scale), vocab, new_logits.stride(0),
+                                orig_logits.stride(0), grad.stride(0), WRITE_GRAD=out is not None)
+    return kl_rows, out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,7 +179,7 @@ def linear_kl_and_grad(h_new, h_orig, weight, bias, softcap, chunk_rows, kl_and_
         chunk = slice(start, start + chunk_rows)
         new_logits, tanh = logits(h_new2[chunk])
         orig_logits, _ = logits(h_orig2[chunk])
-        kl_rows, grad_logits = kl_and_grad(new_logits, orig_logits, 1.0 / rows)
+        kl_rows, grad_logits = kl_and_grad(new_logits, orig_logits, 1.0 / rows, out=new_logits)  # in place
         del orig_logits
         kl_sum += kl_rows.sum()
         if tanh is not None:  # through the cap: d (s tanh(z / s)) / dz = 1 - tanh^2
