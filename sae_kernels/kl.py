@@ -22,9 +22,8 @@ counts the passes of each); the loss is memory bound, so time follows the bytes.
 tied lm_head W (V, d): logits = h @ W^T. It never builds the (R, V) logits of either model. It walks over
 chunks of C rows; per chunk it computes both chunks of logits with matmuls, runs the fused kernel, which
 writes d KL / d z over the new logits in place (scaled by 1/R), and turns that into grad_h = grad_z @ W,
-which backward multiplies by grad_output. Matmul FLOPs are the eager ones (2 R d V for each logits matmul,
-2 R d V for grad_h); memory is 2 C V b for one chunk's logits plus R d for grad_h, instead of several (R, V)
-tensors.
+which backward multiplies by grad_output. The matmuls are the eager ones (2 R d V FLOPs each); the memory is
+one chunk's logits (2 C V b bytes) and grad_h (R, d), instead of several (R, V) tensors.
 
 Checked against kl_div_torch by `python -m pytest tests/test_kernels.py`; timed by `python bench.py`.
 """
@@ -194,9 +193,7 @@ def linear_kl_and_grad(h_new, h_orig, weight, bias, softcap, chunk_rows, kl_and_
 
 def kl_div(new_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch.Tensor:
     """KL(p_orig || p_new) per row of (..., vocab) logits, averaged over rows (F.kl_div's "batchmean").
-
-    Differentiable in new_logits only; orig_logits is a constant target. The Triton path returns fp32.
-    """
+    Differentiable in new_logits only; orig_logits is a constant target. The Triton path returns fp32."""
     assert new_logits.shape == orig_logits.shape, f"logits {new_logits.shape} vs {orig_logits.shape}"
     if not use_triton(new_logits, orig_logits):
         return kl_div_torch(new_logits, orig_logits)

@@ -49,8 +49,7 @@ from .backend import SUPPORTED_DTYPES, autocast_inputs
 
 
 def check_k(k, n_dict: int, batch_topk: bool = False):
-    """k is None (the ReLU code) or TopK's number of codes per token, an int from 1 to n_dict, and given if
-    batch_topk; else ValueError."""
+    """k: None (ReLU) or TopK's codes per token, an int from 1 to n_dict, and given if batch_topk; else ValueError."""
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_dict):
         raise ValueError(f"k={k!r}: TopK needs k, the codes it keeps per token, an int from 1 to n_dict={n_dict} "
                          "(or None for the ReLU code)")
@@ -273,9 +272,8 @@ class SparseCode(NamedTuple):
         """c (..., n_dict), differentiable; the call's own where it made one."""
         if self.dense is not None:
             return self.dense
-        n_dict = self.shape[-1]
         c = self.value.new_zeros(self.shape.numel())
-        return c.index_put((self.rows() * n_dict + self.col,), self.value).view(self.shape)
+        return c.index_put((self.rows() * self.shape[-1] + self.col,), self.value).view(self.shape)
 
 
 def sae_forward_sparse(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_topk=False, dense=False,
@@ -283,12 +281,11 @@ def sae_forward_sparse(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, ba
     """The SAE on x (..., d_in) over its selected pairs: (x_hat (..., d_in), SparseCode), differentiable in every input.
 
     enc_weight (n_dict, d_in), enc_bias (n_dict), dec_weight (d_in, n_dict), dec_bias (d_in); the decoder's columns
-    are normalised on every call. k=None: the ReLU code (every positive pre-activation); k an int from 1 to n_dict:
-    TopK, each token's k largest pre-activations through relu; with batch_topk=True, BatchTopK's training code: the
-    batch's N k largest (N tokens), k per token on average. dense=True also makes the dense c, SparseCode.dense, over
-    the pre-activations' buffer (no extra (N, n_dict) tensor). Gradients flow from x_hat and from the code's values
-    (or c). ops: the primitives, TORCH (on every device) or sae.TRITON. Under autocast the inputs are cast to the
-    autocast dtype first, and everything runs in it.
+    are normalised on every call. The code, as in the module's table: ReLU for k=None, TopK for k an int from 1 to
+    n_dict, BatchTopK's training code (k per token on average) with batch_topk=True as well. dense=True also makes
+    the dense c, SparseCode.dense, over the pre-activations' buffer (no extra (N, n_dict) tensor). Gradients flow
+    from x_hat and from the code's values (or c). ops: the primitives, TORCH (on every device) or sae.TRITON. Under
+    autocast the inputs are cast to the autocast dtype first, and everything runs in it.
     """
     check_k(k, enc_weight.shape[0], batch_topk)
     tensors = autocast_inputs(x.device, x, enc_weight, enc_bias, dec_weight, dec_bias)
