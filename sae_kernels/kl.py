@@ -92,11 +92,8 @@ def _kl_forward_kernel(new_ptr,  # (R, V) new logits z
     new_row = new_ptr + row * stride_new
     orig_row = orig_ptr + row * stride_orig
     # Running maxima, sums of exponentials and sum exp(y - m_y) (y - z): the first block makes them finite.
-    m_new = -float("inf")
-    m_orig = -float("inf")
-    s_new = 0.0
-    s_orig = 0.0
-    acc = 0.0
+    m_new, m_orig = -float("inf"), -float("inf")
+    s_new, s_orig, acc = 0.0, 0.0, 0.0
     for start in range(0, vocab, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < vocab
@@ -111,8 +108,7 @@ def _kl_forward_kernel(new_ptr,  # (R, V) new logits z
         # Entries with p_orig = 0 (and the padding past V) add nothing, not 0 * (-inf - -inf) = nan.
         y_minus_z = tl.where(mask, y, 0.0) - tl.where(mask, z, 0.0)
         acc = acc * alpha + tl.sum(tl.where(e_orig > 0, e_orig * y_minus_z, 0.0), axis=0)
-        m_new = m_new_next
-        m_orig = m_orig_next
+        m_new, m_orig = m_new_next, m_orig_next
     lse_new = m_new + tl.log(s_new)
     lse_orig = m_orig + tl.log(s_orig)
     tl.store(kl_ptr + row, acc / s_orig + lse_new - lse_orig)

@@ -22,9 +22,8 @@ from . import sparse
 from .backend import SUPPORTED_DTYPES, tl, triton, tuning_configs, use_triton
 from .sparse import check_k
 
-# ReLU takes the sparse path while a sample of tokens shows at most this share of its codes firing (see above).
-SPARSE_MAX_DENSITY = 1 / 256  # on a GPU
-CPU_SPARSE_MAX_DENSITY = 1 / 8
+SPARSE_MAX_DENSITY = 1 / 256  # ReLU's sparse path while at most this share of its codes fire (see above), on a GPU
+CPU_SPARSE_MAX_DENSITY = 1 / 8  # and on a CPU
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -194,11 +193,10 @@ def gather_sum(ptr, idx, weight, table, bias=None, out_dtype=None) -> torch.Tens
 def sampled_dots(ptr, idx, left, right) -> torch.Tensor:
     """sparse.sampled_dots by _sddmm_kernel: (nnz,) fp32."""
     nnz, d = idx.numel(), left.shape[1]
-    out = torch.empty(max(nnz, 1), device=left.device, dtype=torch.float32)
-    if nnz == 0:
-        return out[:0]
-    grid = lambda meta: (triton.cdiv(nnz, meta["BLOCK_E"]),)
-    _sddmm_kernel[grid](sparse.pattern_rows(ptr, nnz), idx, left.contiguous(), right.contiguous(), out, nnz, d)
+    out = torch.empty(nnz, device=left.device, dtype=torch.float32)
+    if nnz > 0:  # else an empty grid: nothing to launch
+        grid = lambda meta: (triton.cdiv(nnz, meta["BLOCK_E"]),)
+        _sddmm_kernel[grid](sparse.pattern_rows(ptr, nnz), idx, left.contiguous(), right.contiguous(), out, nnz, d)
     return out
 
 
