@@ -40,8 +40,7 @@ LOGITS_PER_CHUNK = 2**25
 CPU_LOGITS_PER_CHUNK = 2**22
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Reference
+# Reference ------------------------------------------------------------------------------------------------
 
 
 def kl_div_torch(new_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch.Tensor:
@@ -64,8 +63,7 @@ def kl_and_grad_torch(new_logits: torch.Tensor, orig_logits: torch.Tensor, grad_
     return kl_rows, out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The Triton kernel, one program per row, sweeping the vocabulary in BLOCK_V-wide blocks, and its launcher
+# The Triton kernel (one program per row, BLOCK_V-wide blocks of the vocabulary) and its launcher ----------
 
 _KL_CONFIGS = [triton.Config({"BLOCK_V": 4096}, num_warps=8),
                triton.Config({"BLOCK_V": 2048}, num_warps=8),
@@ -137,8 +135,7 @@ def kl_and_grad_triton(new_logits: torch.Tensor, orig_logits: torch.Tensor, grad
     return kl_rows, out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Autograd
+# Autograd -------------------------------------------------------------------------------------------------
 
 
 class PrecomputedGrad(torch.autograd.Function):
@@ -183,8 +180,7 @@ def linear_kl_and_grad(h_new, h_orig, weight, bias, softcap, chunk_rows, kl_and_
     return kl_sum / rows, grad_h.view(h_new.shape)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# What the rest of the code calls
+# What the rest of the code calls --------------------------------------------------------------------------
 
 
 def kl_div(new_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,7 @@ SPARSE_MAX_DENSITY = 1 / 256  # ReLU's sparse path while at most this share of i
 CPU_SPARSE_MAX_DENSITY = 1 / 8  # and on a CPU
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Reference
+# Reference ------------------------------------------------------------------------------------------------
 
 
 def topk_relu(pre, k):
@@ -52,8 +51,7 @@ def sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, bat
     return x_hat, c
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton kernels -------------------------------------------------------------------------------------------
 
 _ROW_SWEEP_CONFIGS = [triton.Config({"BLOCK_N": 2048}, num_warps=8),
                       triton.Config({"BLOCK_N": 4096}, num_warps=8),
@@ -162,8 +160,7 @@ def _sddmm_kernel(row_ptr,  # (nnz,) int64: the row of `left` each entry reads
     tl.store(out_ptr + entries, tl.sum(products, axis=1), mask=entry_mask)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Launchers: sparse.py's primitives, and ReLU's selection, called by SAEForwardSparse on the inputs it has checked
+# Launchers: sparse.py's primitives and ReLU's selection, on inputs SAEForwardSparse has checked -----------
 
 
 def select_relu(pre: torch.Tensor):
@@ -203,8 +200,7 @@ def sampled_dots(ptr, idx, left, right) -> torch.Tensor:
 TRITON = sparse.Ops("triton", gather_sum, sampled_dots, select_relu, SUPPORTED_DTYPES, lambda dtype: dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# What the rest of the code calls
+# What the rest of the code calls --------------------------------------------------------------------------
 
 
 def relu_density(x, enc_weight, enc_bias, tokens: int = 64) -> float:

@@ -57,8 +57,7 @@ def check_k(k, n_dict: int, batch_topk: bool = False):
         raise ValueError("batch_topk=True selects k codes per token on average over the batch: give k")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Patterns: the selected pairs in CSR form, row_ptr (N + 1,) and col (nnz,) int64, with their pre-activations
+# Patterns: the selected pairs in CSR form, row_ptr (N + 1,) and col (nnz,) int64, with their pre-activations ---
 
 
 def pattern_rows(row_ptr: torch.Tensor, nnz: int) -> torch.Tensor:
@@ -130,8 +129,7 @@ def select_relu(pre: torch.Tensor):
     return row_ptr, flat % n, pre.view(-1)[flat]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The primitives in PyTorch
+# The primitives in PyTorch --------------------------------------------------------------------------------
 
 
 def gather_sum(ptr, idx, weight, table, bias=None, out_dtype=None) -> torch.Tensor:
@@ -168,8 +166,7 @@ TORCH = Ops("torch", gather_sum, sampled_dots, select_relu, (*SUPPORTED_DTYPES, 
             lambda dtype: torch.float64 if dtype == torch.float64 else torch.float32)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Autograd
+# Autograd -------------------------------------------------------------------------------------------------
 
 
 class SAEForwardSparse(torch.autograd.Function):
@@ -250,8 +247,7 @@ class SAEForwardSparse(torch.autograd.Function):
         return grad_x, grad_enc_w, grad_enc_b, grad_dec_w, grad_dec_b, None, None, None, None
 
 
-# ----------------------------------------------------------------------------------------------------------
-# What the rest of the code calls
+# What the rest of the code calls --------------------------------------------------------------------------
 
 
 class SparseCode(NamedTuple):
