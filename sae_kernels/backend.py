@@ -4,8 +4,7 @@ Every public function in `sae_kernels/` with a Triton path calls `use_triton(...
 change between calls (the tests switch it). The environment variable E2ESAE_BACKEND selects:
 
     auto    (default) Triton for CUDA tensors, the PyTorch reference for anything else
-    triton  always Triton; on a CPU this needs Triton's interpreter: TRITON_INTERPRET=1 set before triton is
-            first imported (so before `import sae_kernels`), because @triton.jit reads it when a kernel is defined
+    triton  always Triton; on a CPU through Triton's interpreter, which TRITON_INTERPRET=1 selects (see INTERPRET)
     torch   always the PyTorch reference
 
 Triton is optional: without it `import sae_kernels` still works and only the reference is available. The stub

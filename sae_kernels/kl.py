@@ -35,8 +35,7 @@ from .backend import SUPPORTED_DTYPES, autocast_inputs, tl, triton, tuning_confi
 
 # linear_kl_div's default chunk: rows whose logits hold about 2^25 values per model (64 MB each in bf16).
 LOGITS_PER_CHUNK = 2**25
-# On a CPU smaller chunks stay in the allocator's cache: larger buffers are mmapped and page-faulted afresh on every
-# use, which slowed an e2e step of the embedded default (BENCHMARKS.md).
+# On a CPU smaller ones stay in the allocator's cache; larger ones are mmapped, faulted in on every use (BENCHMARKS.md).
 CPU_LOGITS_PER_CHUNK = 2**22
 
 
