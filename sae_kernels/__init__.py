@@ -1,17 +1,9 @@
 """Fused kernels for end-to-end SAE training: Triton on a GPU, with a pure-PyTorch reference for each.
 
-    sae_forward(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_topk=False) -> (x_hat, c)
-                                                       sae.py (k: TopK; batch_topk: BatchTopK)
-    sae_forward_sparse(x, ..., k=None, batch_topk=False, dense=False) -> (x_hat, SparseCode)
-                                                       sparse.py: the code as its selected pairs
-    topk_relu(pre, k) -> each row's k largest pre-activations through relu      sae.py (TopK's code; check_k its k)
-    kl_div(new_logits, orig_logits) -> KL(p_orig || p_new), averaged over rows     kl.py
-    linear_kl_div(h_new, h_orig, weight, bias=None) -> kl_div(h_new @ weight.T + bias, h_orig @ weight.T + bias),
-                                                       computed in chunks of tokens
-
-The SAE runs over its selected pairs (sparse.py: the math, one autograd Function) with Triton's primitives or
-PyTorch's. E2ESAE_BACKEND=auto|triton|torch picks at every call (sae_kernels/backend.py): by default Triton for
-CUDA tensors, PyTorch's elsewhere.
+Reading order: sparse.py (the SAE over its selected pairs: the math, one autograd Function, PyTorch's primitives,
+sae_forward_sparse), sae.py (the dense reference, Triton's primitives, and sae_forward, which returns c dense),
+kl.py (kl_div, and linear_kl_div through the lm_head in chunks), backend.py (E2ESAE_BACKEND=auto|triton|torch,
+read at every call: by default Triton for CUDA tensors, PyTorch's elsewhere).
 Tests: `python -m pytest tests/test_kernels.py tests/test_sparse_sae.py`.
 """
 

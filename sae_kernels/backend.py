@@ -1,11 +1,10 @@
 """Choosing between the Triton kernels and their pure-PyTorch references.
 
-Every public function in `sae_kernels/` calls `use_triton(...)` at call time, so the choice can change between
-calls (the tests switch it). The environment variable E2ESAE_BACKEND selects:
+Every public function in `sae_kernels/` with a Triton path calls `use_triton(...)` at call time, so the choice can
+change between calls (the tests switch it). The environment variable E2ESAE_BACKEND selects:
 
     auto    (default) Triton for CUDA tensors, the PyTorch reference for anything else
-    triton  always Triton; on a CPU this needs Triton's interpreter: TRITON_INTERPRET=1 set before triton is
-            first imported (so before `import sae_kernels`), because @triton.jit reads it when a kernel is defined
+    triton  always Triton; on a CPU through Triton's interpreter, which TRITON_INTERPRET=1 selects (see INTERPRET)
     torch   always the PyTorch reference
 
 Triton is optional: without it `import sae_kernels` still works and only the reference is available. The stub
@@ -13,6 +12,7 @@ below lets the kernel files define their @triton.jit functions unconditionally; 
 """
 
 import os
+from types import SimpleNamespace
 
 import torch
 
@@ -23,28 +23,11 @@ try:
     HAS_TRITON = True
 except ImportError:  # CPU-only installs without triton: reference path only
     HAS_TRITON = False
-
-    class _NoTriton:
-        """Just enough of `triton` / `triton.language` for the kernel definitions to parse."""
-
-        constexpr = None
-
-        @staticmethod
-        def jit(fn=None, **kwargs):
-            return fn if fn is not None else (lambda f: f)
-
-        @staticmethod
-        def autotune(configs, key, **kwargs):
-            return lambda f: f
-
-        @staticmethod
-        def Config(*args, **kwargs):
-            return None
-
-    triton = tl = _NoTriton()
+    triton = tl = SimpleNamespace(jit=lambda fn: fn, autotune=lambda **kwargs: (lambda fn: fn),
+                                  Config=lambda *args, **kwargs: None, constexpr=None)
 
 # @triton.jit picks the interpreter when a function is defined: Triton's own library (tl.sum, ...) when triton
-# is first imported, our kernels when kernels is. Both must have seen TRITON_INTERPRET=1.
+# is first imported, our kernels when sae_kernels is. Both must have seen TRITON_INTERPRET=1.
 INTERPRET = (HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
              and type(tl.sum).__name__ == "InterpretedFunction")
 
@@ -54,6 +37,7 @@ INTERPRET = (HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = HAS_TRITON and not INTERPRET and os.environ.get("E2ESAE_AUTOTUNE", "1") != "0"
 
 BACKENDS = ("auto", "triton", "torch")
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the kernels'; PyTorch's primitives add float64
 
 
 def tuning_configs(configs: list, interpreter_config) -> list:
@@ -68,11 +52,9 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     backend = os.environ.get("E2ESAE_BACKEND", "auto").strip().lower() or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"E2ESAE_BACKEND={backend!r} is not one of {', '.join(BACKENDS)}")
-    if backend == "torch":
-        return False
     on_cuda = all(t.is_cuda for t in tensors)
-    if backend == "auto":
-        return HAS_TRITON and on_cuda
+    if backend != "triton":
+        return backend == "auto" and HAS_TRITON and on_cuda
     if not HAS_TRITON:
         raise RuntimeError("E2ESAE_BACKEND=triton but triton is not installed: `pip install triton`, "
                            "or set E2ESAE_BACKEND=torch (or auto) to use the PyTorch reference")
@@ -88,5 +70,4 @@ def autocast_inputs(device: torch.device, *tensors):
     a fused path casts its inputs once, as autocast would, then runs with autocast off."""
     if not torch.is_autocast_enabled(device.type):
         return tensors
-    dtype = torch.get_autocast_dtype(device.type)
-    return tuple(t.to(dtype) if t is not None else None for t in tensors)
+    return tuple(t.to(torch.get_autocast_dtype(device.type)) if t is not None else None for t in tensors)

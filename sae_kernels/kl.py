@@ -13,18 +13,17 @@ One pass per row suffices for the loss: keep running maxima m_z, m_y, running su
 s_y = sum exp(y - m_y) and a = sum exp(y - m_y)(y - z), rescaling all three when a maximum grows (the online
 softmax trick); then lse = m + log s and KL = a / s_y + lse(z) - lse(y). Everything is in fp32 registers,
 so logits of magnitude 1e4 or one-hot-peaked rows neither overflow nor lose the answer. A second sweep of the
-row, in the same program, can write the gradient (times a given scale) over z: the loss is a scalar, so its
-gradient is known when the forward pass ends, and backward only multiplies it by grad_output. kl_div writes it
-into a fresh tensor, the gradient autograd asks for: no other (R, V) tensor, where eager PyTorch makes several,
-and fewer passes over the logits (BENCHMARKS.md counts both); the loss is memory bound, so time follows the bytes.
+row, in the same program, writes the gradient times a given scale: the loss is a scalar, so its gradient is known
+when the forward pass ends, and backward only multiplies it by grad_output. kl_div writes it into a fresh tensor,
+the one autograd asks for, and makes no other (R, V) tensor, where eager PyTorch makes several (BENCHMARKS.md
+counts the passes of each); the loss is memory bound, so time follows the bytes.
 
 `linear_kl_div` goes one step further for the end of the network, where the logits come from the frozen,
 tied lm_head W (V, d): logits = h @ W^T. It never builds the (R, V) logits of either model. It walks over
 chunks of C rows; per chunk it computes both chunks of logits with matmuls, runs the fused kernel, which
 writes d KL / d z over the new logits in place (scaled by 1/R), and turns that into grad_h = grad_z @ W,
-which backward multiplies by grad_output. Matmul FLOPs are the eager ones (2 R d V for each logits matmul,
-2 R d V for grad_h); memory is 2 C V b for one chunk's logits plus R d for grad_h, instead of several (R, V)
-tensors.
+which backward multiplies by grad_output. The matmuls are the eager ones (2 R d V FLOPs each); the memory is
+one chunk's logits (2 C V b bytes) and grad_h (R, d), instead of several (R, V) tensors.
 
 Checked against kl_div_torch by `python -m pytest tests/test_kernels.py`; timed by `python bench.py`.
 """
@@ -32,18 +31,15 @@ Checked against kl_div_torch by `python -m pytest tests/test_kernels.py`; timed 
 import torch
 import torch.nn.functional as F
 
-from .backend import autocast_inputs, tl, triton, tuning_configs, use_triton
+from .backend import SUPPORTED_DTYPES, autocast_inputs, tl, triton, tuning_configs, use_triton
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # linear_kl_div's default chunk: rows whose logits hold about 2^25 values per model (64 MB each in bf16).
 LOGITS_PER_CHUNK = 2**25
-# On a CPU smaller chunks stay in the allocator's cache: larger buffers are mmapped and page-faulted afresh on every
-# use, which slowed an e2e step of the embedded default (BENCHMARKS.md).
+# On a CPU smaller ones stay in the allocator's cache; larger ones are mmapped, faulted in on every use (BENCHMARKS.md).
 CPU_LOGITS_PER_CHUNK = 2**22
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Reference
+# Reference ------------------------------------------------------------------------------------------------
 
 
 def kl_div_torch(new_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch.Tensor:
@@ -54,18 +50,19 @@ def kl_div_torch(new_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch.T
     return F.kl_div(F.log_softmax(new, -1), F.log_softmax(orig, -1), log_target=True, reduction="batchmean")
 
 
-def kl_and_grad_torch(new_logits: torch.Tensor, orig_logits: torch.Tensor, grad_scale: float):
-    """Per-row KL of (C, V) logits and grad_scale x its gradient w.r.t. new_logits, in new_logits' dtype."""
+def kl_and_grad_torch(new_logits: torch.Tensor, orig_logits: torch.Tensor, grad_scale: float = 1.0, out=None):
+    """(per-row KL of (C, V) logits, out): where out is given, grad_scale x the KL's gradient w.r.t. new_logits is
+    written into it (it may be new_logits itself)."""
     logp_new = F.log_softmax(new_logits.float(), -1)  # (C, V)
     logp_orig = F.log_softmax(orig_logits.float(), -1)  # (C, V)
     p_orig = logp_orig.exp()
     kl_rows = (p_orig * (logp_orig - logp_new)).sum(-1)  # (C,)
-    grad = (logp_new.exp() - p_orig) * grad_scale  # (C, V)
-    return kl_rows, grad.to(new_logits.dtype)
+    if out is not None:
+        out.copy_((logp_new.exp() - p_orig) * grad_scale)
+    return kl_rows, out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Triton kernels: one program per row, sweeping the vocabulary in BLOCK_V-wide blocks.
+# The Triton kernel (one program per row, BLOCK_V-wide blocks of the vocabulary) and its launcher ----------
 
 _KL_CONFIGS = [triton.Config({"BLOCK_V": 4096}, num_warps=8),
                triton.Config({"BLOCK_V": 2048}, num_warps=8),
@@ -92,11 +89,8 @@ def _kl_forward_kernel(new_ptr,  # (R, V) new logits z
     new_row = new_ptr + row * stride_new
     orig_row = orig_ptr + row * stride_orig
     # Running maxima, sums of exponentials and sum exp(y - m_y) (y - z): the first block makes them finite.
-    m_new = -float("inf")
-    m_orig = -float("inf")
-    s_new = 0.0
-    s_orig = 0.0
-    acc = 0.0
+    m_new, m_orig = -float("inf"), -float("inf")
+    s_new, s_orig, acc = 0.0, 0.0, 0.0
     for start in range(0, vocab, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < vocab
@@ -111,8 +105,7 @@ def _kl_forward_kernel(new_ptr,  # (R, V) new logits z
         # Entries with p_orig = 0 (and the padding past V) add nothing, not 0 * (-inf - -inf) = nan.
         y_minus_z = tl.where(mask, y, 0.0) - tl.where(mask, z, 0.0)
         acc = acc * alpha + tl.sum(tl.where(e_orig > 0, e_orig * y_minus_z, 0.0), axis=0)
-        m_new = m_new_next
-        m_orig = m_orig_next
+        m_new, m_orig = m_new_next, m_orig_next
     lse_new = m_new + tl.log(s_new)
     lse_orig = m_orig + tl.log(s_orig)
     tl.store(kl_ptr + row, acc / s_orig + lse_new - lse_orig)
@@ -127,34 +120,21 @@ def _kl_forward_kernel(new_ptr,  # (R, V) new logits z
             tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Launchers
-
-
-def _check_logits(new: torch.Tensor, orig: torch.Tensor):
-    assert new.dim() == 2 and new.shape == orig.shape, f"want two (rows, vocab) tensors, got {new.shape} {orig.shape}"
-    assert new.dtype in SUPPORTED_DTYPES and orig.dtype in SUPPORTED_DTYPES, f"dtypes {new.dtype} {orig.dtype}"
-    assert new.device == orig.device, f"logits on {new.device} and {orig.device}"
-    assert new.stride(1) == 1 and orig.stride(1) == 1, "the vocabulary dimension must be contiguous"
-
-
-def kl_and_grad_triton(new_logits: torch.Tensor, orig_logits: torch.Tensor, grad_scale: float | None = None,
-                       out: torch.Tensor | None = None):
-    """kl_and_grad_torch's contract for (R, V) logits, the gradient written into `out` (by default over new_logits
-    itself) and returned; without grad_scale, the per-row KL alone (and None)."""
-    _check_logits(new_logits, orig_logits)
+def kl_and_grad_triton(new_logits: torch.Tensor, orig_logits: torch.Tensor, grad_scale: float = 1.0, out=None):
+    """kl_and_grad_torch by _kl_forward_kernel, for (R, V) logits."""
+    grad = new_logits if out is None else out  # never written without out: a valid pointer
+    logits = (new_logits, orig_logits, grad)
+    assert new_logits.shape == orig_logits.shape == grad.shape, f"shapes {[tuple(t.shape) for t in logits]}"
+    assert all(t.dtype in SUPPORTED_DTYPES and t.device == grad.device and t.stride(1) == 1 for t in logits), \
+        f"want the kernels' dtypes, one device, a contiguous vocabulary: {[(t.dtype, t.device) for t in logits]}"
     rows, vocab = new_logits.shape
-    out = new_logits if out is None else out
-    assert out.shape == new_logits.shape and out.stride(1) == 1, f"gradient {out.shape} for logits {new_logits.shape}"
     kl_rows = torch.empty(rows, device=new_logits.device, dtype=torch.float32)
-    _kl_forward_kernel[(rows,)](new_logits, orig_logits, out, kl_rows, float(grad_scale or 0.0), vocab,
-                                new_logits.stride(0), orig_logits.stride(0), out.stride(0),
-                                WRITE_GRAD=grad_scale is not None)
-    return kl_rows, out if grad_scale is not None else None
+    _kl_forward_kernel[(rows,)](new_logits, orig_logits, grad, kl_rows, float(grad_scale), vocab, new_logits.stride(0),
+                                orig_logits.stride(0), grad.stride(0), WRITE_GRAD=out is not None)
+    return kl_rows, out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Autograd
+# Autograd -------------------------------------------------------------------------------------------------
 
 
 class PrecomputedGrad(torch.autograd.Function):
@@ -172,9 +152,7 @@ class PrecomputedGrad(torch.autograd.Function):
 
 
 def linear_kl_and_grad(h_new, h_orig, weight, bias, softcap, chunk_rows, kl_and_grad):
-    """Mean KL of cap(h_new @ W^T) + b against cap(h_orig @ W^T) + b, chunk by chunk, and its gradient for h_new.
-    cap(z) = s tanh(z / s) where a soft cap s is given (Gemma 2's), z itself otherwise; its derivative, 1 - tanh^2,
-    multiplies the gradient of the capped logits. kl_and_grad is kl_and_grad_triton or kl_and_grad_torch."""
+    """linear_kl_div's loss and its gradient for h_new, chunk by chunk, with kl_and_grad (_triton or _torch)."""
     d = h_new.shape[-1]
     h_new2, h_orig2 = h_new.reshape(-1, d), h_orig.reshape(-1, d)  # (R, d)
     rows = h_new2.shape[0]
@@ -192,7 +170,7 @@ def linear_kl_and_grad(h_new, h_orig, weight, bias, softcap, chunk_rows, kl_and_
         chunk = slice(start, start + chunk_rows)
         new_logits, tanh = logits(h_new2[chunk])
         orig_logits, _ = logits(h_orig2[chunk])
-        kl_rows, grad_logits = kl_and_grad(new_logits, orig_logits, 1.0 / rows)
+        kl_rows, grad_logits = kl_and_grad(new_logits, orig_logits, 1.0 / rows, out=new_logits)  # in place
         del orig_logits
         kl_sum += kl_rows.sum()
         if tanh is not None:  # through the cap: d (s tanh(z / s)) / dz = 1 - tanh^2
@@ -201,15 +179,12 @@ def linear_kl_and_grad(h_new, h_orig, weight, bias, softcap, chunk_rows, kl_and_
     return kl_sum / rows, grad_h.view(h_new.shape)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# What the rest of the code calls
+# What the rest of the code calls --------------------------------------------------------------------------
 
 
 def kl_div(new_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch.Tensor:
     """KL(p_orig || p_new) per row of (..., vocab) logits, averaged over rows (F.kl_div's "batchmean").
-
-    Differentiable in new_logits only; orig_logits is a constant target. The Triton path returns fp32.
-    """
+    Differentiable in new_logits only; orig_logits is a constant target. The Triton path returns fp32."""
     assert new_logits.shape == orig_logits.shape, f"logits {new_logits.shape} vs {orig_logits.shape}"
     if not use_triton(new_logits, orig_logits):
         return kl_div_torch(new_logits, orig_logits)
@@ -228,7 +203,7 @@ def kl_div(new_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch.Tensor:
 def linear_kl_div(h_new: torch.Tensor, h_orig: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   softcap: float | None = None, chunk_rows: int | None = None) -> torch.Tensor:
     """kl_div(cap(h_new @ weight.T) + bias, cap(h_orig @ weight.T) + bias) without ever holding either model's full
-    logits; cap(z) = softcap * tanh(z / softcap), or z without a softcap.
+    logits; cap(z) = softcap * tanh(z / softcap) (Gemma 2's soft cap), or z without a softcap.
 
     h_new, h_orig: (..., d) final (normed) hidden states; weight: (vocab, d), the frozen lm_head; bias: (vocab,) or
     None (an lm_head's bias, or language_models.Unembedding's log multiplicities). Differentiable in h_new only (h_orig,

@@ -1,11 +1,10 @@
 """The SAE: its dense reference, Triton kernels for its selected pairs, and sae_forward, which picks between them.
 
-sparse.py has the math and the one autograd Function over the selected (token, element) pairs, written against two
-primitives; TRITON implements them with a kernel each, in the inputs' dtype with fp32 accumulation: _spmm_kernel
-(gather_sum: one program per output row and block of columns) and _sddmm_kernel (sampled_dots: one program per
-block of pairs). ReLU's pattern takes two more: _relu_count_kernel writes relu(pre) over pre and counts each row's
-positive codes; their cumulative sum gives row_ptr, whose last entry (one host sync) sizes the arrays that
-_compact_kernel fills with each row's positive codes, in order. TopK's pattern comes straight from torch.topk.
+TRITON implements sparse.py's primitives with a kernel each: _spmm_kernel (gather_sum: one program per output row
+and block of columns) and _sddmm_kernel (sampled_dots: one program per block of pairs). ReLU's selection takes two
+more: _relu_count_kernel writes relu(pre) over pre and counts each row's positive codes; their cumulative sum gives
+row_ptr, whose last entry (one host sync) sizes the arrays that _compact_kernel fills with each row's positive
+codes, in order.
 
 The sparse path pays only while few codes fire: per selected pair it gathers a few rows of d, where a dense matmul
 spends a few d FLOPs on every pair, active or not. So sae_forward measures the share of ReLU's codes that fire on a
@@ -20,17 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from . import sparse
-from .backend import tl, triton, tuning_configs, use_triton
+from .backend import SUPPORTED_DTYPES, tl, triton, tuning_configs, use_triton
 from .sparse import check_k
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# ReLU takes the sparse path while a sample of tokens shows at most this share of its codes firing (see above).
-SPARSE_MAX_DENSITY = 1 / 256  # on a GPU
-CPU_SPARSE_MAX_DENSITY = 1 / 8
+SPARSE_MAX_DENSITY = 1 / 256  # ReLU's sparse path while at most this share of its codes fire (see above), on a GPU
+CPU_SPARSE_MAX_DENSITY = 1 / 8  # and on a CPU
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Reference
+# Reference ------------------------------------------------------------------------------------------------
 
 
 def topk_relu(pre, k):
@@ -42,7 +38,7 @@ def topk_relu(pre, k):
 def sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_topk=False):
     """The definition, differentiable by autograd: returns (x_hat, c). k=None: ReLU; an int: TopK; an int with
     batch_topk=True: BatchTopK's training code, the N k largest relu(pre) of the N tokens together."""
-    check_k(k, enc_weight.shape[0])
+    check_k(k, enc_weight.shape[0], batch_topk)
     pre = F.linear(x, enc_weight, enc_bias)  # (..., n_dict)
     if k is None:
         c = F.relu(pre)
@@ -55,8 +51,7 @@ def sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, bat
     return x_hat, c
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton kernels -------------------------------------------------------------------------------------------
 
 _ROW_SWEEP_CONFIGS = [triton.Config({"BLOCK_N": 2048}, num_warps=8),
                       triton.Config({"BLOCK_N": 4096}, num_warps=8),
@@ -165,13 +160,11 @@ def _sddmm_kernel(row_ptr,  # (nnz,) int64: the row of `left` each entry reads
     tl.store(out_ptr + entries, tl.sum(products, axis=1), mask=entry_mask)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Launchers: sparse.py's primitives, and ReLU's selection
+# Launchers: sparse.py's primitives and ReLU's selection, on inputs SAEForwardSparse has checked -----------
 
 
 def select_relu(pre: torch.Tensor):
     """sparse.select_relu by the kernels: relu over (N, n) pre in place, then its positive codes in CSR order."""
-    assert pre.dim() == 2 and pre.is_contiguous() and pre.dtype in SUPPORTED_DTYPES, f"{pre.shape} {pre.dtype}"
     count = torch.empty(pre.shape[0], device=pre.device, dtype=torch.int32)
     _relu_count_kernel[(pre.shape[0],)](pre, count, pre.shape[1])
     row_ptr = F.pad(torch.cumsum(count, 0), (1, 0))  # (N + 1,) int64
@@ -184,8 +177,6 @@ def select_relu(pre: torch.Tensor):
 
 def gather_sum(ptr, idx, weight, table, bias=None, out_dtype=None) -> torch.Tensor:
     """sparse.gather_sum by _spmm_kernel: (len(ptr) - 1, d) in out_dtype (default table's), summed in fp32."""
-    assert ptr.dtype == idx.dtype == torch.int64 and idx.shape == weight.shape, "bad CSR arrays"
-    assert bias is None or bias.shape == (table.shape[1],), f"bias {bias.shape}"
     table = table.contiguous()
     rows, d = ptr.numel() - 1, table.shape[1]
     out = torch.empty((rows, d), device=table.device, dtype=out_dtype or table.dtype)
@@ -198,21 +189,18 @@ def gather_sum(ptr, idx, weight, table, bias=None, out_dtype=None) -> torch.Tens
 
 def sampled_dots(ptr, idx, left, right) -> torch.Tensor:
     """sparse.sampled_dots by _sddmm_kernel: (nnz,) fp32."""
-    assert ptr.dtype == idx.dtype == torch.int64 and left.shape[1] == right.shape[1], "bad arguments"
     nnz, d = idx.numel(), left.shape[1]
-    out = torch.empty(max(nnz, 1), device=left.device, dtype=torch.float32)
-    if nnz == 0:
-        return out[:0]
-    grid = lambda meta: (triton.cdiv(nnz, meta["BLOCK_E"]),)
-    _sddmm_kernel[grid](sparse.pattern_rows(ptr, nnz), idx, left.contiguous(), right.contiguous(), out, nnz, d)
+    out = torch.empty(nnz, device=left.device, dtype=torch.float32)
+    if nnz > 0:  # else an empty grid: nothing to launch
+        grid = lambda meta: (triton.cdiv(nnz, meta["BLOCK_E"]),)
+        _sddmm_kernel[grid](sparse.pattern_rows(ptr, nnz), idx, left.contiguous(), right.contiguous(), out, nnz, d)
     return out
 
 
 TRITON = sparse.Ops("triton", gather_sum, sampled_dots, select_relu, SUPPORTED_DTYPES, lambda dtype: dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# What the rest of the code calls
+# What the rest of the code calls --------------------------------------------------------------------------
 
 
 def relu_density(x, enc_weight, enc_bias, tokens: int = 64) -> float:
@@ -224,20 +212,13 @@ def relu_density(x, enc_weight, enc_bias, tokens: int = 64) -> float:
 
 
 def sae_forward(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_topk=False):
-    """The SAE on x (..., d_in): returns (x_hat (..., d_in), c (..., n_dict)). Differentiable in every input.
-
-    enc_weight (n_dict, d_in), enc_bias (n_dict), dec_weight (d_in, n_dict), dec_bias (d_in); the decoder's
-    columns are normalised on every call. k=None: the ReLU code; k an int from 1 to n_dict: TopK, each token's
-    k largest pre-activations through relu; with batch_topk=True, BatchTopK's training code, the N k largest of
-    the N tokens together (c is dense either way). Over the selected pairs (sparse.py), with the Triton primitives
-    on CUDA (see backend.py) and PyTorch's elsewhere and for BatchTopK everywhere; a ReLU code with too many codes
-    firing takes the dense reference instead (see above). Under autocast all run in the autocast dtype.
-    """
-    check_k(k, enc_weight.shape[0], batch_topk)
+    """sae_forward_sparse's SAE with the dense code: (x_hat (..., d_in), c (..., n_dict)), from the same x, weights,
+    k and batch_topk. The Triton primitives run where use_triton says so (backend.py), except for BatchTopK, PyTorch's
+    elsewhere; a ReLU code with too many codes firing takes the dense reference instead (see above)."""
     on_triton = use_triton(x, enc_weight, enc_bias, dec_weight, dec_bias) and not batch_topk
     limit = CPU_SPARSE_MAX_DENSITY if x.device.type == "cpu" else SPARSE_MAX_DENSITY
     if k is None and relu_density(x, enc_weight, enc_bias) > limit:
-        return sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias)
-    x_hat, code = sparse.sae_pairs(TRITON if on_triton else sparse.TORCH, x, enc_weight, enc_bias, dec_weight, dec_bias,
-                                   k, batch_topk, dense=True)
+        return sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias, k, batch_topk)
+    x_hat, code = sparse.sae_forward_sparse(x, enc_weight, enc_bias, dec_weight, dec_bias, k, batch_topk, dense=True,
+                                            ops=TRITON if on_triton else sparse.TORCH)
     return x_hat, code.dense

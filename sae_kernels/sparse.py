@@ -45,27 +45,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .backend import autocast_inputs
-
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def check_sae_inputs(x, enc_weight, enc_bias, dec_weight, dec_bias, dtypes):
-    """(n_dict, d) of an SAE's tensors, after checking that their shapes fit and that they share a dtype of dtypes
-    and a device."""
-    n_dict, d = enc_weight.shape
-    tensors = (x, enc_weight, enc_bias, dec_weight, dec_bias)
-    assert x.shape[-1] == d and dec_weight.shape == (d, n_dict) and enc_bias.shape == (n_dict,) \
-        and dec_bias.shape == (d,), f"shapes {[tuple(t.shape) for t in tensors]}"
-    assert len({t.dtype for t in tensors}) == 1 and x.dtype in dtypes, \
-        f"all inputs must share one of {dtypes}, got {[t.dtype for t in tensors]}"
-    assert len({t.device for t in tensors}) == 1, "all inputs must be on one device"
-    return n_dict, d
+from .backend import SUPPORTED_DTYPES, autocast_inputs
 
 
 def check_k(k, n_dict: int, batch_topk: bool = False):
-    """k is None (the ReLU code) or TopK's number of codes per token, an int from 1 to n_dict, and given if
-    batch_topk; else ValueError."""
+    """k: None (ReLU) or TopK's codes per token, an int from 1 to n_dict, and given if batch_topk; else ValueError."""
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_dict):
         raise ValueError(f"k={k!r}: TopK needs k, the codes it keeps per token, an int from 1 to n_dict={n_dict} "
                          "(or None for the ReLU code)")
@@ -73,8 +57,7 @@ def check_k(k, n_dict: int, batch_topk: bool = False):
         raise ValueError("batch_topk=True selects k codes per token on average over the batch: give k")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Patterns: the selected pairs in CSR form, row_ptr (N + 1,) and col (nnz,) int64, with their pre-activations
+# Patterns: the selected pairs in CSR form, row_ptr (N + 1,) and col (nnz,) int64, with their pre-activations ---
 
 
 def pattern_rows(row_ptr: torch.Tensor, nnz: int) -> torch.Tensor:
@@ -146,8 +129,7 @@ def select_relu(pre: torch.Tensor):
     return row_ptr, flat % n, pre.view(-1)[flat]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The primitives in PyTorch
+# The primitives in PyTorch --------------------------------------------------------------------------------
 
 
 def gather_sum(ptr, idx, weight, table, bias=None, out_dtype=None) -> torch.Tensor:
@@ -180,39 +162,36 @@ class Ops(NamedTuple):
     compute: Callable  # the inputs' dtype -> the dtype of D^T, the values and the gradients computed inside
 
 
-TORCH = Ops("torch", gather_sum, sampled_dots, select_relu, SUPPORTED_DTYPES,
+TORCH = Ops("torch", gather_sum, sampled_dots, select_relu, (*SUPPORTED_DTYPES, torch.float64),
             lambda dtype: torch.float64 if dtype == torch.float64 else torch.float32)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Autograd
+# Autograd -------------------------------------------------------------------------------------------------
 
 
 class SAEForwardSparse(torch.autograd.Function):
-    """(x_hat, row_ptr, col, value, c or None) of the SAE, computed over the selected pairs (see the docstring).
-
-    ops: TORCH or sae.TRITON; select: "topk", "batch_topk" (k per token, over each token or over the batch) or
-    "relu" (k None); dense: also return c (N, n), written over the pre-activations' buffer. Gradients arrive through
-    x_hat, value and c; the outputs and gradients are in the inputs' dtype.
-    """
+    """(x_hat, row_ptr, col, value, c or None) of sae_forward_sparse, with its arguments, over the selected pairs (the
+    module docstring has the math). Gradients arrive through x_hat, value and c, all in the inputs' dtype."""
 
     @staticmethod
-    def forward(ctx, x, enc_weight, enc_bias, dec_weight, dec_bias, ops, select, k, dense):
-        n_dict, d = check_sae_inputs(x, enc_weight, enc_bias, dec_weight, dec_bias, ops.dtypes)
+    def forward(ctx, x, enc_weight, enc_bias, dec_weight, dec_bias, ops, k, batch_topk, dense):
+        n_dict, d = enc_weight.shape
+        tensors = (x, enc_weight, enc_bias, dec_weight, dec_bias)
+        assert x.shape[-1] == d and dec_weight.shape == (d, n_dict) and enc_bias.shape == (n_dict,) \
+            and dec_bias.shape == (d,), f"shapes {[tuple(t.shape) for t in tensors]}"
+        assert len({(t.dtype, t.device) for t in tensors}) == 1 and x.dtype in ops.dtypes, \
+            f"all inputs must share a device and one of {ops.dtypes}, got {[(t.dtype, t.device) for t in tensors]}"
         compute = ops.compute(x.dtype)
         x2 = x.reshape(-1, d).contiguous()  # (N, d)
         pre = torch.addmm(enc_bias, x2, enc_weight.t())  # (N, n), the one dense matmul
-        if select == "relu":  # its buffer becomes c
+        if k is None:  # ReLU: its buffer becomes c
             row_ptr, col, value = ops.select_relu(pre)
         else:
-            row_ptr, col, value = (select_topk if select == "topk" else select_batch_topk)(pre, k)
+            row_ptr, col, value = (select_batch_topk if batch_topk else select_topk)(pre, k)
         value = value.to(compute).relu_()  # (nnz,) the code at the selected pairs
-        c = None
-        if dense and select == "relu":
-            c = pre
-        elif dense:  # pre is not needed any more: its buffer becomes c
-            c = pre.view(-1).zero_().index_put_((pattern_rows(row_ptr, col.numel()) * n_dict + col,),
-                                                value.to(pre.dtype)).view(pre.shape)
+        if dense and k is not None:  # pre is not needed any more: its buffer becomes c
+            pre.view(-1).zero_().index_put_((pattern_rows(row_ptr, col.numel()) * n_dict + col,), value.to(pre.dtype))
+        c = pre.view(*x.shape[:-1], n_dict) if dense else None
         del pre
 
         # (n, d) rows of D^T, contiguous: a transposing copy unless W_dec is stored column-major
@@ -225,7 +204,6 @@ class SAEForwardSparse(torch.autograd.Function):
         ctx.ops, ctx.x_shape, ctx.column_major = ops, x.shape, dec_weight.t().is_contiguous()
         ctx.mark_non_differentiable(row_ptr, col)
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros
-        c = c.view(*x.shape[:-1], n_dict) if c is not None else None
         return x_hat.view(x.shape), row_ptr, col, value.to(x.dtype), c
 
     @staticmethod
@@ -240,10 +218,8 @@ class SAEForwardSparse(torch.autograd.Function):
         col_ptr, csc_col, csc_rows, order = by_element(row_ptr, col, n_dict)
         value_csc = value[order]
         # g_pre on S, in CSC order (what dW_enc and db_enc sum over), fp32 or wider
-        if g is not None:
-            grad_pre = ops.sampled_dots(col_ptr, csc_rows, dictionary_t, g)  # (nnz,) D_j . g_i
-        else:
-            grad_pre = torch.zeros_like(value_csc, dtype=wide)
+        grad_pre = (ops.sampled_dots(col_ptr, csc_rows, dictionary_t, g) if g is not None  # (nnz,) D_j . g_i
+                    else torch.zeros_like(value_csc, dtype=wide))
         if grad_value is not None:
             grad_pre += grad_value[order]
         if grad_c is not None:  # possibly expanded (c.sum()): read at the pairs only
@@ -271,8 +247,7 @@ class SAEForwardSparse(torch.autograd.Function):
         return grad_x, grad_enc_w, grad_enc_b, grad_dec_w, grad_dec_b, None, None, None, None
 
 
-# ----------------------------------------------------------------------------------------------------------
-# What the rest of the code calls
+# What the rest of the code calls --------------------------------------------------------------------------
 
 
 class SparseCode(NamedTuple):
@@ -293,28 +268,23 @@ class SparseCode(NamedTuple):
         """c (..., n_dict), differentiable; the call's own where it made one."""
         if self.dense is not None:
             return self.dense
-        n_dict = self.shape[-1]
         c = self.value.new_zeros(self.shape.numel())
-        return c.index_put((self.rows() * n_dict + self.col,), self.value).view(self.shape)
+        return c.index_put((self.rows() * self.shape[-1] + self.col,), self.value).view(self.shape)
 
 
-def sae_pairs(ops, x, enc_weight, enc_bias, dec_weight, dec_bias, k, batch_topk, dense):
-    """SAEForwardSparse with ops' primitives, under autocast in its dtype: (x_hat, SparseCode)."""
-    tensors = autocast_inputs(x.device, x, enc_weight, enc_bias, dec_weight, dec_bias)
-    select = "relu" if k is None else ("batch_topk" if batch_topk else "topk")
-    with torch.autocast(x.device.type, enabled=False):
-        x_hat, row_ptr, col, value, c = SAEForwardSparse.apply(*tensors, ops, select, k, dense)
-    return x_hat, SparseCode(row_ptr, col, value, torch.Size((*x.shape[:-1], enc_weight.shape[0])), c)
+def sae_forward_sparse(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_topk=False, dense=False,
+                       ops=TORCH):
+    """The SAE on x (..., d_in) over its selected pairs: (x_hat (..., d_in), SparseCode), differentiable in every input.
 
-
-def sae_forward_sparse(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_topk=False, dense=False):
-    """The SAE on x (..., d_in) over its selected pairs, in PyTorch: (x_hat (..., d_in), SparseCode). On every device.
-
-    k=None: the ReLU code (every positive pre-activation); k an int: TopK, each token's k largest pre-activations
-    through relu; with batch_topk=True, BatchTopK's training code: the batch's N k largest (N tokens), k per token
-    on average. dense=True also makes the dense c, SparseCode.dense, over the pre-activations' buffer (no extra
-    (N, n_dict) tensor). Gradients flow from x_hat and from the code's values (or c) to every input. Under
-    autocast the inputs are cast to the autocast dtype first.
+    enc_weight (n_dict, d_in), enc_bias (n_dict), dec_weight (d_in, n_dict), dec_bias (d_in); the decoder's columns
+    are normalised on every call. The code, as in the module's table: ReLU for k=None, TopK for k an int from 1 to
+    n_dict, BatchTopK's training code (k per token on average) with batch_topk=True as well. dense=True also makes
+    the dense c, SparseCode.dense, over the pre-activations' buffer (no extra (N, n_dict) tensor). Gradients flow
+    from x_hat and from the code's values (or c). ops: the primitives, TORCH (on every device) or sae.TRITON. Under
+    autocast the inputs are cast to the autocast dtype first, and everything runs in it.
     """
     check_k(k, enc_weight.shape[0], batch_topk)
-    return sae_pairs(TORCH, x, enc_weight, enc_bias, dec_weight, dec_bias, k, batch_topk, dense)
+    tensors = autocast_inputs(x.device, x, enc_weight, enc_bias, dec_weight, dec_bias)
+    with torch.autocast(x.device.type, enabled=False):
+        x_hat, row_ptr, col, value, c = SAEForwardSparse.apply(*tensors, ops, k, batch_topk, dense)
+    return x_hat, SparseCode(row_ptr, col, value, torch.Size((*x.shape[:-1], enc_weight.shape[0])), c)
