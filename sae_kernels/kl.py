@@ -39,8 +39,7 @@ LOGITS_PER_CHUNK = 2**25
 CPU_LOGITS_PER_CHUNK = 2**22
 
 
-# Reference ------------------------------------------------------------------------------------------------
-
+# ---- reference ----
 
 def kl_div_torch(new_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch.Tensor:
     """The definition: KL(p_orig || p_new) per row of (..., vocab) logits, averaged over rows."""
@@ -62,7 +61,7 @@ def kl_and_grad_torch(new_logits: torch.Tensor, orig_logits: torch.Tensor, grad_
     return kl_rows, out
 
 
-# The Triton kernel (one program per row, BLOCK_V-wide blocks of the vocabulary) and its launcher ----------
+# ---- the Triton kernel (one program per row, BLOCK_V-wide blocks of the vocabulary) and its launcher ----
 
 _KL_CONFIGS = [triton.Config({"BLOCK_V": 4096}, num_warps=8),
                triton.Config({"BLOCK_V": 2048}, num_warps=8),
@@ -134,8 +133,7 @@ def kl_and_grad_triton(new_logits: torch.Tensor, orig_logits: torch.Tensor, grad
     return kl_rows, out
 
 
-# Autograd -------------------------------------------------------------------------------------------------
-
+# ---- autograd ----
 
 class PrecomputedGrad(torch.autograd.Function):
     """A scalar loss of x computed with its gradient, loss_and_grad(x) -> (loss, d loss / d x): backward only
@@ -179,8 +177,7 @@ def linear_kl_and_grad(h_new, h_orig, weight, bias, softcap, chunk_rows, kl_and_
     return kl_sum / rows, grad_h.view(h_new.shape)
 
 
-# What the rest of the code calls --------------------------------------------------------------------------
-
+# ---- what the rest of the code calls ----
 
 def kl_div(new_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch.Tensor:
     """KL(p_orig || p_new) per row of (..., vocab) logits, averaged over rows (F.kl_div's "batchmean").

@@ -26,8 +26,7 @@ SPARSE_MAX_DENSITY = 1 / 256  # ReLU's sparse path while at most this share of i
 CPU_SPARSE_MAX_DENSITY = 1 / 8  # and on a CPU
 
 
-# Reference ------------------------------------------------------------------------------------------------
-
+# ---- reference ----
 
 def topk_relu(pre, k):
     """Each row's k largest pre-activations (..., n) through relu, in a row of zeros: TopK's code."""
@@ -51,7 +50,7 @@ def sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, bat
     return x_hat, c
 
 
-# Triton kernels -------------------------------------------------------------------------------------------
+# ---- Triton kernels ----
 
 _ROW_SWEEP_CONFIGS = [triton.Config({"BLOCK_N": 2048}, num_warps=8),
                       triton.Config({"BLOCK_N": 4096}, num_warps=8),
@@ -160,8 +159,7 @@ def _sddmm_kernel(row_ptr,  # (nnz,) int64: the row of `left` each entry reads
     tl.store(out_ptr + entries, tl.sum(products, axis=1), mask=entry_mask)
 
 
-# Launchers: sparse.py's primitives and ReLU's selection, on inputs SAEForwardSparse has checked -----------
-
+# ---- launchers: sparse.py's primitives and ReLU's selection, on inputs SAEForwardSparse has checked ----
 
 def select_relu(pre: torch.Tensor):
     """sparse.select_relu by the kernels: relu over (N, n) pre in place, then its positive codes in CSR order."""
@@ -200,8 +198,7 @@ def sampled_dots(ptr, idx, left, right) -> torch.Tensor:
 TRITON = sparse.Ops("triton", gather_sum, sampled_dots, select_relu, SUPPORTED_DTYPES, lambda dtype: dtype)
 
 
-# What the rest of the code calls --------------------------------------------------------------------------
-
+# ---- what the rest of the code calls ----
 
 def relu_density(x, enc_weight, enc_bias, tokens: int = 64) -> float:
     """The share of ReLU's codes that fire on about `tokens` tokens spread through x: one small matmul, one sync."""

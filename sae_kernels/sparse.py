@@ -57,8 +57,7 @@ def check_k(k, n_dict: int, batch_topk: bool = False):
         raise ValueError("batch_topk=True selects k codes per token on average over the batch: give k")
 
 
-# Patterns: the selected pairs in CSR form, row_ptr (N + 1,) and col (nnz,) int64, with their pre-activations ---
-
+# ---- patterns: the selected pairs in CSR form, row_ptr (N + 1,) and col (nnz,) int64, with their pre-activations ----
 
 def pattern_rows(row_ptr: torch.Tensor, nnz: int) -> torch.Tensor:
     """(nnz,) the token of each pair of a CSR pattern."""
@@ -129,8 +128,7 @@ def select_relu(pre: torch.Tensor):
     return row_ptr, flat % n, pre.view(-1)[flat]
 
 
-# The primitives in PyTorch --------------------------------------------------------------------------------
-
+# ---- the primitives in PyTorch ----
 
 def gather_sum(ptr, idx, weight, table, bias=None, out_dtype=None) -> torch.Tensor:
     """out[b] = sum over e in [ptr[b], ptr[b + 1]) of weight[e] table[idx[e]] (+ bias): (len(ptr) - 1, d), computed
@@ -166,8 +164,7 @@ TORCH = Ops("torch", gather_sum, sampled_dots, select_relu, (*SUPPORTED_DTYPES, 
             lambda dtype: torch.float64 if dtype == torch.float64 else torch.float32)
 
 
-# Autograd -------------------------------------------------------------------------------------------------
-
+# ---- autograd ----
 
 class SAEForwardSparse(torch.autograd.Function):
     """(x_hat, row_ptr, col, value, c or None) of sae_forward_sparse, with its arguments, over the selected pairs (the
@@ -247,8 +244,7 @@ class SAEForwardSparse(torch.autograd.Function):
         return grad_x, grad_enc_w, grad_enc_b, grad_dec_w, grad_dec_b, None, None, None, None
 
 
-# What the rest of the code calls --------------------------------------------------------------------------
-
+# ---- what the rest of the code calls ----
 
 class SparseCode(NamedTuple):
     """The code c (..., n_dict) as its selected pairs, by token (CSR): token i's pairs are [row_ptr[i],
