@@ -67,10 +67,14 @@ class Activation(nn.Module):
     """What every activation shares: the L_p sparsity term, and no fused kernel unless it says so."""
 
     fused = None  # keyword arguments of sae_kernels.sae_forward when it computes this activation fused, else None
+    saved = ()  # the attributes that rebuild it besides its name (make_activation's arguments)
 
     def settings(self):
-        """What rebuilds it besides its name (make_activation's arguments); saved with every checkpoint."""
-        return {}
+        """What rebuilds it besides its name; saved with every checkpoint."""
+        return {name: getattr(self, name) for name in self.saved}
+
+    def extra_repr(self):
+        return ", ".join(f"{name}={value}" for name, value in self.settings().items())
 
     def project_(self):
         """Put learned parameters back where they belong, after an optimiser step (nothing to do for most)."""
@@ -96,21 +100,19 @@ class TopK(Activation):
     """c = ReLU(TopK(pre)): the k largest pre-activations of each token, the others 0 (and any of the k that is
     negative). The sparsity is k itself: no penalty is needed, though an L_p one may be added."""
 
-    name = "topk"
+    name, saved = "topk", ("k",)
 
     def __init__(self, k, n_dict):
         super().__init__()
         sae_kernels.check_k(k, n_dict)
-        self.k, self.fused = k, {"k": k}
+        self.k = k
+
+    @property
+    def fused(self):
+        return {"k": self.k}
 
     def forward(self, pre):
         return sae_kernels.topk_relu(pre, self.k)
-
-    def settings(self):
-        return {"k": self.k}
-
-    def extra_repr(self):
-        return f"k={self.k}"
 
 
 class BatchTopK(TopK):
@@ -128,10 +130,6 @@ class BatchTopK(TopK):
     @property
     def fused(self):  # the batch selection in training; inference's threshold is a plain elementwise op
         return {"k": self.k, "batch_topk": True} if self.training else None
-
-    @fused.setter
-    def fused(self, value):  # (TopK's constructor sets its own; BatchTopK's is the property above)
-        pass
 
     def forward(self, pre):
         if not self.training:
@@ -173,7 +171,7 @@ class JumpReLU(Activation):
     gradient (like the threshold's in c) comes from a straight-through estimator of bandwidth eps. theta is a
     parameter itself, not its logarithm (under Adam, log theta barely moves; SAELens found the same)."""
 
-    name = "jumprelu"
+    name, saved = "jumprelu", ("bandwidth",)
 
     def __init__(self, n_dict, bandwidth=0.001, init_threshold=0.001):
         super().__init__()
@@ -192,12 +190,6 @@ class JumpReLU(Activation):
     def penalty(self, code, pre, p_norm):
         step = _JumpReLUFunction.apply(pre, self.threshold.to(pre.dtype), self.bandwidth, True)  # H(pre - theta)
         return step.sum(-1, dtype=torch.float32)
-
-    def settings(self):
-        return {"bandwidth": self.bandwidth}
-
-    def extra_repr(self):
-        return f"bandwidth={self.bandwidth:g}"
 
 
 ACTIVATIONS = {"relu": ReLU, "topk": TopK, "batchtopk": BatchTopK, "jumprelu": JumpReLU}
