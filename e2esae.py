@@ -105,11 +105,7 @@ class TopK(Activation):
     def __init__(self, k, n_dict):
         super().__init__()
         sae_kernels.check_k(k, n_dict)
-        self.k = k
-
-    @property
-    def fused(self):
-        return {"k": self.k}
+        self.k, self.fused = k, {"k": k}  # fused = None takes the module path (forward, then decode)
 
     def forward(self, pre):
         return sae_kernels.topk_relu(pre, self.k)
@@ -130,6 +126,10 @@ class BatchTopK(TopK):
     @property
     def fused(self):  # the batch selection in training; inference's threshold is a plain elementwise op
         return {"k": self.k, "batch_topk": True} if self.training else None
+
+    @fused.setter
+    def fused(self, value):  # (TopK's constructor sets its own; BatchTopK's is the property above)
+        pass
 
     def forward(self, pre):
         if not self.training:

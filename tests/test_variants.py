@@ -10,7 +10,6 @@ from e2esae import (
     FeatureCounts,
     LossConfig,
     SAETransformer,
-    TopK,
     aux_k_loss,
     compute_loss,
     geometric_median,
@@ -225,15 +224,14 @@ def test_each_activation_trains_under_each_type(activation, kind):
         assert not torch.allclose(model.sae(POS).activation.threshold, torch.full((64,), 0.001))
 
 
-def test_fused_topk_gives_the_module_path_loss_and_gradients(monkeypatch):
+def test_fused_topk_gives_the_module_path_loss_and_gradients():
     """TopK through sae_kernels.sae_forward(k=...) equals the same SAE computed from its activation module."""
     torch.manual_seed(7)
     model = SAETransformer(small_gpt(), [POS], 2.0, activation="topk", k=4)
     idx = tokens(seed=8)
     results = []
-    for fused in (True, False):
-        if not fused:  # the module path: forward, then decode
-            monkeypatch.setattr(TopK, "fused", None)
+    for fused in ({"k": 4}, None):
+        model.sae(POS).activation.fused = fused
         model.zero_grad()
         loss, _ = compute_loss(model, idx, LossConfig(sparsity_coeff=0.3, kl_coeff=1.0), full_metrics=False)
         loss.backward()
