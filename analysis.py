@@ -247,11 +247,9 @@ def analyse_checkpoint(spec, c, samples_of):
     gpt = model.gpt
     check_context(gpt, c.n_ctx)
     tokenizer = tokenizer_of(gpt)  # the text as this checkpoint's model reads it
-    try:
+    with data.as_config_error():
         if tokenizer not in samples_of:
             samples_of[tokenizer] = data.heldout_samples(c.dataset, c.n_ctx, c.eval_n_samples, tokenizer=tokenizer)
-    except data.DataError as e:
-        raise ConfigError(str(e)) from None
     samples, enc = samples_of[tokenizer], data.load_tokenizer(tokenizer)
     L, last = gpt.config.n_layer, max(gpt.resid_index(p) for p in model.sae_positions)
     downstream = model.later_positions()
@@ -565,10 +563,8 @@ def main(argv):
     check_writable(c.out_dir, "out_dir")
     print("config:")
     print_config(config)
-    try:
+    with data.as_config_error():
         print(f"data: {c.dataset!r}, held out: {data.heldout_rule(c.dataset)[1]}")
-    except data.DataError as e:
-        raise ConfigError(str(e)) from None
 
     saes, dictionaries, samples_of = [], [], {}
     for spec in c.checkpoints:

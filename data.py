@@ -68,11 +68,14 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from functools import cache
 from itertools import islice
 
 import numpy as np
 import torch
+
+from configurator import ConfigError
 
 HELDOUT_EVERY = 20  # the documents rule: document i is held out when i % 20 == 19
 HELDOUT_MIN_SHARE = 0.02  # ... if those documents hold at least this share of the characters
@@ -85,6 +88,15 @@ VOCAB_CHECK_ROWS = 64  # check_vocab reads this many rows of each part of a stre
 
 class DataError(ValueError):
     """Data that cannot be used as asked: the message names the source or file and says what to do."""
+
+
+@contextmanager
+def as_config_error():
+    """Around a script's reading of its data at start-up: a DataError there is a setting to fix (ConfigError)."""
+    try:
+        yield
+    except DataError as e:
+        raise ConfigError(str(e)) from None
 
 
 # ---- local sources: files, reading, the held-out rules ----

@@ -154,28 +154,26 @@ def settings(argv):
         (c["activation"] == "jumprelu" and "p_norm" in given,
          "activation='jumprelu' is penalised by the L0 norm of its code, so p_norm does nothing: drop it"),
         ("p_norm" in given and c["sparsity_coeff"] == 0, "p_norm shapes the sparsity term, whose sparsity_coeff is 0"),
+        *[(key in given and c["activation"] != "jumprelu", f"{key} is JumpReLU's; activation={c['activation']!r} has "
+           "none: drop it, or use --activation=jumprelu") for key in ("jumprelu_bandwidth", "jumprelu_init_threshold")],
     ]
     for bad, message in refuse:
         if bad:
             raise ConfigError(message)
-    for key in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
-        if key in given and c["activation"] != "jumprelu":
-            raise ConfigError(f"{key} is JumpReLU's; activation={c['activation']!r} has none: drop it, or use "
-                              "--activation=jumprelu")
     try:  # the loss's own rules, and the settings the activation takes (the dictionary's size waits for the model)
         LossConfig.of(c).check()
-        make_activation(c["activation"], max(c["k"], 1), **sae_settings(c)[1])
+        make_activation(n_dict=max(c["k"], 1), **sae_settings(c))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return c, activation_defaults(c, given)
 
 
 def sae_settings(c):
-    """(activation, the settings it was given): what every new SAE is built with."""
+    """What every new SAE is built with: its activation and the settings it takes (SAE's keyword arguments)."""
     extra = {"k": c["k"] or None} if c["k"] or c["activation"] in ("topk", "batchtopk") else {}
     if c["activation"] == "jumprelu":
         extra.update(bandwidth=c["jumprelu_bandwidth"], init_threshold=c["jumprelu_init_threshold"])
-    return c["activation"], extra
+    return {"activation": c["activation"], **extra}
 
 
 def activation_defaults(c, given):
@@ -264,10 +262,9 @@ def build_model(c, phases, log):
             log(f"pretrained SAE at {p} from {spec} ({sae.settings['activation']}, "
                 f"{'trained further' if c.retrain_saes else 'kept fixed'})"
                 + ("" if p in c.sae_positions else "; its position is added to sae_positions"))
-    activation, extra = sae_settings(vars(c))
     try:
         model = SAETransformer(gpt, list(dict.fromkeys([*c.sae_positions, *pretrained])), c.dict_size_to_input_ratio,
-                               saes=pretrained, activation=activation, **extra)
+                               saes=pretrained, **sae_settings(vars(c)))
         # BOS positions (where the tokenizer adds one) left to the model: the SAEs neither read nor replace them
         model.bos_token_id = None if c.include_bos else data.bos_token_id(c.tokenizer)
         model.to(c.device).eval()  # eval: a dry run must not move BatchTopK's threshold
@@ -306,11 +303,9 @@ def main(argv):
     with Run(config, master, log, bad_data=[data.DataError]) as run:
         c.out_dir = config["out_dir"]
         ckpt = run.resume_checkpoint(DEFAULTS, HOW_IT_RUNS, global_batch) if c.resume else None
-        try:  # this process's held-out batches, both parts of the data checked before the model (maybe trained first)
+        with data.as_config_error():  # this process's held-out batches; both parts checked before the model is made
             eval_batches, line = data.heldout_batches(c.dataset, c.n_ctx, c.eval_n_samples, c.batch_size, rank,
                                                       world_size, c.tokenizer)
-        except data.DataError as e:
-            raise ConfigError(str(e)) from None
         log(line)
         if ddp and not master:
             dist.barrier()  # the master trains the small model first, if it must
@@ -322,16 +317,15 @@ def main(argv):
         scaler = torch.amp.GradScaler(device_type, enabled=c.dtype == "float16")
         dead = DeadElements(model, c.dead_window_tokens) if c.aux_k_coeff > 0 else None
         step = ckpt["step"] if ckpt else 0
-        try:  # this process's training samples, where a checkpoint left them (never replayed); ids the model has
-            # no embedding for are named now (the source's first rows, the held-out batches) or as their row is drawn
+        # this process's training samples, where a checkpoint left them (never replayed); ids the model has no
+        # embedding for are named now (the source's first rows, the held-out batches) or as their row is drawn
+        with data.as_config_error():
             vocab_size = model.gpt.config.vocab_size
             data.check_vocab(c.dataset, vocab_size, eval_batches, tokenizer=c.tokenizer)
             stream = data.SampleStream(c.dataset, c.n_ctx, "train", rank, world_size, vocab_size=vocab_size,
                                        tokenizer=c.tokenizer)
             if ckpt:
                 stream.resume(ckpt.get("data"), replay=step * c.batch_size * c.gradient_accumulation_steps)
-        except data.DataError as e:
-            raise ConfigError(str(e)) from None
         new = [p for p in model.sae_positions if not hasattr(model.sae(p), "source")]
         if new and not ckpt and (c.sae_init != "orthogonal" or c.normalize_activations != "none"):
             first = data.SampleStream(c.dataset, c.n_ctx, "train", tokenizer=c.tokenizer)  # the same on every process

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import ConfigError, check_settings, configure, defaults, print_config
-from data import DataError, cache_root, count_samples, heldout_rule, heldout_samples, token_samples
+from data import as_config_error, cache_root, count_samples, heldout_rule, heldout_samples, token_samples
 from language_models import Unembedding, save_pretrained
 from model import GPT, GPTConfig
 from runs import check_writable, get_lr
@@ -145,11 +145,9 @@ def resolve_settings(out_dir, overrides):
 
 def training_tokens(c):
     """The training split as one LongTensor, after checking that both parts of the data hold a window."""
-    try:
+    with as_config_error():
         tokens = train_tokens(c["dataset"], c["n_ctx"])
         heldout = count_samples(c["dataset"], c["n_ctx"], "eval", at_most=1)
-    except DataError as e:
-        raise ConfigError(str(e)) from None
     if len(tokens) <= c["n_ctx"] or not heldout:
         part = "training" if len(tokens) <= c["n_ctx"] else "held-out"
         raise ConfigError(f"the {part} part of dataset {c['dataset']!r} is too short for one window of n_ctx="
