@@ -244,10 +244,8 @@ class SAE(interop.SAEFiles, nn.Module):
     def folded_state_dict(self):
         """The state with input_scale s folded in: the activations are positively homogeneous (thresholds scaled too),
         act(W s x + b) / s = act(W x + b / s), so biases and thresholds divided by s give the same x_hat at scale 1."""
-        state, s = {k: v.detach().clone() for k, v in self.state_dict().items()}, self.input_scale.detach()
-        for key in ("encoder.bias", "decoder.bias", "activation.threshold"):
-            if key in state:
-                state[key] = state[key] / s
+        s, scaled = self.input_scale.detach(), ("encoder.bias", "decoder.bias", "activation.threshold")
+        state = {k: v.detach() / s if k in scaled else v.detach().clone() for k, v in self.state_dict().items()}
         state["input_scale"] = torch.ones_like(s)
         return state
 
@@ -310,9 +308,7 @@ def explained_variance(pred, target, layer_norm=False):
     pred, target = pred.float().flatten(0, -2), target.float().flatten(0, -2)  # (tokens, d)
     if layer_norm:
         pred, target = F.layer_norm(pred, pred.shape[-1:]), F.layer_norm(target, target.shape[-1:])
-    residual = (pred - target).pow(2).sum(-1)
-    total = (target - target.mean(0)).pow(2).sum(-1)
-    return 1 - residual / total
+    return 1 - (pred - target).pow(2).sum(-1) / (target - target.mean(0)).pow(2).sum(-1)
 
 
 def reconstruction_metrics(prefix, pred, target):
@@ -334,8 +330,7 @@ def output_metrics(h_orig, h_new, idx, head, keep=None, chunk_rows=None):
     per_chunk = sae_kernels.kl.LOGITS_PER_CHUNK if idx.is_cuda else sae_kernels.kl.CPU_LOGITS_PER_CHUNK
     chunk_rows = chunk_rows or max(16, per_chunk // len(head.row_token))
     merged = bool(head.log_count.any())  # rows shared by several tokens: the argmax must take log n_r off
-    sums = dict.fromkeys(("kl", "ce_orig", "ce_sae", "top1_acc_orig", "top1_acc_sae", "top1_consistency",
-                          "stat_distance"), 0.0)
+    sums = dict.fromkeys("kl ce_orig ce_sae top1_acc_orig top1_acc_sae top1_consistency stat_distance".split(), 0.0)
     for start in range(0, len(targets), chunk_rows):
         chunk = slice(start, start + chunk_rows)
         log_p = [F.log_softmax(head(h[chunk]).float(), -1) for h in (h_orig, h_new)]  # 2 x (C, U)
@@ -709,8 +704,7 @@ def evaluate(model, batches, loss, autocast=None, all_reduce=None, progress=None
             progress(i + 1, len(batches), {k: (v / n_samples).item() for k, v in sums.items()})
     model.train(was_training)
     keys = sorted(sums)
-    totals = torch.stack([sums[k] for k in keys] + [torch.tensor(float(n_samples)).to(sums[keys[0]]),
-                                                   torch.tensor(float(n_tokens)).to(sums[keys[0]])])
+    totals = torch.cat([torch.stack([sums[k] for k in keys]), sums[keys[0]].new_tensor([n_samples, n_tokens])])
     if all_reduce:
         all_reduce(totals)
         counts.sum_over_processes(all_reduce)
