@@ -1,6 +1,5 @@
 """
-Sparse autoencoders spliced into a language model's residual stream: the SAE, the spliced model, the loss and the
-metrics.
+Sparse autoencoders spliced into a language model's residual stream: the SAE, the spliced model, its loss and metrics.
 
 Follows Braun et al. (2024), "Identifying Functionally Important Features with End-to-End Sparse Dictionary
 Learning", and computes every term exactly as its reference library (`e2e_sae`) does.
@@ -17,16 +16,14 @@ The activation is the paper's ReLU, or one of the SAEs trained since, whose spar
     topk       c = ReLU(the k largest pre of each token)      exactly k codes per token (Gao et al. 2024)
     batchtopk  training: the B k largest ReLU(pre) of a batch of B tokens, k per token on average; inference:
                c = pre [pre > theta], theta estimated in training (Bussmann, Leask and Nanda 2024)
-    jumprelu   c = pre [pre > theta_j], a learned threshold per element, with an L0 penalty
-               (Rajamanoharan et al. 2024)
+    jumprelu   c = pre [pre > theta_j], a learned threshold per element, with an L0 penalty (Rajamanoharan et al. 2024)
 
 The paper's loss is a sum of coefficient x term (B tokens per batch):
 
     sparsity     ||c||_p averaged over tokens, / d_in (JumpReLU: ||c||_0, through a straight-through estimator)
-    kl           KL(p_orig || p_spliced) per token, averaged               (end-to-end)
-    in_to_orig   MSE(spliced stream, original stream) at later positions,  (end-to-end + downstream)
-                 the coefficient split evenly over those positions
-    out_to_in    MSE(x_hat, x)                                             (local)
+    kl           KL(p_orig || p_spliced) per token, averaged                         (end-to-end)
+    in_to_orig   MSE(spliced stream, original stream), averaged over later positions (end-to-end + downstream)
+    out_to_in    MSE(x_hat, x)                                                       (local)
     out_to_orig  MSE(x_hat, original stream at the SAE)
 
     local  = sparsity + out_to_in;   e2e = sparsity + kl;   e2e+ds = sparsity + kl + in_to_orig
@@ -34,12 +31,11 @@ The paper's loss is a sum of coefficient x term (B tokens per batch):
 Two variants from later papers ride on it: aux_k, MSE(e_hat, x - x_hat), the residual reconstructed from the dead
 elements alone (Gao et al. 2024), and kl_rescale, the KL scaled to the size of the MSE (Karvonen 2025).
 
-"Spliced" means the SAE's output replaces the residual stream and the rest of the network runs on it. With
-several SAEs and any end-to-end term they are chained: a later SAE reads the stream the earlier ones changed.
-Purely local training feeds every SAE the clean stream and never runs the blocks after the last SAE. Where a
-model's samples start with BOS (Llama, Gemma), whose residual norm is far above every other position's, the SAEs
-leave those positions to the model (SAETransformer.bos_token_id): they read and replace the others only, and every
-term and metric is an average over those.
+"Spliced" means the SAE's output replaces the residual stream and the rest of the network runs on it. With several
+SAEs and any end-to-end term they are chained: a later SAE reads the stream the earlier ones changed. Local training
+feeds every SAE the clean stream and never runs the blocks after the last SAE. Where samples start with BOS (Llama,
+Gemma), whose residual norm is far above every other position's, the SAEs leave those positions to the model
+(SAETransformer.bos_token_id): they read and replace the others only, and every term and metric averages over those.
 
 Usage:
     gpt = load_model("gpt2")                                     # language_models.py
@@ -67,10 +63,9 @@ class Activation(nn.Module):
     """What every activation shares: the L_p sparsity term, and no fused kernel unless it says so."""
 
     fused = None  # keyword arguments of sae_kernels.sae_forward when it computes this activation fused, else None
-    saved = ()  # the attributes that rebuild it besides its name (make_activation's arguments)
+    saved = ()  # the attributes besides its name that rebuild it (make_activation's arguments), saved with checkpoints
 
     def settings(self):
-        """What rebuilds it besides its name; saved with every checkpoint."""
         return {name: getattr(self, name) for name in self.saved}
 
     def extra_repr(self):
@@ -97,8 +92,7 @@ class ReLU(Activation):
 
 
 class TopK(Activation):
-    """c = ReLU(TopK(pre)): the k largest pre-activations of each token, the others 0 (and any of the k that is
-    negative). The sparsity is k itself: no penalty is needed, though an L_p one may be added."""
+    """c = ReLU(TopK(pre)): each token's k largest pre-activations, the rest 0; k is the sparsity, no penalty needed."""
 
     name, saved = "topk", ("k",)
 
@@ -112,10 +106,8 @@ class TopK(Activation):
 
 
 class BatchTopK(TopK):
-    """Training: the B x k largest ReLU(pre) over a batch of B tokens, k per token on average but not for each.
-    The threshold that inference uses instead, c = pre [pre > theta], is the running average of the smallest
-    activation the batch selection kept: theta <- 0.99 theta + 0.01 min (as SAELens trains it). It is a buffer,
-    saved with the weights."""
+    """Training: the B x k largest ReLU(pre) of a batch of B tokens. Inference: c = pre [pre > theta], theta a buffer
+    (saved with the weights) tracking the smallest code kept: theta <- 0.99 theta + 0.01 min, as SAELens trains it."""
 
     name, momentum = "batchtopk", 0.01
 
@@ -167,9 +159,8 @@ class _JumpReLUFunction(torch.autograd.Function):
 
 
 class JumpReLU(Activation):
-    """c = pre H(pre - theta_j): a learned threshold per element, kept >= 0. The penalty is the L0 norm, whose
-    gradient (like the threshold's in c) comes from a straight-through estimator of bandwidth eps. theta is a
-    parameter itself, not its logarithm (under Adam, log theta barely moves; SAELens found the same)."""
+    """c = pre H(pre - theta_j), a learned threshold theta_j >= 0 per element, with an L0 penalty; theta's gradients
+    are straight-through estimates (bandwidth eps). theta is the parameter itself: log theta barely moves under Adam."""
 
     name, saved = "jumprelu", ("bandwidth",)
 
@@ -217,8 +208,7 @@ def make_activation(activation, n_dict, k=None, bandwidth=None, init_threshold=N
 # ---- the SAE ----
 
 def geometric_median(x, iterations=50):
-    """The point minimising the sum of Euclidean distances to the rows of x (N, d): Weiszfeld's iteration from the
-    mean, each step the average of the rows weighted by 1 / distance."""
+    """The point minimising the summed distances to the rows of x (N, d): Weiszfeld's iteration from the mean."""
     median = x.mean(0)
     for _ in range(iterations):
         weights = 1 / (x - median).norm(dim=1).clamp_min(1e-8)  # (N,)
@@ -227,12 +217,10 @@ def geometric_median(x, iterations=50):
 
 
 class SAE(interop.SAEFiles, nn.Module):
-    """A sparse autoencoder with a column-normalised decoder. `sae(x)` returns (x_hat, c).
-
-    input_scale s (1 unless set; SAELens's "expected_average_only_in" normalisation): the SAE reads s x, so that its
-    inputs have a mean squared norm of d_in, and writes x_hat / s; its codes, thresholds and reconstruction terms are
-    in those units. folded_state_dict() folds s into the weights (an SAE of scale 1 with the same outputs).
-    from_saelens, save_saelens and from_spec, the methods for files, are interop.SAEFiles's."""
+    """A sparse autoencoder with a column-normalised decoder; `sae(x)` returns (x_hat, c). input_scale s (1 unless set;
+    SAELens's "expected_average_only_in" normalisation): the SAE reads s x (of mean squared norm d_in) and writes
+    x_hat / s; its codes, thresholds and reconstruction terms are in those units (folded_state_dict() folds s into the
+    weights). Its file methods (from_saelens, save_saelens, from_spec) are interop.SAEFiles's."""
 
     def __init__(self, d_in, n_dict, activation="relu", k=None, bandwidth=None, init_threshold=None):
         super().__init__()
@@ -245,9 +233,8 @@ class SAE(interop.SAEFiles, nn.Module):
 
     @torch.no_grad()
     def init_tied_(self, x, decoder_bias="mean"):
-        """The TopK paper's initialisation (Gao et al. 2024) on a sample of inputs x (N, d_in): the encoder is the
-        dictionary's transpose, and the decoder bias the inputs' mean or geometric median, subtracted before
-        encoding (this SAE encodes x itself, so b_enc = -W_enc b_dec)."""
+        """Gao et al.'s (2024) initialisation on inputs x (N, d_in): the encoder is the dictionary's transpose, the
+        decoder bias the inputs' mean or geometric median, subtracted before encoding: b_enc = -W_enc b_dec."""
         x = x.float() * self.input_scale
         center = x.mean(0) if decoder_bias == "mean" else geometric_median(x)
         self.encoder.weight.copy_(self.dict_elements.T)
@@ -255,13 +242,10 @@ class SAE(interop.SAEFiles, nn.Module):
         self.encoder.bias.copy_(-self.encoder.weight.float() @ center)
 
     def folded_state_dict(self):
-        """The state with input_scale folded in. The activations are positively homogeneous (ReLU, TopK, BatchTopK's
-        and JumpReLU's thresholds scaled too), so act(W s x + b) / s = act(W x + b / s): the encoder bias, the
-        thresholds and the decoder bias divided by s, and the scale 1, give the same x_hat from unscaled x."""
-        state, s = {k: v.detach().clone() for k, v in self.state_dict().items()}, self.input_scale.detach()
-        for key in ("encoder.bias", "decoder.bias", "activation.threshold"):
-            if key in state:
-                state[key] = state[key] / s
+        """The state with input_scale s folded in: the activations are positively homogeneous (thresholds scaled too),
+        act(W s x + b) / s = act(W x + b / s), so biases and thresholds divided by s give the same x_hat at scale 1."""
+        s, scaled = self.input_scale.detach(), ("encoder.bias", "decoder.bias", "activation.threshold")
+        state = {k: v.detach() / s if k in scaled else v.detach().clone() for k, v in self.state_dict().items()}
         state["input_scale"] = torch.ones_like(s)
         return state
 
@@ -324,9 +308,7 @@ def explained_variance(pred, target, layer_norm=False):
     pred, target = pred.float().flatten(0, -2), target.float().flatten(0, -2)  # (tokens, d)
     if layer_norm:
         pred, target = F.layer_norm(pred, pred.shape[-1:]), F.layer_norm(target, target.shape[-1:])
-    residual = (pred - target).pow(2).sum(-1)
-    total = (target - target.mean(0)).pow(2).sum(-1)
-    return 1 - residual / total
+    return 1 - (pred - target).pow(2).sum(-1) / (target - target.mean(0)).pow(2).sum(-1)
 
 
 def reconstruction_metrics(prefix, pred, target):
@@ -337,20 +319,18 @@ def reconstruction_metrics(prefix, pred, target):
 
 @torch.no_grad()
 def output_metrics(h_orig, h_new, idx, head, keep=None, chunk_rows=None):
-    """How the spliced model's next-token predictions compare with the original's, from both final normed streams
-    (B, T, d) through `head` (language_models.Unembedding): kl, ce_orig, ce_sae, ce_increase, top1_acc_orig,
-    top1_acc_sae, top1_consistency, stat_distance = 0.5 sum_v |p_orig - p_new|, over the positions in `keep` (B, T)
-    (all by default); the logits at t predict token t + 1. Chunk by chunk of positions, so that, as in training's
-    fused KL, no (tokens x vocab) logits are held. Over a merged head's rows (log n_r in its logits) a token's
-    log-probability is its row's minus log n_r; the KL and the statistical distance are the rows'."""
+    """The spliced model's next-token predictions against the original's, from both final normed streams (B, T, d)
+    through `head` (language_models.Unembedding), at the positions in `keep` (B, T; None: all): kl, ce_orig, ce_sae,
+    ce_increase, top1_acc_orig, top1_acc_sae, top1_consistency, stat_distance = 0.5 sum_v |p_orig - p_new|. The logits
+    at t predict token t + 1, computed chunk_rows positions at a time. Over a merged head's rows (log n_r in its logits)
+    a token's log-probability is its row's minus log n_r; the KL and statistical distance are the rows'."""
     targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -1)], 1)  # (B, T): -1 where nothing follows
     at = torch.ones_like(idx, dtype=torch.bool) if keep is None else keep
     h_orig, h_new, targets = h_orig[at], h_new[at], targets[at]  # (N, d), (N, d), (N,)
     per_chunk = sae_kernels.kl.LOGITS_PER_CHUNK if idx.is_cuda else sae_kernels.kl.CPU_LOGITS_PER_CHUNK
     chunk_rows = chunk_rows or max(16, per_chunk // len(head.row_token))
     merged = bool(head.log_count.any())  # rows shared by several tokens: the argmax must take log n_r off
-    sums = dict.fromkeys(("kl", "ce_orig", "ce_sae", "top1_acc_orig", "top1_acc_sae", "top1_consistency",
-                          "stat_distance"), 0.0)
+    sums = dict.fromkeys("kl ce_orig ce_sae top1_acc_orig top1_acc_sae top1_consistency stat_distance".split(), 0.0)
     for start in range(0, len(targets), chunk_rows):
         chunk = slice(start, start + chunk_rows)
         log_p = [F.log_softmax(head(h[chunk]).float(), -1) for h in (h_orig, h_new)]  # 2 x (C, U)
@@ -375,10 +355,9 @@ def output_metrics(h_orig, h_new, idx, head, keep=None, chunk_rows=None):
 # ---- the spliced model ----
 
 class SAETransformer(interop.SAETransformerFiles, nn.Module):
-    """A frozen language model (model.GPT, or anything with its seam) with one SAE at each listed residual-stream
-    position. `saes` ({position: SAE}) places trained SAEs; the others are new, built with `sae_kwargs`
-    (activation, k, ...). Its methods for files (from_checkpoint, from_local_path, from_wandb, save, save_saelens)
-    are interop.SAETransformerFiles's."""
+    """A frozen language model (model.GPT, or anything with its seam) with an SAE at each listed residual-stream
+    position: `saes` ({position: SAE}) places trained ones, the others are built with `sae_kwargs` (activation, k, ...).
+    Its file methods (from_checkpoint, from_local_path, from_wandb, save, save_saelens): interop.SAETransformerFiles."""
 
     sae_type = SAE  # what those methods build the SAEs of a checkpoint as
 
@@ -420,8 +399,7 @@ class SAETransformer(interop.SAETransformerFiles, nn.Module):
         return [f"blocks.{i}.hook_resid_pre" for i in range(last + 1, self.gpt.config.n_layer)]
 
     def positions_read(self, idx):
-        """(B, T) bool: the positions of token ids idx that the SAEs read and replace (all but bos_token_id's), or
-        None where that is every position."""
+        """(B, T) bool: the positions of idx the SAEs read and replace (all but bos_token_id's), or None for all."""
         return None if self.bos_token_id is None else idx != self.bos_token_id
 
     def forward_raw(self, idx):
@@ -433,10 +411,9 @@ class SAETransformer(interop.SAETransformerFiles, nn.Module):
         return self.gpt(idx, edits={p: (lambda x, s=self.sae(p): s(x)[0]) for p in self.sae_positions})
 
     def run(self, x, start, stop, record=(), splice=False, keep=None):
-        """Run the residual x (at index `start`) to index `stop`. At each index in `record` keep the stream; at each
-        SAE position replace the stream with its SAE's reconstruction if `splice`: at every position, or at those in
-        `keep` (B, T) alone, the SAE then reading those tokens only, as a flat (N, d). The recorded stream at an SAE
-        position is the SAE's input. Returns (x at stop, {index: stream}, {position: (x_hat, c, pre)})."""
+        """Run the residual x from index `start` to `stop`, recording the stream at each index in `record` (at an SAE
+        position, its input). With `splice`, each SAE's output replaces the stream, at every token or only at those in
+        `keep` (B, T), read as a flat (N, d). Returns (x at stop, {index: stream}, {position: (x_hat, c, pre)})."""
         sae_at = {self.gpt.resid_index(p): p for p in self.sae_positions} if splice else {}
         kept, outs, at = {}, {}, start
         for r in sorted({*record, *sae_at} & set(range(start, stop + 1))):
@@ -453,8 +430,7 @@ class SAETransformer(interop.SAETransformerFiles, nn.Module):
 
 @dataclass
 class LossConfig:
-    """The loss's settings, named as train.py's config keys (the module docstring has the formulas). The paper's
-    five terms, then the two variants since: aux_k_coeff (Gao et al. 2024) and kl_rescale (Karvonen 2025)."""
+    """The loss's settings, named as train.py's config keys: the paper's five terms, then aux_k_coeff and kl_rescale."""
 
     sparsity_coeff: float = 0.0
     p_norm: float = 1.0
@@ -473,9 +449,8 @@ class LossConfig:
 
     @classmethod
     def for_evaluation(cls, config, downstream=()):
-        """The loss a trained model is measured with, as its training config says: its coefficients decide how its
-        SAEs are fed (chained with an end-to-end term, the clean stream for local ones); `downstream` lists where
-        the spliced stream is compared with the original (in_to_orig_coeff is dropped without it)."""
+        """The loss a trained model is measured with, from its training config, whose coefficients decide how the SAEs
+        are fed (chained if end-to-end); in_to_orig at `downstream` alone, dropped without it."""
         loss = cls.of({k: v for k, v in config.items() if k not in ("aux_k_coeff", "kl_rescale")})
         loss.in_to_orig_positions = tuple(downstream)
         if not downstream:
@@ -490,8 +465,7 @@ class LossConfig:
         return self.kl_coeff == 0 and self.in_to_orig_coeff == 0
 
     def check(self, model=None):
-        """Refuse what cannot train: negative coefficients, no term that asks for a reconstruction, and with the
-        model, downstream positions where the spliced stream cannot differ from the original."""
+        """Refuse what cannot train: negative coefficients, no reconstruction term, in_to_orig up to the first SAE."""
         for name, value in asdict(self).items():
             if name.endswith("_coeff") and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -523,10 +497,9 @@ def at_positions(t, keep):
 
 
 def forward_passes(model, idx, loss, downstream, need_logits, keep):
-    """The clean pass, and the SAEs on it (local) or spliced into a second pass (end-to-end), sharing the prefix
-    before the first SAE; the SAEs read the positions in `keep` (all where it is None). Returns a dict: h_orig and
-    h_new, the final streams (h_new None where the spliced model never runs); orig and new, the streams recorded by
-    residual index; outs, each SAE's (x_hat, c, pre), and inputs, what each SAE read, by position."""
+    """The clean pass, and the SAEs on it (local) or spliced into a second pass (end-to-end) after the shared prefix,
+    reading the positions in `keep`. Returns a dict: h_orig, h_new, the final streams (h_new None if the spliced model
+    never runs); orig, new, the streams recorded by index; outs, each SAE's (x_hat, c, pre); inputs, what each read."""
     gpt, L = model.gpt, model.gpt.config.n_layer
     sae_at = {p: gpt.resid_index(p) for p in model.sae_positions}
     first, last = min(sae_at.values()), max(sae_at.values())
@@ -551,8 +524,7 @@ def forward_passes(model, idx, loss, downstream, need_logits, keep):
 
 
 def sae_term(name, sae, x, x_hat, code, pre, x_orig, p_norm, dead):
-    """One SAE's term: sparsity, out_to_in, out_to_orig or aux_k (the module docstring has them). The
-    reconstruction terms are in the SAE's own units (x times its input_scale, 1 unless normalised)."""
+    """One SAE's term: sparsity, out_to_in, out_to_orig or aux_k, in its own units (x times input_scale)."""
     if name == "sparsity":
         return sae.activation.penalty(code, pre, p_norm).mean() / sae.d_in
     units = sae.input_scale.float() ** 2
@@ -562,17 +534,14 @@ def sae_term(name, sae, x, x_hat, code, pre, x_orig, p_norm, dead):
 
 
 def compute_loss(model, idx, loss, *, full_metrics=True, feature_counts=None, dead=None):
-    """The training loss of `model` (an SAETransformer) on token ids idx (B, T) under `loss` (a LossConfig), and a
-    flat dict of metrics: returns (total, metrics), total a scalar to backpropagate, metrics detached 0-d tensors
-    named as in the paper's logs (<pos> is the dotted position name): kl, ce_orig, ce_sae, ce_increase,
-    top1_acc_orig, top1_acc_sae, top1_consistency, stat_distance; l0/<pos>, frac_zeros/<pos>; each term that is
-    computed (its coefficient > 0, or every term with full_metrics): sparsity/<pos>, out_to_in/<pos>,
-    out_to_orig/<pos>, in_to_orig/<pos>, aux_k/<pos>; with full_metrics, explained_variance[_ln][_std]/<pos> and
-    in_to_orig_explained_variance[...]/<pos>. full_metrics=False skips the work only metrics need (full logits,
-    extra passes); the loss is the same. feature_counts, a FeatureCounts, counts which dictionary elements fired in
-    this batch. dead, {position: bool (n_dict,)} (DeadElements.masks()), names the elements the auxiliary-k loss
-    reconstructs the residual from. kl_rescale: the KL term scaled to the size of the local MSE, alpha = (sum of
-    out_to_in terms / kl) detached, and the two averaged: 0.5 (out_to_in_coeff mse + kl_coeff alpha kl)."""
+    """The training loss of `model` (an SAETransformer) on token ids idx (B, T) under `loss` (a LossConfig): (total,
+    metrics), total a scalar to backpropagate, metrics detached 0-d tensors named as in the paper's logs (<pos> the
+    position): output_metrics's with full_metrics, else kl where kl_coeff > 0; l0/<pos> and frac_zeros/<pos>;
+    <term>/<pos> for each term computed (coefficient > 0, or with full_metrics any but aux_k); with full_metrics,
+    explained_variance[_ln][_std]/<pos> and in_to_orig_explained_variance[...]/<pos>. full_metrics=False skips the work
+    only metrics need (full logits, extra passes); the loss is the same. feature_counts (a FeatureCounts) counts the
+    elements that fired; dead (DeadElements.masks()) names those aux_k reconstructs the residual from. kl_rescale:
+    0.5 (out_to_in_coeff sum(out_to_in) + kl_coeff alpha kl) replaces both, alpha = (sum(out_to_in) / kl) detached."""
     loss.check(model)
     gpt = model.gpt
     downstream = {p: gpt.resid_index(p) for p in loss.in_to_orig_positions}
@@ -584,7 +553,6 @@ def compute_loss(model, idx, loss, *, full_metrics=True, feature_counts=None, de
     weight = dict(sparsity=loss.sparsity_coeff, out_to_in=0.0 if loss.kl_rescale else loss.out_to_in_coeff,
                   out_to_orig=loss.out_to_orig_coeff, aux_k=loss.aux_k_coeff if dead is not None else 0.0)
     total, mse, metrics = 0.0, 0.0, {}
-
     for p, (x_hat, code, pre) in run["outs"].items():  # the terms of each SAE
         sae, x, x_orig = model.sae(p), run["inputs"][p], at_positions(run["orig"][gpt.resid_index(p)], keep)
         for name, coeff in weight.items():
@@ -604,7 +572,6 @@ def compute_loss(model, idx, loss, *, full_metrics=True, feature_counts=None, de
                 metrics.update({f"{k}/{p}": v for k, v in reconstruction_metrics("", x_hat, x).items()})
             if feature_counts is not None:
                 feature_counts.update(p, active)
-
     for p, r in downstream.items():  # the downstream term, split evenly over its positions
         new, orig = at_positions(run["new"][r], keep), at_positions(run["orig"][r], keep)
         term = F.mse_loss(new.float(), orig.float())
@@ -613,7 +580,6 @@ def compute_loss(model, idx, loss, *, full_metrics=True, feature_counts=None, de
         if full_metrics:
             with torch.no_grad():
                 metrics.update({f"{k}/{p}": v for k, v in reconstruction_metrics("in_to_orig_", new, orig).items()})
-
     if need_logits:  # the KL term, through the lm_head in chunks: neither model's (tokens, vocab) logits held whole
         h_new, h_orig = gpt.final_norm(run["h_new"]), gpt.final_norm(run["h_orig"])
         if full_metrics:
@@ -636,9 +602,8 @@ def compute_loss(model, idx, loss, *, full_metrics=True, feature_counts=None, de
 
 @torch.no_grad()
 def prepare_saes(model, positions, batches, sae_init="orthogonal", normalize_activations="none"):
-    """Before training, from the clean stream that the SAEs at `positions` read on `batches` of token ids (BOS
-    positions left out, as the SAEs leave them): each one's input scale (normalize_activations=
-    "expected_average_only_in": inputs of mean squared norm d_in, SAELens's), and its tied initialisation (sae_init
+    """Before training, from the clean stream the SAEs at `positions` read on `batches` of token ids (BOS left out):
+    each one's input_scale (normalize_activations="expected_average_only_in") and tied initialisation (sae_init
     "tied_mean" or "tied_median": SAE.init_tied_; "orthogonal" keeps its own). Returns {position: tokens read}."""
     at = {model.gpt.resid_index(p): p for p in positions}
     seen = {p: [] for p in positions}
@@ -661,8 +626,7 @@ def prepare_saes(model, positions, batches, sae_init="orthogonal", normalize_act
 # ---- evaluation: figures over many batches ----
 
 class FeatureCounts:
-    """How many tokens each dictionary element fired on, over a window of tokens: the alive count and the
-    activation frequencies (the paper's log10 histograms)."""
+    """How many tokens each dictionary element fired on: alive counts, activation frequencies (log10 histograms)."""
 
     def __init__(self, model):
         device = next(model.parameters()).device
@@ -693,9 +657,8 @@ class FeatureCounts:
 
 
 class DeadElements:
-    """Which dictionary elements are dead: none of the last `window` training tokens fired them (Gao et al.'s
-    definition; the auxiliary-k loss trains them on the residual). After each step, step(counts) with that
-    step's FeatureCounts (summed over processes under DDP)."""
+    """Which dictionary elements are dead: fired by none of the last `window` training tokens (Gao et al.; aux_k trains
+    them on the residual). Call step(counts) after each step with its FeatureCounts (summed under DDP)."""
 
     def __init__(self, model, window):
         device = next(model.parameters()).device
@@ -720,11 +683,10 @@ class DeadElements:
 
 @torch.no_grad()
 def evaluate(model, batches, loss, autocast=None, all_reduce=None, progress=None):
-    """compute_loss's metrics averaged over held-out batches of token ids (each weighted by its samples), and a
-    FeatureCounts of them (alive features, activation frequencies), with the SAEs in inference mode (BatchTopK
-    uses its threshold). `loss`: a LossConfig (LossConfig.for_evaluation of a checkpoint's config). Returns
-    (metrics, counts): metrics are floats, plus `alive/<pos>` and `eval_tokens`. all_reduce, if given, sums a
-    tensor in place over processes (DDP); progress(i, n, running_metrics) is called after each batch."""
+    """compute_loss's metrics under `loss` (e.g. LossConfig.for_evaluation of a checkpoint's config) over held-out
+    batches of token ids, weighted by their samples, with the SAEs in inference mode (BatchTopK uses its threshold).
+    Returns (figures, counts): floats, plus alive/<pos> and eval_tokens, and a FeatureCounts. all_reduce (DDP), if
+    given, sums a tensor over processes in place; progress(i, n, running_metrics) runs after each batch."""
     was_training = model.training
     model.eval()
     counts, sums, n_samples, n_tokens = FeatureCounts(model), {}, 0, 0
@@ -739,8 +701,7 @@ def evaluate(model, batches, loss, autocast=None, all_reduce=None, progress=None
             progress(i + 1, len(batches), {k: (v / n_samples).item() for k, v in sums.items()})
     model.train(was_training)
     keys = sorted(sums)
-    totals = torch.stack([sums[k] for k in keys] + [torch.tensor(float(n_samples)).to(sums[keys[0]]),
-                                                   torch.tensor(float(n_tokens)).to(sums[keys[0]])])
+    totals = torch.cat([torch.stack([sums[k] for k in keys]), sums[keys[0]].new_tensor([n_samples, n_tokens])])
     if all_reduce:
         all_reduce(totals)
         counts.sum_over_processes(all_reduce)
