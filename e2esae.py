@@ -553,6 +553,7 @@ def compute_loss(model, idx, loss, *, full_metrics=True, feature_counts=None, de
     weight = dict(sparsity=loss.sparsity_coeff, out_to_in=0.0 if loss.kl_rescale else loss.out_to_in_coeff,
                   out_to_orig=loss.out_to_orig_coeff, aux_k=loss.aux_k_coeff if dead is not None else 0.0)
     total, mse, metrics = 0.0, 0.0, {}
+
     for p, (x_hat, code, pre) in run["outs"].items():  # the terms of each SAE
         sae, x, x_orig = model.sae(p), run["inputs"][p], at_positions(run["orig"][gpt.resid_index(p)], keep)
         for name, coeff in weight.items():
@@ -572,6 +573,7 @@ def compute_loss(model, idx, loss, *, full_metrics=True, feature_counts=None, de
                 metrics.update({f"{k}/{p}": v for k, v in reconstruction_metrics("", x_hat, x).items()})
             if feature_counts is not None:
                 feature_counts.update(p, active)
+
     for p, r in downstream.items():  # the downstream term, split evenly over its positions
         new, orig = at_positions(run["new"][r], keep), at_positions(run["orig"][r], keep)
         term = F.mse_loss(new.float(), orig.float())
@@ -580,6 +582,7 @@ def compute_loss(model, idx, loss, *, full_metrics=True, feature_counts=None, de
         if full_metrics:
             with torch.no_grad():
                 metrics.update({f"{k}/{p}": v for k, v in reconstruction_metrics("in_to_orig_", new, orig).items()})
+
     if need_logits:  # the KL term, through the lm_head in chunks: neither model's (tokens, vocab) logits held whole
         h_new, h_orig = gpt.final_norm(run["h_new"]), gpt.final_norm(run["h_orig"])
         if full_metrics:
