@@ -369,8 +369,9 @@ class SAETransformer(interop.SAETransformerFiles, nn.Module):
         if len(set(indices)) != len(indices):
             raise ValueError(f"sae_positions {list(sae_positions)} name the same place in the residual stream twice "
                              "(blocks.i.hook_resid_post is blocks.{i+1}.hook_resid_pre)")
-        if dict_size_to_input_ratio <= 0:
-            raise ValueError(f"dict_size_to_input_ratio must be positive, got {dict_size_to_input_ratio}")
+        if int(gpt.config.n_embd * dict_size_to_input_ratio) < 1:
+            raise ValueError(f"dict_size_to_input_ratio={dict_size_to_input_ratio} gives a dictionary of 0 elements at "
+                             f"width {gpt.config.n_embd}: use at least {1 / gpt.config.n_embd:.2g}")
         self.gpt = gpt.requires_grad_(False).eval()  # frozen: only the SAEs train
         self.sae_positions = [p for _, p in sorted(zip(indices, sae_positions))]  # in order of depth
         self.dict_size_to_input_ratio = float(dict_size_to_input_ratio)

@@ -239,11 +239,7 @@ def build_model(c, phases, log):
     except (OSError, ValueError, RuntimeError) as e:
         raise ConfigError(f"init_from={c.init_from!r}: {e}") from None
     check_context(gpt, c.n_ctx)
-    n_dict = int(gpt.config.n_embd * c.dict_size_to_input_ratio)
-    if n_dict < 1:
-        raise ConfigError(f"dict_size_to_input_ratio={c.dict_size_to_input_ratio} gives a dictionary of 0 elements at "
-                          f"width {gpt.config.n_embd}: use at least {1 / gpt.config.n_embd:.2g}")
-    pretrained = {}
+    n_dict, pretrained = int(gpt.config.n_embd * c.dict_size_to_input_ratio), {}
     for spec in c.pretrained_sae_paths:
         try:
             source = SAETransformer.from_checkpoint(spec, gpt)
