@@ -62,23 +62,21 @@ def configure(defaults, argv, given=None):
             scope = {}
             with open(arg) as f:
                 exec(compile(f.read(), arg, "exec"), scope)
-            for key, value in scope.items():
-                if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
-                    continue
-                _check_key(key, defaults, arg)
-                config[key] = _coerce(key, value, defaults[key], arg)
-                given.add(key)
+            pairs = [(key, value) for key, value in scope.items() if not key.startswith("_")
+                     and not isinstance(value, (types.ModuleType, types.FunctionType, type))]
         else:
             key, eq, text = arg[2:].partition("=")
             if not eq:
                 raise ConfigError(f"{arg} should be --key=value")
-            _check_key(key, defaults, arg)
             try:
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text  # a bare word is a string
-            if isinstance(defaults[key], str) and not isinstance(value, str):
+            if isinstance(defaults.get(key), str) and not isinstance(value, str):
                 value = text  # --init_from=123 names a directory called 123
+            pairs = [(key, value)]
+        for key, value in pairs:
+            _check_key(key, defaults, arg)
             config[key] = _coerce(key, value, defaults[key], arg)
             given.add(key)
     return config
