@@ -44,8 +44,7 @@ CPU_LOGITS_PER_CHUNK = 2**22
 def kl_div_torch(new_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch.Tensor:
     """The definition: KL(p_orig || p_new) per row of (..., vocab) logits, averaged over rows."""
     vocab = new_logits.shape[-1]
-    new = new_logits.reshape(-1, vocab)  # (R, V)
-    orig = orig_logits.detach().reshape(-1, vocab)  # (R, V)
+    new, orig = new_logits.reshape(-1, vocab), orig_logits.detach().reshape(-1, vocab)  # (R, V) each
     return F.kl_div(F.log_softmax(new, -1), F.log_softmax(orig, -1), log_target=True, reduction="batchmean")
 
 

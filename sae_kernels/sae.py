@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from . import sparse
 from .backend import SUPPORTED_DTYPES, tl, triton, tuning_configs, use_triton
-from .sparse import check_k
 
 SPARSE_MAX_DENSITY = 1 / 256  # ReLU's sparse path while at most this share of its codes fire (see above), on a GPU
 CPU_SPARSE_MAX_DENSITY = 1 / 8  # and on a CPU
@@ -37,7 +36,7 @@ def topk_relu(pre, k):
 def sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_topk=False):
     """The definition, differentiable by autograd: returns (x_hat, c). k=None: ReLU; an int: TopK; an int with
     batch_topk=True: BatchTopK's training code, the N k largest relu(pre) of the N tokens together."""
-    check_k(k, enc_weight.shape[0], batch_topk)
+    sparse.check_k(k, enc_weight.shape[0], batch_topk)
     pre = F.linear(x, enc_weight, enc_bias)  # (..., n_dict)
     if k is None:
         c = F.relu(pre)
@@ -117,8 +116,7 @@ def _spmm_kernel(ptr_ptr,  # (M + 1,) int64: output row i sums entries [ptr[i], 
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < d
-    start = tl.load(ptr_ptr + row)
-    end = tl.load(ptr_ptr + row + 1)
+    start, end = tl.load(ptr_ptr + row), tl.load(ptr_ptr + row + 1)
     acc = tl.zeros((BLOCK_E, BLOCK_D), dtype=tl.float32)  # summed over entries once, at the end
     for first in range(start, end, BLOCK_E):
         entries = first + tl.arange(0, BLOCK_E)

@@ -96,14 +96,13 @@ def select_batch_topk(pre: torch.Tensor, k: int):
     candidate, tau: then that row may hold more above tau, and only those rows are searched again, 4 m wide.
     """
     N, n = pre.shape
-    total = N * k
     m = min(n, 2 * k)
     values, cols = pre.topk(m, dim=1, sorted=False)  # (N, m) candidates
     cand_value, cand_col = values.reshape(-1), cols.reshape(-1)
     cand_row = torch.arange(N, device=pre.device).repeat_interleave(m)
     floor, width = values.amin(1), torch.full((N,), m, device=pre.device)  # each row's m-th largest, and m
     while True:
-        top_value, top = cand_value.topk(total, sorted=False)  # (N k,) positions among the candidates
+        top_value, top = cand_value.topk(N * k, sorted=False)  # (N k,) positions among the candidates
         tau = top_value.amin()
         again = ((floor >= tau) & (width < n)).nonzero().squeeze(1)  # rows that may hold more: one host sync
         if len(again) == 0:
