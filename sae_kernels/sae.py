@@ -2,9 +2,8 @@
 
 TRITON implements sparse.py's primitives with a kernel each: _spmm_kernel (gather_sum: one program per output row
 and block of columns) and _sddmm_kernel (sampled_dots: one program per block of pairs). ReLU's selection takes two
-more: _relu_count_kernel writes relu(pre) over pre and counts each row's positive codes; their cumulative sum gives
-row_ptr, whose last entry (one host sync) sizes the arrays that _compact_kernel fills with each row's positive
-codes, in order.
+more: _relu_count_kernel writes relu(pre) in place and counts each row's positive codes; their cumulative sum gives
+row_ptr, whose last entry (one host sync) sizes the arrays that _compact_kernel fills with those codes, in order.
 
 The sparse path pays only while few codes fire: per selected pair it gathers a few rows of d, where a dense matmul
 spends a few d FLOPs on every pair, active or not. So sae_forward measures the share of ReLU's codes that fire on a
@@ -207,9 +206,8 @@ def relu_density(x, enc_weight, enc_bias, tokens: int = 64) -> float:
 
 
 def sae_forward(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_topk=False):
-    """sae_forward_sparse's SAE with the dense code: (x_hat (..., d_in), c (..., n_dict)), from the same x, weights,
-    k and batch_topk. The Triton primitives run where use_triton says so (backend.py), except for BatchTopK, PyTorch's
-    elsewhere; a ReLU code with too many codes firing takes the dense reference instead (see above)."""
+    """sae_forward_sparse with the dense code: (x_hat (..., d_in), c (..., n_dict)). It runs Triton's primitives where
+    use_triton says so (backend.py), except for BatchTopK; a ReLU code firing too densely takes the dense reference."""
     on_triton = use_triton(x, enc_weight, enc_bias, dec_weight, dec_bias) and not batch_topk
     limit = CPU_SPARSE_MAX_DENSITY if x.device.type == "cpu" else SPARSE_MAX_DENSITY
     if k is None and relu_density(x, enc_weight, enc_bias) > limit:
