@@ -59,9 +59,8 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         raise RuntimeError("E2ESAE_BACKEND=triton but triton is not installed: `pip install triton`, "
                            "or set E2ESAE_BACKEND=torch (or auto) to use the PyTorch reference")
     if not on_cuda and not INTERPRET:
-        raise RuntimeError("E2ESAE_BACKEND=triton with CPU tensors needs Triton's interpreter: set "
-                           "TRITON_INTERPRET=1 before triton is first imported (before `import sae_kernels`), "
-                           "or use E2ESAE_BACKEND=torch or auto")
+        raise RuntimeError("E2ESAE_BACKEND=triton with CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
+                           "before triton is first imported, or use E2ESAE_BACKEND=torch or auto")
     return True
 
 

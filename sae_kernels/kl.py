@@ -18,12 +18,11 @@ when the forward pass ends, and backward only multiplies it by grad_output. kl_d
 the one autograd asks for, and makes no other (R, V) tensor, where eager PyTorch makes several (BENCHMARKS.md
 counts the passes of each); the loss is memory bound, so time follows the bytes.
 
-`linear_kl_div` goes one step further for the end of the network, where the logits come from the frozen,
-tied lm_head W (V, d): logits = h @ W^T. It never builds the (R, V) logits of either model. It walks over
-chunks of C rows; per chunk it computes both chunks of logits with matmuls, runs the fused kernel, which
-writes d KL / d z over the new logits in place (scaled by 1/R), and turns that into grad_h = grad_z @ W,
-which backward multiplies by grad_output. The matmuls are the eager ones (2 R d V FLOPs each); the memory is
-one chunk's logits (2 C V b bytes) and grad_h (R, d), instead of several (R, V) tensors.
+`linear_kl_div` goes one step further at the end of the network, where the logits come from the frozen, tied
+lm_head W (V, d): logits = h @ W^T. It never builds either model's (R, V) logits: per chunk of C rows it computes
+both models' logits with matmuls, runs the fused kernel, which writes d KL / d z over the new logits in place
+(scaled by 1/R), and turns that into grad_h = grad_z @ W for backward to scale. The matmuls are the eager ones
+(2 R d V FLOPs each); the memory is one chunk's logits (2 C V b bytes) and grad_h (R, d), not several (R, V) tensors.
 
 Checked against kl_div_torch by `python -m pytest tests/test_kernels.py`; timed by `python bench.py`.
 """
@@ -33,10 +32,8 @@ import torch.nn.functional as F
 
 from .backend import SUPPORTED_DTYPES, autocast_inputs, tl, triton, tuning_configs, use_triton
 
-# linear_kl_div's default chunk: rows whose logits hold about 2^25 values per model (64 MB each in bf16).
-LOGITS_PER_CHUNK = 2**25
-# On a CPU smaller ones stay in the allocator's cache; larger ones are mmapped, faulted in on every use (BENCHMARKS.md).
-CPU_LOGITS_PER_CHUNK = 2**22
+LOGITS_PER_CHUNK = 2**25  # linear_kl_div's default chunk: rows whose logits hold about this many values per model
+CPU_LOGITS_PER_CHUNK = 2**22  # on a CPU: larger chunks are mmapped, faulted in on every use, not cached (BENCHMARKS.md)
 
 
 # ---- reference ----
@@ -44,8 +41,7 @@ CPU_LOGITS_PER_CHUNK = 2**22
 def kl_div_torch(new_logits: torch.Tensor, orig_logits: torch.Tensor) -> torch.Tensor:
     """The definition: KL(p_orig || p_new) per row of (..., vocab) logits, averaged over rows."""
     vocab = new_logits.shape[-1]
-    new = new_logits.reshape(-1, vocab)  # (R, V)
-    orig = orig_logits.detach().reshape(-1, vocab)  # (R, V)
+    new, orig = new_logits.reshape(-1, vocab), orig_logits.detach().reshape(-1, vocab)  # (R, V) each
     return F.kl_div(F.log_softmax(new, -1), F.log_softmax(orig, -1), log_target=True, reduction="batchmean")
 
 
@@ -202,10 +198,9 @@ def linear_kl_div(h_new: torch.Tensor, h_orig: torch.Tensor, weight: torch.Tenso
     """kl_div(cap(h_new @ weight.T) + bias, cap(h_orig @ weight.T) + bias) without ever holding either model's full
     logits; cap(z) = softcap * tanh(z / softcap) (Gemma 2's soft cap), or z without a softcap.
 
-    h_new, h_orig: (..., d) final (normed) hidden states; weight: (vocab, d), the frozen lm_head; bias: (vocab,) or
-    None (an lm_head's bias, or language_models.Unembedding's log multiplicities). Differentiable in h_new only (h_orig,
-    weight and bias are treated as constants). chunk_rows defaults to LOGITS_PER_CHUNK // vocab rows
-    (CPU_LOGITS_PER_CHUNK on a CPU; at least 16). Under autocast, the matmuls run in the autocast dtype.
+    h_new, h_orig: (..., d) final (normed) hidden states; weight: (vocab, d), the frozen lm_head; bias: (vocab,) or None
+    (an lm_head's bias, or language_models.Unembedding's log multiplicities). Differentiable in h_new only. chunk_rows:
+    by default LOGITS_PER_CHUNK // vocab (CPU_LOGITS_PER_CHUNK on a CPU), at least 16. Autocast sets the matmuls' dtype.
     """
     assert h_new.shape == h_orig.shape and h_new.shape[-1] == weight.shape[-1] and weight.dim() == 2, \
         f"h_new {h_new.shape}, h_orig {h_orig.shape}, weight {weight.shape}"

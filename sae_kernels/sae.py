@@ -2,9 +2,8 @@
 
 TRITON implements sparse.py's primitives with a kernel each: _spmm_kernel (gather_sum: one program per output row
 and block of columns) and _sddmm_kernel (sampled_dots: one program per block of pairs). ReLU's selection takes two
-more: _relu_count_kernel writes relu(pre) over pre and counts each row's positive codes; their cumulative sum gives
-row_ptr, whose last entry (one host sync) sizes the arrays that _compact_kernel fills with each row's positive
-codes, in order.
+more: _relu_count_kernel writes relu(pre) in place and counts each row's positive codes; their cumulative sum gives
+row_ptr, whose last entry (one host sync) sizes the arrays that _compact_kernel fills with those codes, in order.
 
 The sparse path pays only while few codes fire: per selected pair it gathers a few rows of d, where a dense matmul
 spends a few d FLOPs on every pair, active or not. So sae_forward measures the share of ReLU's codes that fire on a
@@ -20,7 +19,6 @@ import torch.nn.functional as F
 
 from . import sparse
 from .backend import SUPPORTED_DTYPES, tl, triton, tuning_configs, use_triton
-from .sparse import check_k
 
 SPARSE_MAX_DENSITY = 1 / 256  # ReLU's sparse path while at most this share of its codes fire (see above), on a GPU
 CPU_SPARSE_MAX_DENSITY = 1 / 8  # and on a CPU
@@ -37,7 +35,7 @@ def topk_relu(pre, k):
 def sae_forward_torch(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_topk=False):
     """The definition, differentiable by autograd: returns (x_hat, c). k=None: ReLU; an int: TopK; an int with
     batch_topk=True: BatchTopK's training code, the N k largest relu(pre) of the N tokens together."""
-    check_k(k, enc_weight.shape[0], batch_topk)
+    sparse.check_k(k, enc_weight.shape[0], batch_topk)
     pre = F.linear(x, enc_weight, enc_bias)  # (..., n_dict)
     if k is None:
         c = F.relu(pre)
@@ -117,8 +115,7 @@ def _spmm_kernel(ptr_ptr,  # (M + 1,) int64: output row i sums entries [ptr[i], 
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < d
-    start = tl.load(ptr_ptr + row)
-    end = tl.load(ptr_ptr + row + 1)
+    start, end = tl.load(ptr_ptr + row), tl.load(ptr_ptr + row + 1)
     acc = tl.zeros((BLOCK_E, BLOCK_D), dtype=tl.float32)  # summed over entries once, at the end
     for first in range(start, end, BLOCK_E):
         entries = first + tl.arange(0, BLOCK_E)
@@ -209,9 +206,8 @@ def relu_density(x, enc_weight, enc_bias, tokens: int = 64) -> float:
 
 
 def sae_forward(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_topk=False):
-    """sae_forward_sparse's SAE with the dense code: (x_hat (..., d_in), c (..., n_dict)), from the same x, weights,
-    k and batch_topk. The Triton primitives run where use_triton says so (backend.py), except for BatchTopK, PyTorch's
-    elsewhere; a ReLU code with too many codes firing takes the dense reference instead (see above)."""
+    """sae_forward_sparse with the dense code: (x_hat (..., d_in), c (..., n_dict)). It runs Triton's primitives where
+    use_triton says so (backend.py), except for BatchTopK; a ReLU code firing too densely takes the dense reference."""
     on_triton = use_triton(x, enc_weight, enc_bias, dec_weight, dec_bias) and not batch_topk
     limit = CPU_SPARSE_MAX_DENSITY if x.device.type == "cpu" else SPARSE_MAX_DENSITY
     if k is None and relu_density(x, enc_weight, enc_bias) > limit:

@@ -25,10 +25,9 @@ is a sum over the nnz selected pairs instead of a matmul over all N n. Two primi
 CSR form (per token, its elements: row_ptr, col, value) or sorted by element (CSC: per element, the tokens it fires
 on; one stable sort of nnz indices, so a fixed summation order, deterministic):
 
-    gather_sum    out_b = sum_{e in [ptr_b, ptr_b+1)} w_e table[idx_e] (+ bias): on the CSR pattern it decodes
-                  (table D^T) and gives dx (table W_enc); on the CSC one dW_enc (table x), dD (table g), db_enc
-                  (a table of ones)
-    sampled_dots  left_b . right[idx_e] for each pair e of b: on the CSC pattern D_j . g_i, reading each element's
+    gather_sum    out_b = sum_{e in [ptr_b, ptr_b+1)} w_e table[idx_e] (+ bias): over CSR, x_hat (table D^T)
+                  and dx (table W_enc); over CSC, dW_enc (table x), dD (table g) and db_enc (a table of ones)
+    sampled_dots  left_b . right[idx_e] for each pair e of b: over CSC, D_j . g_i, reading each element's
                   row of D^T once and gathering the rows of g it meets
 
 TORCH below computes them with F.embedding_bag and torch.sparse.sampled_addmm, in fp32 (fp64 for fp64 inputs);
@@ -66,9 +65,8 @@ def pattern_rows(row_ptr: torch.Tensor, nnz: int) -> torch.Tensor:
 
 
 def sort_indices(keys: torch.Tensor):
-    """torch.sort(keys, stable=True) of (nnz,) int64 keys. On a CPU as one row of a 2-D tensor: PyTorch sorts that
-    on one thread, where a 1-D integer tensor gets a parallel radix sort whose passes each wait for every thread,
-    slow on shared cores (BENCHMARKS.md)."""
+    """torch.sort(keys, stable=True) of (nnz,) int64 keys; on a CPU as one row of a 2-D tensor, sorted on one thread: a
+    1-D one gets a parallel radix sort whose passes each wait for all threads, slow on shared cores (BENCHMARKS.md)."""
     values, order = torch.sort(keys.view(1, -1) if keys.device.type == "cpu" else keys, dim=-1, stable=True)
     return values.view(-1), order.view(-1)
 
@@ -96,14 +94,13 @@ def select_batch_topk(pre: torch.Tensor, k: int):
     candidate, tau: then that row may hold more above tau, and only those rows are searched again, 4 m wide.
     """
     N, n = pre.shape
-    total = N * k
     m = min(n, 2 * k)
     values, cols = pre.topk(m, dim=1, sorted=False)  # (N, m) candidates
     cand_value, cand_col = values.reshape(-1), cols.reshape(-1)
     cand_row = torch.arange(N, device=pre.device).repeat_interleave(m)
     floor, width = values.amin(1), torch.full((N,), m, device=pre.device)  # each row's m-th largest, and m
     while True:
-        top_value, top = cand_value.topk(total, sorted=False)  # (N k,) positions among the candidates
+        top_value, top = cand_value.topk(N * k, sorted=False)  # (N k,) positions among the candidates
         tau = top_value.amin()
         again = ((floor >= tau) & (width < n)).nonzero().squeeze(1)  # rows that may hold more: one host sync
         if len(again) == 0:
@@ -273,11 +270,10 @@ def sae_forward_sparse(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, ba
     """The SAE on x (..., d_in) over its selected pairs: (x_hat (..., d_in), SparseCode), differentiable in every input.
 
     enc_weight (n_dict, d_in), enc_bias (n_dict), dec_weight (d_in, n_dict), dec_bias (d_in); the decoder's columns
-    are normalised on every call. The code, as in the module's table: ReLU for k=None, TopK for k an int from 1 to
-    n_dict, BatchTopK's training code (k per token on average) with batch_topk=True as well. dense=True also makes
-    the dense c, SparseCode.dense, over the pre-activations' buffer (no extra (N, n_dict) tensor). Gradients flow
-    from x_hat and from the code's values (or c). ops: the primitives, TORCH (on every device) or sae.TRITON. Under
-    autocast the inputs are cast to the autocast dtype first, and everything runs in it.
+    are normalised on every call. The code, as in the module's table: ReLU for k=None, TopK for an int k, BatchTopK's
+    training code with batch_topk=True as well. dense=True also makes the dense c, SparseCode.dense, over the
+    pre-activations' buffer (no extra (N, n_dict) tensor). Gradients flow from x_hat and the code's values (or c).
+    ops: the primitives, TORCH (on every device) or sae.TRITON. Under autocast all runs in the autocast dtype.
     """
     check_k(k, enc_weight.shape[0], batch_topk)
     tensors = autocast_inputs(x.device, x, enc_weight, enc_bias, dec_weight, dec_bias)
