@@ -260,11 +260,13 @@ class SAE(interop.SAEFiles, nn.Module):
         return {"activation": self.activation.name, **self.activation.settings()}
 
     def encode(self, x):
+        """The code c of activations x (..., d_in)."""
         return self.activation(self.encoder(x * self.input_scale.to(x.dtype)))
 
     def decode(self, code):
-        """x_hat in the SAE's own units (times input_scale)."""
-        return F.linear(code, self.dict_elements, self.decoder.bias)
+        """x_hat of a code, in the units of x: decode(encode(x)) is forward(x)'s x_hat."""
+        x_hat = F.linear(code, self.dict_elements, self.decoder.bias)
+        return x_hat / self.input_scale.to(x_hat.dtype)
 
     def forward(self, x):
         return self.forward_with_pre(x)[:2]
@@ -272,17 +274,14 @@ class SAE(interop.SAEFiles, nn.Module):
     def forward_with_pre(self, x):
         """(x_hat, c, pre): pre for the sparsity terms that need it (JumpReLU's), None where a fused kernel
         computed the activation (sae_kernels.sae_forward: on a GPU, without ever writing pre and c separately)."""
-        x = x * self.input_scale.to(x.dtype)
-        if self.activation.fused is not None:
-            x_hat, code = sae_kernels.sae_forward(x, self.encoder.weight, self.encoder.bias, self.decoder.weight,
-                                                  self.decoder.bias, **self.activation.fused)
-            self.activation.observe(code)
-            pre = None
-        else:
-            pre = self.encoder(x)
+        if self.activation.fused is None:
+            pre = self.encoder(x * self.input_scale.to(x.dtype))
             code = self.activation(pre)
-            x_hat = self.decode(code)
-        return x_hat / self.input_scale.to(x_hat.dtype), code, pre
+            return self.decode(code), code, pre
+        x_hat, code = sae_kernels.sae_forward(x * self.input_scale.to(x.dtype), self.encoder.weight, self.encoder.bias,
+                                              self.decoder.weight, self.decoder.bias, **self.activation.fused)
+        self.activation.observe(code)
+        return x_hat / self.input_scale.to(x_hat.dtype), code, None
 
 
 # ---- metrics, each a small function of tensors ----

@@ -338,3 +338,15 @@ def test_a_state_without_input_scale_loads_as_scale_one():
     sae.input_scale.fill_(3.0)
     sae.load_state_dict(old)
     assert sae.input_scale.item() == 1.0
+
+
+@pytest.mark.parametrize("activation, extra", [("relu", {}), ("topk", {"k": 4})])
+def test_encode_then_decode_is_forward_with_an_input_scale(activation, extra):
+    """decode returns x_hat in the units of x, as forward does: the input scale is undone on the way out."""
+    torch.manual_seed(3)
+    sae = SAE(8, 16, activation, **extra)
+    sae.input_scale.fill_(2.5)
+    x = torch.randn(5, 8)
+    x_hat, code = sae(x)
+    torch.testing.assert_close(sae.encode(x), code)
+    torch.testing.assert_close(sae.decode(sae.encode(x)), x_hat)
