@@ -35,13 +35,6 @@ def _coerce(key, value, default, source):
     return value
 
 
-def _check_key(key, defaults, source):
-    if key not in defaults:
-        close = difflib.get_close_matches(key, defaults, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(defaults))}"
-        raise ConfigError(f"unknown key {key!r} in {source}{hint}")
-
-
 def defaults(scope):
     """A script's settings: the typed module-level values of its globals() (int, float, bool, str, list), in order.
     Names starting with an underscore and upper-case constants are not settings."""
@@ -76,7 +69,10 @@ def configure(defaults, argv, given=None):
                 value = text  # --init_from=123 names a directory called 123
             pairs = [(key, value)]
         for key, value in pairs:
-            _check_key(key, defaults, arg)
+            if key not in defaults:
+                close = difflib.get_close_matches(key, defaults, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(defaults))}"
+                raise ConfigError(f"unknown key {key!r} in {arg}{hint}")
             config[key] = _coerce(key, value, defaults[key], arg)
             given.add(key)
     return config

@@ -128,12 +128,10 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     @property
     def layers(self):
@@ -148,8 +146,7 @@ class GPT(nn.Module):
 
     def positions(self):
         """Every valid residual-stream position name."""
-        L = self.config.n_layer
-        return [f"blocks.{i}.hook_resid_{kind}" for kind in ("pre", "post") for i in range(L)]
+        return [f"blocks.{i}.hook_resid_{kind}" for kind in ("pre", "post") for i in range(self.config.n_layer)]
 
     def resid_index(self, name):
         """Map a position name to its residual index: resid_pre of block i is i, resid_post of block i is i+1."""
@@ -228,8 +225,7 @@ class GPT(nn.Module):
         """Load GPT-2 weights in Hugging Face's layout (config.json + model.safetensors) from a local directory,
         or fetch OpenAI's release by name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') through the hub."""
         if os.path.isdir(name_or_path):
-            config_path = os.path.join(name_or_path, "config.json")
-            weights_path = os.path.join(name_or_path, "model.safetensors")
+            config_path, weights_path = (os.path.join(name_or_path, f) for f in ("config.json", "model.safetensors"))
             for path in (config_path, weights_path):
                 if not os.path.isfile(path):
                     raise FileNotFoundError(f"{path} not found: a GPT-2 directory holds config.json and "

@@ -229,9 +229,8 @@ def loss_at(c, step, local_steps):
 # ---- the steps of main, in order ----
 
 def build_model(c, phases, log):
-    """The frozen model and its SAEs (the same initialisation on every process), the pretrained ones in place, checked
-    against the settings: the context, the dictionary's size, and the loss's own checks in each phase of the run
-    (`phases`: the LossConfig of each)."""
+    """The frozen model and its SAEs (initialised alike on every process), the pretrained ones in place, checked
+    against the settings: the context, the dictionary's size, the loss of each phase of the run (`phases`)."""
     torch.manual_seed(c.seed)  # the SAEs' initialisation
     dtype = None if c.dtype == "float32" else getattr(torch, c.dtype)  # another family's weights in the run's dtype
     try:
@@ -261,8 +260,7 @@ def build_model(c, phases, log):
     try:
         model = SAETransformer(gpt, list(dict.fromkeys([*c.sae_positions, *pretrained])), c.dict_size_to_input_ratio,
                                saes=pretrained, **sae_settings(vars(c)))
-        # BOS positions (where the tokenizer adds one) left to the model: the SAEs neither read nor replace them
-        model.bos_token_id = None if c.include_bos else data.bos_token_id(c.tokenizer)
+        model.bos_token_id = None if c.include_bos else data.bos_token_id(c.tokenizer)  # BOS left to the model
         model.to(c.device).eval()  # eval: a dry run must not move BatchTopK's threshold
         with torch.no_grad():
             for loss in phases:  # one short sequence through the loss of each phase of the run

@@ -265,8 +265,7 @@ class SparseCode(NamedTuple):
         return c.index_put((self.rows() * self.shape[-1] + self.col,), self.value).view(self.shape)
 
 
-def sae_forward_sparse(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_topk=False, dense=False,
-                       ops=TORCH):
+def sae_forward_sparse(x, enc_weight, enc_bias, dec_weight, dec_bias, k=None, batch_topk=False, dense=False, ops=TORCH):
     """The SAE on x (..., d_in) over its selected pairs: (x_hat (..., d_in), SparseCode), differentiable in every input.
 
     enc_weight (n_dict, d_in), enc_bias (n_dict), dec_weight (d_in, n_dict), dec_bias (d_in); the decoder's columns
