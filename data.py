@@ -61,6 +61,8 @@ by SampleStream(..., vocab_size=...)). The token cache's meta.json records each 
 at every open: a damaged entry is said so and built again.
 """
 
+import atexit
+import gc
 import glob
 import hashlib
 import json
@@ -256,6 +258,7 @@ def _check_tables(dataset):
 def _hub_splits(dataset):
     """The splits of a hub dataset or of local parquet/arrow files, as streams (datasets.IterableDataset)."""
     import datasets
+    atexit.register(_release_streams)  # once per dataset; a second call finds nothing left to release
     local = source_kind(dataset) == "table"
     if local:
         _check_tables(dataset)
@@ -271,6 +274,14 @@ def _hub_splits(dataset):
         raise DataError(f"could not open the Hugging Face dataset {dataset!r} ({type(e).__name__}: {e}). "
                         "Offline, point `dataset` at local text files instead: --dataset='path/to/*.txt' "
                         "(or a directory)") from e
+
+
+def _release_streams():
+    """At exit, while Arrow still runs: the streams are dropped and collected, so that their readers' threads end
+    before Python's teardown, where Arrow aborts the process now and then ("terminate called without an active
+    exception", huggingface/datasets#7566) after all its work is done."""
+    _hub_splits.cache_clear()
+    gc.collect()
 
 
 def _local_documents(dataset, split):
